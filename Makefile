@@ -1,0 +1,29 @@
+# Two commands do all the set-up: `make test` and `make bench`.
+# GPU users: `make bench TORCH_SPEC=` keeps the torch already in the venv / system.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/fvcompile bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

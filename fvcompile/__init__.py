@@ -1,0 +1,1 @@
+"""fvcompile: a compiler-centric torch.compile toolkit."""

@@ -1,0 +1,1 @@
+"""Registry entries of the chameleon family (to be written)."""

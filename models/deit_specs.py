@@ -1,0 +1,1 @@
+"""Registry entries of the deit family (to be written)."""

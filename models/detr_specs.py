@@ -1,0 +1,1 @@
+"""Registry entries of the detr family (to be written)."""

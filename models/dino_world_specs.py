@@ -1,0 +1,1 @@
+"""Registry entries of the dino_world family (to be written)."""

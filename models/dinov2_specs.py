@@ -1,0 +1,1 @@
+"""Registry entries of the dinov2 family (to be written)."""

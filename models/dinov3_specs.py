@@ -1,0 +1,1 @@
+"""Registry entries of the dinov3 family (to be written)."""

@@ -1,0 +1,1 @@
+"""Registry entries of the htdemucs family (to be written)."""

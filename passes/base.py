@@ -1,0 +1,104 @@
+"""What every fvcompile graph pass is: a small object with a name, a uuid and a call.
+
+A pass runs at one hook:
+- "joint": Inductor's `joint_custom_pre_pass`; it sees the joint forward+backward graph in
+  training and the single inference graph under `no_grad` / `inference_mode`.
+- "post_grad": Inductor's `post_grad_custom_post_pass`; it sees the forward and the backward
+  graph in training (one call each) and the inference graph otherwise.
+
+A pass edits the graph in place and returns a `PassResult`: the sites it rewrote and the
+sites it skipped, each with the reason. It never changes numerics beyond what it promises:
+where a site does not fit, it leaves it as it was and says why.
+"""
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+from torch._inductor.custom_graph_pass import get_hash_for_files
+
+
+@dataclass
+class Site:
+    """One place in a graph a pass looked at."""
+
+    node: str  # the FX node that anchors the site
+    module: str = ""  # the nn.Module path it came from, when the graph records it
+    detail: str = ""  # what was rewritten, or why not
+
+
+@dataclass
+class PassResult:
+    rewritten: list[Site] = field(default_factory=list)
+    skipped: list[Site] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # pass-wide remarks (e.g. "emulated on CPU")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PassContext:
+    """What a pass knows about the graph it is given."""
+
+    graph_kind: str  # "joint", "inference", "forward" or "backward"
+    device: torch.device  # the device of the graph's inputs
+    include: tuple[str, ...] = ()  # module-name globs; empty means everything
+    exclude: tuple[str, ...] = ()
+
+    def module_allowed(self, module: str) -> bool:
+        """Whether a site in module `module` may be rewritten (include/exclude globs)."""
+        if self.include and not any(_matches(module, p) for p in self.include):
+            return False
+        return not any(_matches(module, p) for p in self.exclude)
+
+
+def _matches(module: str, pattern: str) -> bool:
+    # "layers.0" selects that module and everything inside it; globs work too ("layers.*.ffn").
+    return fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + ".")
+
+
+class GraphPass:
+    """Base class: subclasses set `name`, `hook`, `exact` and implement `run`."""
+
+    name: ClassVar[str]
+    hook: ClassVar[str] = "post_grad"  # "joint" or "post_grad"
+    exact: ClassVar[bool] = True  # keeps outputs equal to eager within dtype tolerance
+
+    def options(self) -> dict[str, Any]:
+        """Every option that changes the pass's output; part of the uuid."""
+        return {}
+
+    def pays_off_on(self, device: torch.device) -> bool:
+        """Whether `passes="auto"` should apply this (exact) pass on `device`."""
+        return True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def uuid(self) -> str:
+        source = inspect.getsourcefile(type(self))
+        extra = json.dumps({"name": self.name, "options": self.options()}, sort_keys=True, default=str)
+        return get_hash_for_files((source, __file__), extra).hex()
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted module path a node came from ("" when the graph does not record it)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # Dynamo records paths like "L['self'].layers[0].feed_forward"; make them "layers.0.feed_forward".
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path.replace("[", ".").replace("]", "").replace("'", "")
