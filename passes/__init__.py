@@ -1,0 +1,50 @@
+"""fvcompile's graph passes, by name.
+
+A name maps to the class that implements it; `resolve_passes` turns what the user gave
+(`"auto"`, names, or pass objects carrying their options) into pass objects.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from fvcompile.passes.base import GraphPass
+
+# name -> "module:Class"; imported lazily so that `import fvcompile` stays cheap.
+KNOWN_PASSES: dict[str, str] = {
+    "sparse24": "fvcompile.passes.sparse24:Sparse24",
+}
+# The passes `passes="auto"` may pick: exact ones only (approximate passes run when named).
+# A test checks each listed class has `exact = True`.
+AUTO_CANDIDATES: tuple[str, ...] = ()
+
+
+def pass_class(name: str) -> type[GraphPass]:
+    module, cls = KNOWN_PASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def resolve_passes(passes, device: torch.device) -> list[GraphPass]:
+    """`"auto"`: the exact passes that pay off on `device`; else names and/or pass objects."""
+    if passes == "auto":
+        chosen = []
+        for name in AUTO_CANDIDATES:
+            p = pass_class(name)()
+            if p.pays_off_on(device):
+                chosen.append(p)
+        return chosen
+    if isinstance(passes, (str, GraphPass)):
+        passes = [passes]
+    resolved = []
+    for p in passes:
+        if isinstance(p, GraphPass):
+            resolved.append(p)
+        elif isinstance(p, str) and p in KNOWN_PASSES:
+            resolved.append(pass_class(p)())
+        else:
+            known = ", ".join(sorted(KNOWN_PASSES))
+            raise ValueError(
+                f"unknown pass {p!r}: passes= takes 'auto', pass names ({known}) "
+                "or pass objects such as fvcompile.passes.sparse24.Sparse24(...)")
+    return resolved

@@ -1,0 +1,134 @@
+"""The `fvcompile` Dynamo backend: Inductor with fvcompile's passes at its hooks.
+
+`torch.compile(model, backend="fvcompile", mode=..., options={...})` lands here. Options
+that are fvcompile's own (`passes`, `codegen`, `dump_dir`, `include`, `exclude`) are taken
+out; every other option is an Inductor config patch, as with `backend="inductor"`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+
+from fvcompile.aot_only import compile_without_codegen
+from fvcompile.pass_manager import HOOK_CONFIG_KEYS, PassScope, hook_patches
+from fvcompile.passes import resolve_passes
+from fvcompile.report import GraphReport, OptimizeReport
+
+BACKEND_NAME = "fvcompile"
+OWN_OPTIONS = ("passes", "codegen", "dump_dir", "include", "exclude", "report", "disable_caches")
+
+# The report of graphs compiled through torch.compile(backend="fvcompile") (no report given).
+_torch_compile_report = OptimizeReport()
+
+
+def last_report() -> OptimizeReport:
+    """What fvcompile did to every graph compiled through `torch.compile(backend="fvcompile")`
+    since the last `fvcompile.reset()` (`optimize()` keeps its own: `model.fvcompile_report`)."""
+    return _torch_compile_report
+
+
+def reset() -> None:
+    """Forget compiled graphs (`torch._dynamo.reset()`) and start a fresh `last_report()`."""
+    global _torch_compile_report
+    torch._dynamo.reset()
+    _torch_compile_report = OptimizeReport()
+
+
+def _inputs_device(example_inputs) -> torch.device:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _compile_identity() -> tuple[str, str]:
+    """Dynamo's compile id ("frame/attempt") and, on a recompilation, the guard that failed."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    reason = ""
+    if compile_id is not None and compile_id.frame_compile_id:
+        try:  # private, but it is where Dynamo keeps the reason it recompiled
+            metrics = torch._dynamo.utils.get_metrics_context()._metrics
+            reason = metrics.get("recompile_reason") or "recompiled (reason not recorded)"
+        except Exception:
+            reason = "recompiled (reason not recorded)"
+    return str(compile_id) if compile_id is not None else "?", reason
+
+
+def _cache_hits() -> int:
+    return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+
+
+_graph_breaks_seen = Counter()
+
+
+def _new_graph_breaks() -> Counter:
+    """Graph breaks Dynamo recorded since the previous call (its counters are process-wide)."""
+    now = Counter(counters["graph_break"])
+    new = now - _graph_breaks_seen
+    _graph_breaks_seen.clear()
+    _graph_breaks_seen.update(now)
+    return new
+
+
+def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
+                      options: dict | None = None):
+    options = dict(options or {})
+    own = {k: options.pop(k) for k in OWN_OPTIONS if k in options}
+    report: OptimizeReport = own.get("report") or _torch_compile_report
+    codegen = own.get("codegen", True)
+    passes = resolve_passes(own.get("passes", "auto"), _inputs_device(example_inputs))
+    report.passes = [p.name for p in passes]
+
+    compile_id, recompile_reason = _compile_identity()
+    graph_report = GraphReport(compile_id, codegen, len(gm.graph.nodes), recompile_reason)
+    report.graphs.append(graph_report)
+    for reason, count in _new_graph_breaks().items():
+        report.graph_breaks[reason] = report.graph_breaks.get(reason, 0) + count
+
+    dumper = None
+    if own.get("dump_dir"):
+        from fvcompile.dump import Dumper
+
+        dumper = Dumper(own["dump_dir"], compile_id, report)
+        dumper.write_dynamo_graph(gm)
+
+    # The user's own passes at our hooks: from options= first, else Inductor's current config.
+    user_passes = {key: options.pop(key, getattr(inductor_config, key))
+                   for key in HOOK_CONFIG_KEYS.values()}
+    scope = PassScope(tuple(own.get("include", ())), tuple(own.get("exclude", ())))
+    patches = hook_patches(passes, graph_report, scope, user_passes,
+                           on_graph=dumper.write_pass_graph if dumper else None)
+
+    if not codegen:
+        hooks = {key: patches.get(key) or user_passes[key] for key in HOOK_CONFIG_KEYS.values()}
+        compiled = compile_without_codegen(gm, example_inputs, hooks["joint_custom_pre_pass"],
+                                           hooks["post_grad_custom_post_pass"])
+    else:
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        config_patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **options}
+        # Hooks with no fvcompile pass keep the user's pass as it was.
+        config_patches.update({k: v for k, v in user_passes.items() if v is not None})
+        config_patches.update(patches)
+        if dumper or own.get("disable_caches"):
+            config_patches["force_disable_caches"] = True  # the passes must run to be seen
+        hits_before = _cache_hits()
+        compiled = compile_fx(gm, example_inputs, config_patches=config_patches,
+                              inner_compile=dumper.wrap_inner_compile(compile_fx_inner)
+                              if dumper else compile_fx_inner)
+        graph_report.cache_hit = _cache_hits() > hits_before
+    if dumper:
+        dumper.write_report()
+    return compiled
+
+
+def register_backend() -> None:
+    """Register `backend="fvcompile"` unless it is registered already (the entry point of the
+    `torch_dynamo_backends` group imports this package; a second registration would fail)."""
+    from torch._dynamo import list_backends, register_backend as register
+
+    if BACKEND_NAME not in list_backends(exclude_tags=()):
+        register(name=BACKEND_NAME)(fvcompile_backend)

@@ -1,0 +1,176 @@
+"""fvcompile.optimize and the pass manager, through the codegen=False path (seconds each)."""
+import pytest
+import torch
+from toy_passes import BreakNumericsPass, Mlp, ReluToClampPass, TwoMlps
+
+import fvcompile
+from fvcompile.models import get
+from fvcompile.verify import VerificationError
+
+
+def test_llama_parity_forward_backward():
+    spec = get("llama-tiny")
+    torch.manual_seed(0)
+    model = spec.build()
+    optimized = fvcompile.optimize(model, codegen=False, fullgraph=True)
+    batch = spec.train_batch(model, 2)
+    loss_c = spec.train_step(optimized, batch)
+    loss_c.backward()
+    grads_c = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss_e = spec.train_step(model, batch)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads_c[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_state_dict_keys_are_the_models_own_and_model_stays_eager():
+    model = Mlp()
+    optimized = fvcompile.optimize(model, codegen=False)
+    assert list(optimized.state_dict()) == list(model.state_dict())
+    assert optimized.up.weight is model.up.weight  # shared parameters
+    assert model._compiled_call_impl is None  # the user's model is left eager
+
+
+def test_joint_hook_training_and_inference():
+    x = torch.randn(4, 16)
+    p = ReluToClampPass(hook="joint")
+    model = Mlp()
+    optimized = fvcompile.optimize(model, passes=[p], codegen=False)
+    optimized(x.requires_grad_()).sum().backward()
+    assert p.seen_kinds == ["joint"]
+    torch._dynamo.reset()
+    p2 = ReluToClampPass(hook="joint")
+    with torch.no_grad():
+        fvcompile.optimize(model, passes=[p2], codegen=False)(x)
+    assert p2.seen_kinds == ["inference"]
+    report = optimized.fvcompile_report
+    assert report.passes == ["relu_to_clamp"]
+    assert report.rewritten("relu_to_clamp") == 1
+
+
+def test_post_grad_hook_forward_and_backward():
+    p = ReluToClampPass(hook="post_grad")
+    model = Mlp()
+    optimized = fvcompile.optimize(model, passes=[p], codegen=False)
+    x = torch.randn(4, 16, requires_grad=True)
+    out = optimized(x)
+    assert p.seen_kinds == ["forward"]
+    out.sum().backward()
+    assert p.seen_kinds == ["forward", "backward"]
+    torch.testing.assert_close(out, model(x))
+
+
+def test_rewrite_is_exact_and_reported_per_site():
+    model = TwoMlps()
+    x = torch.randn(4, 16, requires_grad=True)
+    optimized = fvcompile.optimize(model, passes=[ReluToClampPass()], codegen=False)
+    torch.testing.assert_close(optimized(x), model(x))
+    sites = optimized.fvcompile_report.pass_runs("relu_to_clamp")[0].result.rewritten
+    assert {s.module for s in sites} == {"first", "second"}
+
+
+@pytest.mark.parametrize("include, exclude, rewritten", [
+    (("first",), (), {"first"}),
+    ((), ("first",), {"second"}),
+    (("*",), ("sec*",), {"first"}),
+])
+def test_include_exclude_by_module_name(include, exclude, rewritten):
+    model = TwoMlps()
+    optimized = fvcompile.optimize(model, passes=[ReluToClampPass()], codegen=False,
+                                   include=include, exclude=exclude)
+    with torch.no_grad():
+        optimized(torch.randn(2, 16))
+    run = optimized.fvcompile_report.pass_runs("relu_to_clamp")[0]
+    assert {s.module for s in run.result.rewritten} == rewritten
+    assert all(s.detail == "excluded by module filter" for s in run.result.skipped)
+
+
+def test_user_pass_is_chained_not_replaced():
+    calls = []
+
+    def user_pass(graph):
+        calls.append(len(graph.nodes))
+
+    p = ReluToClampPass(hook="joint")
+    model = Mlp()
+    optimized = fvcompile.optimize(model, passes=[p], codegen=False,
+                                   options={"joint_custom_pre_pass": user_pass})
+    optimized(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    assert p.seen_kinds == ["joint"] and len(calls) == 1
+
+
+def test_unknown_pass_name_lists_known_passes():
+    with pytest.raises(ValueError, match="unknown pass 'nope'.*sparse24"):
+        fvcompile.optimize(Mlp(), passes=["nope"])
+
+
+def test_not_a_module_or_callable():
+    with pytest.raises(TypeError, match="nn.Module or a callable"):
+        fvcompile.optimize(42)
+
+
+def test_plain_function_is_compiled():
+    fn = fvcompile.optimize(lambda x: torch.relu(x) * 2, passes=[ReluToClampPass()], codegen=False)
+    x = torch.randn(8)
+    torch.testing.assert_close(fn(x), torch.relu(x) * 2)
+    assert fn.fvcompile_report.rewritten() == 1
+
+
+def test_verify_passes_for_exact_pass():
+    optimized = fvcompile.optimize(Mlp(), passes=[ReluToClampPass()], codegen=False, verify=True)
+    optimized(torch.randn(4, 16))
+
+
+def test_verify_names_the_error_of_a_wrong_pass():
+    optimized = fvcompile.optimize(Mlp(), passes=[BreakNumericsPass()], codegen=False, verify=True)
+    with pytest.raises(VerificationError, match="max abs error .* max rel error"):
+        optimized(torch.randn(4, 16))
+
+
+def test_auto_applies_only_exact_passes():
+    from fvcompile.passes import AUTO_CANDIDATES, pass_class, resolve_passes
+
+    assert all(pass_class(n).exact for n in AUTO_CANDIDATES)
+    assert all(p.exact for p in resolve_passes("auto", torch.device("cpu")))
+
+
+def test_graph_break_and_recompilation_are_reported():
+    def fn(x):
+        y = torch.relu(x)
+        torch._dynamo.graph_break()
+        return y * 2
+
+    compiled = fvcompile.optimize(fn, codegen=False, dynamic=False)
+    compiled(torch.randn(4))
+    compiled(torch.randn(5))  # a new static shape: Dynamo recompiles
+    report = compiled.fvcompile_report
+    assert sum(report.graph_breaks.values()) >= 1
+    assert report.recompilations and "size" in report.recompilations[0].recompile_reason
+    assert "recompilation" in str(report)
+    assert '"graphs"' in report.to_json()
+
+
+def test_dump_dir_writes_graphs_diffs_and_index(tmp_path):
+    import json
+
+    optimized = fvcompile.optimize(Mlp(), passes=[ReluToClampPass()], codegen=False, dump_dir=tmp_path)
+    optimized(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    index = json.loads((tmp_path / "index.json").read_text())
+    files = [f for fs in index["graphs"].values() for f in fs]
+    assert any(f.endswith("dynamo.py") for f in files)
+    diff = next(f for f in files if f.endswith("joint_relu_to_clamp.diff"))
+    text = (tmp_path / diff).read_text()
+    assert "-" in text and "clamp_min" in text
+    assert json.loads((tmp_path / "report.json").read_text())["passes"] == ["relu_to_clamp"]
+
+
+def test_llama_compiles_fullgraph_training_and_inference():
+    spec = get("llama-tiny")
+    model = spec.build()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    tokens = spec.example_inputs(model, 2)[0]
+    compiled(tokens).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), model(tokens))
