@@ -1,0 +1,51 @@
+"""Every registry entry: parameter counts on meta, and fvcompile parity on the tiny configs."""
+import pytest
+import torch
+
+import fvcompile
+from fvcompile.models import all_specs, count_parameters
+
+SPECS = all_specs()
+TINY = [s for s in SPECS if s.tiny]
+FAMILIES = sorted({s.family for s in SPECS})
+# One tiny config per family for the real-Inductor parity run (a cold compile costs 15-30 s).
+ONE_PER_FAMILY = [next(s for s in TINY if s.family == f) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.params], ids=lambda s: s.name)
+def test_paper_parameter_count(spec):
+    assert count_parameters(spec) == spec.params
+
+
+def test_every_family_has_a_tiny_config():
+    assert {s.family for s in TINY} == set(FAMILIES)
+
+
+def _forward_parity(spec, **optimize_kwargs):
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    inputs = spec.example_inputs(model, 2)
+    with torch.no_grad():
+        expected = model(*inputs)
+        actual = fvcompile.optimize(model, **optimize_kwargs)(*inputs)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", TINY, ids=lambda s: s.name)
+def test_tiny_codegen_false_matches_eager_and_trains(spec):
+    torch._dynamo.reset()
+    _forward_parity(spec, codegen=False)
+    torch.manual_seed(0)
+    model = spec.build()
+    optimized = fvcompile.optimize(model, codegen=False)
+    loss = spec.train_step(optimized, spec.train_batch(model, 2))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("spec", ONE_PER_FAMILY, ids=lambda s: s.family)
+def test_inductor_forward_parity_one_per_family(spec):
+    torch._dynamo.reset()
+    _forward_parity(spec)
