@@ -1,0 +1,468 @@
+"""2:4 activation sparsity: Triton kernels, `torch.library` ops, a PyTorch reference, fake impls.
+
+2:4 sparsity keeps the 2 largest of every group of 4 consecutive values along the last
+(reduction) dimension and zeroes the other 2. Ties go to the lower index, identically in the
+kernels and in the reference, so "which two" is a deterministic function of the input.
+
+Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
+
+- `sparse24_relu(h)`: relu(h) with only the 2 largest of every 4 kept. Differentiable:
+  grad * (out > 0). Squaring is monotone on relu's output, so this is also the mask of relu(h)²
+  (see passes/sparse24.py for why the pass replaces the relu node).
+- `relu2_sparse24_pack(h) -> (values, meta)`: fused relu, square, 2:4 selection and packing into
+  the CUTLASS format that `torch._sparse_semi_structured_mm(values, meta, dense)` consumes.
+- `sparse24_pack(x) -> (values, meta)`: the same for any tensor (2 of 4 by magnitude); used for a
+  tensor that already is 2:4 (the backward's dH), where it is exact.
+- `sparse24_mm(a, b)`: mask24(a) @ b for `a` (M, K) that is 2:4 along K. On a GPU with 2:4 sparse
+  tensor cores it packs `a` and runs the sparse matmul; elsewhere it runs the emulated path: a
+  dense matmul of the masked tensor (same numbers up to accumulation order).
+
+Packed format (CUTLASS, fp16/bf16): `values` is (M_pad, K/2), the two kept values of each group
+in index order; `meta` is (M_pad, K/16) int16, one 4-bit code per group (2 bits per kept index,
+lowest group in the lowest nibble), then reordered into CUTLASS's interleaved column-major layout
+(`torch.sparse._semi_structured_conversions`). The reordering works on blocks of 32 rows, so
+M is padded with zero rows to M_pad = ceil(M / 32) * 32: callers slice the matmul's output back to
+M rows. K must be a multiple of 32 (one int16 metadata word per 16 columns, and the layout swaps
+words in 2x2 blocks); the sparse matmul needs K % 64 == 0 (`ALIGN_K`), so a pass leaves hidden
+widths that are not multiples of 64 dense.
+fp32 is not packed: CUTLASS stores fp32 as 1:2 sparsity, which 2:4 does not fit.
+
+Dense warm-up: `sparse24_relu` and `sparse24_mm` take an optional schedule (a key, a number of
+dense steps, and whether this call counts a step). The counting op of each site (the relu in the
+training graph) increments a per-key step counter in this process; while the current step is below
+`dense_steps` every op of that key runs dense. See `_in_dense_warmup`.
+
+On CPU the ops run the reference. The Triton kernels run on CUDA tensors and, for the tests, in
+the Triton interpreter on CPU tensors (`TRITON_INTERPRET=1` set before this module is imported);
+the interpreter cannot run on the fake tensors of a compiled graph, so compiled CPU graphs always
+take the reference path. The kernels compare and square in fp32, which is exact for fp16/bf16
+inputs; note that the interpreter (not a GPU) rounds fp32 -> bf16 by truncation, which is why the
+bf16 relu² packing test uses inputs whose squares are exact.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path still works; only the kernels need Triton
+    triton = None
+
+ALIGN_K = 64  # the sparse matmul's operand needs K % 64 == 0 (CUTLASS fp16/bf16 minimum)
+ALIGN_M = 32  # metadata is reordered in blocks of 32 rows: M is padded to this
+PACK_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (plain PyTorch): the CPU implementation and the test oracle.
+# ---------------------------------------------------------------------------------------------
+
+def mask24(scores: Tensor) -> Tensor:
+    """Boolean mask keeping the 2 largest scores of every 4 along the last dim (ties: lower index)."""
+    s = scores.unflatten(-1, (-1, 4))
+    s_i, s_j = s.unsqueeze(-1), s.unsqueeze(-2)  # compare every i (dim -2) with every j (dim -1)
+    idx = torch.arange(4, device=s.device)
+    j_lower = idx[None, :] < idx[:, None]  # [i, j]: j comes before i
+    beats = (s_j > s_i) | ((s_j == s_i) & j_lower)  # j beats i
+    return (beats.sum(-1) < 2).flatten(-2)
+
+
+def sparse24_relu_reference(h: Tensor) -> Tensor:
+    r = torch.relu(h)
+    return torch.where(mask24(r), r, torch.zeros((), dtype=r.dtype, device=r.device)).contiguous()
+
+
+def sparse24_mask_reference(x: Tensor) -> Tensor:
+    """x with only the 2 largest magnitudes of every 4 kept."""
+    return torch.where(mask24(x.abs()), x, torch.zeros((), dtype=x.dtype, device=x.device)).contiguous()
+
+
+def padded_rows(m):
+    """Rows after padding to ALIGN_M (works on SymInts)."""
+    return (m + ALIGN_M - 1) // ALIGN_M * ALIGN_M
+
+
+def pack_reference(dense24: Tensor) -> tuple[Tensor, Tensor]:
+    """Pack a 2-D tensor that is already 2:4 with PyTorch's own CUTLASS conversion (rows padded)."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    m = dense24.shape[0]
+    padded = torch.nn.functional.pad(dense24, (0, 0, 0, padded_rows(m) - m))
+    return sparse_semi_structured_from_dense_cutlass(padded.contiguous())
+
+
+def unpack_reference(values: Tensor, meta: Tensor, rows: int) -> Tensor:
+    """The dense (rows, K) tensor a packed pair stands for."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
+
+    return sparse_semi_structured_to_dense_cutlass(values, meta)[:rows]
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """(..., K) -> (M, K) with unit stride along K."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _check_packable(x: Tensor) -> None:
+    if x.dtype not in PACK_DTYPES:
+        raise ValueError(f"2:4 packing needs fp16 or bf16, got {x.dtype} (CUTLASS packs fp32 as 1:2)")
+    if x.shape[-1] % 32:
+        raise ValueError(f"2:4 packing needs the last dim to be a multiple of 32, got {x.shape[-1]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _keep_top2(s0, s1, s2, s3):
+        # Keep a value when fewer than 2 of the others beat it; on a tie the lower index wins.
+        k0 = ((s1 > s0).to(tl.int32) + (s2 > s0).to(tl.int32) + (s3 > s0).to(tl.int32)) < 2
+        k1 = ((s0 >= s1).to(tl.int32) + (s2 > s1).to(tl.int32) + (s3 > s1).to(tl.int32)) < 2
+        k2 = ((s0 >= s2).to(tl.int32) + (s1 >= s2).to(tl.int32) + (s3 > s2).to(tl.int32)) < 2
+        k3 = ((s0 >= s3).to(tl.int32) + (s1 >= s3).to(tl.int32) + (s2 >= s3).to(tl.int32)) < 2
+        return k0, k1, k2, k3
+
+    @triton.jit
+    def _sparse24_relu_kernel(h_ptr, out_ptr, M, K, stride_h, stride_out,
+                              BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+        mask = (rows[:, None] < M) & (groups[None, :] < K // 4)
+        h = h_ptr + rows[:, None] * stride_h + groups[None, :] * 4
+        out = out_ptr + rows[:, None] * stride_out + groups[None, :] * 4
+        # Compare in fp32: exact for every input dtype (and the interpreter has no bf16 arithmetic).
+        r0 = tl.maximum(tl.load(h + 0, mask=mask, other=0.0).to(tl.float32), 0.0)
+        r1 = tl.maximum(tl.load(h + 1, mask=mask, other=0.0).to(tl.float32), 0.0)
+        r2 = tl.maximum(tl.load(h + 2, mask=mask, other=0.0).to(tl.float32), 0.0)
+        r3 = tl.maximum(tl.load(h + 3, mask=mask, other=0.0).to(tl.float32), 0.0)
+        k0, k1, k2, k3 = _keep_top2(r0, r1, r2, r3)
+        out_ty = out_ptr.dtype.element_ty
+        tl.store(out + 0, tl.where(k0, r0, 0.0).to(out_ty), mask=mask)
+        tl.store(out + 1, tl.where(k1, r1, 0.0).to(out_ty), mask=mask)
+        tl.store(out + 2, tl.where(k2, r2, 0.0).to(out_ty), mask=mask)
+        tl.store(out + 3, tl.where(k3, r3, 0.0).to(out_ty), mask=mask)
+
+    @triton.jit
+    def _cutlass_indices(m0, m1, m3):
+        # The two indices CUTLASS stores for a group with nonzero flags m0..m3 (int32 0/1): the
+        # encoding of torch.sparse._semi_structured_conversions, which also fixes what a group with
+        # fewer than 2 nonzeros stores, so our metadata is bit-identical to PyTorch's.
+        nm0 = 1 - m0
+        nm1 = 1 - m1
+        expr0 = m0 & m1
+        expr1 = nm0 & m1
+        expr2 = nm0 & nm1
+        idx0 = expr1 | (expr2 << 1)
+        idx1 = (expr0 | expr2 | m3) | ((expr1 | nm1) << 1)
+        return idx0, idx1
+
+    @triton.jit
+    def _pick(idx, w0, w1, w2, w3):
+        return tl.where(idx == 0, w0, tl.where(idx == 1, w1, tl.where(idx == 2, w2, w3)))
+
+    @triton.jit
+    def _cutlass_meta_offset(rows, cols, m_pad):
+        # Where metadata word (row, col) lives in CUTLASS's ColumnMajorInterleaved<2> layout with
+        # the row reordering and 2x2 swizzle of int16 metadata (blocks of 32 rows).
+        r = rows[:, None]
+        c = cols[None, :]
+        dst_row = r // 32 * 32 + (r % 8) * 4 + (r % 32) // 8
+        topright = ((dst_row % 2 == 0) & (c % 2 == 1)).to(tl.int64)
+        bottomleft = ((dst_row % 2 == 1) & (c % 2 == 0)).to(tl.int64)
+        dst_row = dst_row + topright - bottomleft
+        dst_col = c - topright + bottomleft
+        return (dst_col // 2) * m_pad * 2 + dst_row * 2 + dst_col % 2
+
+    @triton.jit
+    def _pack24_kernel(x_ptr, values_ptr, meta_ptr, M, M_pad, K, stride_x,
+                       RELU_SQUARE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        # One program: BLOCK_M rows x BLOCK_C metadata words (16 input columns, 4 groups, each).
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+        load_mask = (rows[:, None] < M) & (cols[None, :] < K // 16)  # rows >= M are padding: zeros
+        store_mask = (rows[:, None] < M_pad) & (cols[None, :] < K // 16)
+        out_ty = values_ptr.dtype.element_ty
+        word = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+        for q in tl.static_range(4):  # the 4 groups of one metadata word
+            x = x_ptr + rows[:, None] * stride_x + cols[None, :] * 16 + q * 4
+            # fp32 arithmetic: exact for fp16/bf16 inputs (and the interpreter has no bf16 math).
+            x0 = tl.load(x + 0, mask=load_mask, other=0.0).to(tl.float32)
+            x1 = tl.load(x + 1, mask=load_mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x + 2, mask=load_mask, other=0.0).to(tl.float32)
+            x3 = tl.load(x + 3, mask=load_mask, other=0.0).to(tl.float32)
+            if RELU_SQUARE:
+                # Select on relu(x) (squaring keeps the order), keep relu(x)^2 (rounded once below).
+                x0 = tl.maximum(x0, 0.0)
+                x1 = tl.maximum(x1, 0.0)
+                x2 = tl.maximum(x2, 0.0)
+                x3 = tl.maximum(x3, 0.0)
+                k0, k1, k2, k3 = _keep_top2(x0, x1, x2, x3)
+                x0 = x0 * x0
+                x1 = x1 * x1
+                x2 = x2 * x2
+                x3 = x3 * x3
+            else:
+                k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
+            # The kept values as stored (rounded to the output dtype), and which of them are nonzero.
+            w0 = tl.where(k0, x0, 0.0).to(out_ty).to(tl.float32)
+            w1 = tl.where(k1, x1, 0.0).to(out_ty).to(tl.float32)
+            w2 = tl.where(k2, x2, 0.0).to(out_ty).to(tl.float32)
+            w3 = tl.where(k3, x3, 0.0).to(out_ty).to(tl.float32)
+            idx0, idx1 = _cutlass_indices((w0 != 0).to(tl.int32), (w1 != 0).to(tl.int32),
+                                          (w3 != 0).to(tl.int32))
+            values = values_ptr + rows[:, None] * (K // 2) + cols[None, :] * 8 + q * 2
+            tl.store(values + 0, _pick(idx0, w0, w1, w2, w3).to(out_ty), mask=store_mask)
+            tl.store(values + 1, _pick(idx1, w0, w1, w2, w3).to(out_ty), mask=store_mask)
+            word = word | ((idx0 | (idx1 << 2)) << (4 * q))
+        offsets = _cutlass_meta_offset(rows, cols, M_pad)
+        tl.store(meta_ptr + offsets, word.to(tl.int16), mask=store_mask)
+
+
+def _need_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
+
+
+def sparse24_relu_triton(h: Tensor, block_m: int = 32, block_g: int = 32) -> Tensor:
+    """Launch the selection kernel (CUDA tensors, or CPU tensors in the Triton interpreter)."""
+    _need_triton()
+    if h.shape[-1] % 4:
+        raise ValueError(f"2:4 selection needs the last dim to be a multiple of 4, got {h.shape[-1]}")
+    x = _as_rows(h)
+    out = torch.empty(x.shape, dtype=h.dtype, device=h.device)
+    m, k = x.shape
+    grid = (triton.cdiv(m, block_m), triton.cdiv(k // 4, block_g))
+    _sparse24_relu_kernel[grid](x, out, m, k, x.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_G=block_g)
+    return out.view(h.shape)
+
+
+def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 32, block_c: int = 8) -> tuple[Tensor, Tensor]:
+    _need_triton()
+    _check_packable(x)
+    x = _as_rows(x)
+    m, k = x.shape
+    m_pad = padded_rows(m)
+    values = torch.empty((m_pad, k // 2), dtype=x.dtype, device=x.device)
+    meta = torch.empty((m_pad, k // 16), dtype=torch.int16, device=x.device)
+    grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k // 16, block_c))
+    _pack24_kernel[grid](x, values, meta, m, m_pad, k, x.stride(0),
+                         RELU_SQUARE=relu_square, BLOCK_M=block_m, BLOCK_C=block_c)
+    return values, meta
+
+
+def relu2_sparse24_pack_triton(h: Tensor, **blocks) -> tuple[Tensor, Tensor]:
+    return _pack_triton(h, relu_square=True, **blocks)
+
+
+def sparse24_pack_triton(x: Tensor, **blocks) -> tuple[Tensor, Tensor]:
+    return _pack_triton(x, relu_square=False, **blocks)
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda and triton is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: is there a 2:4 sparse matmul, and which one
+# ---------------------------------------------------------------------------------------------
+
+_BACKENDS: dict[int, str | None] = {}  # CUDA device index -> "cutlass", "cusparselt" or None
+
+
+def _probe(backend: str, device: torch.device) -> bool:
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(64, 128, device=device, dtype=torch.float16, generator=gen)
+    b = torch.randn(128, 64, device=device, dtype=torch.float16, generator=gen)
+    a = sparse24_mask_reference(a)
+    out = _SPARSE_MM[backend](a, b)
+    torch.cuda.synchronize(device)
+    return bool(torch.allclose(out.float(), a.float() @ b.float(), atol=0.1, rtol=1e-2))
+
+
+def sparse_mm_backend(device) -> str | None:
+    """The 2:4 sparse matmul this device runs ("cutlass" or "cusparselt"), or None.
+
+    Needs a CUDA GPU of compute capability 8.0 or newer, and a one-time probe (a small sparse
+    matmul checked against the dense product) to succeed; cached per device.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _BACKENDS:
+        found = None
+        if torch.cuda.get_device_capability(index) >= (8, 0):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():  # passes may ask while a fake mode is active
+                for backend in ("cutlass", "cusparselt"):
+                    try:
+                        if _probe(backend, torch.device("cuda", index)):
+                            found = backend
+                            break
+                    except Exception:  # noqa: BLE001 - any failure means "not on this device"
+                        continue
+        _BACKENDS[index] = found
+    return _BACKENDS[index]
+
+
+def sparse_tensor_cores_available(device) -> bool:
+    """Whether `device` runs 2:4 sparse matmuls on sparse tensor cores (one-time probe, cached)."""
+    return sparse_mm_backend(device) is not None
+
+
+def _pad_cols(b: Tensor, multiple: int) -> Tensor:
+    extra = (-b.shape[1]) % multiple
+    return torch.nn.functional.pad(b, (0, extra)) if extra else b
+
+
+def _cutlass_mm(a: Tensor, b: Tensor) -> Tensor:
+    values, meta = sparse24_pack_triton(a)  # packs by magnitude: exact for a 2:4 `a`
+    out = torch._sparse_semi_structured_mm(values, meta, _pad_cols(b, 8))
+    return out[: a.shape[0], : b.shape[1]].contiguous()
+
+
+def _cusparselt_mm(a: Tensor, b: Tensor) -> Tensor:
+    # cuSPARSELt has its own (opaque) compressed format; `a` must already be 2:4 (the op's contract).
+    m = a.shape[0]
+    extra = (-m) % 16
+    a = torch.nn.functional.pad(a, (0, 0, 0, extra)) if extra else a
+    out = torch._cslt_sparse_mm(torch._cslt_compress(a.contiguous()), _pad_cols(b, 8))
+    return out[:m, : b.shape[1]].contiguous()
+
+
+_SPARSE_MM = {"cutlass": _cutlass_mm, "cusparselt": _cusparselt_mm}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense warm-up schedules
+# ---------------------------------------------------------------------------------------------
+
+_STEPS: dict[str, int] = {}  # schedule key -> training steps counted so far in this process
+
+
+def _in_dense_warmup(schedule: str, dense_steps: int, count_step: bool) -> bool:
+    """Whether an op of this schedule runs dense now.
+
+    The counting op (a site's relu in a training graph) opens step `i` = steps counted so far and
+    counts it. Every other op of the key (that site's matmuls, forward and backward, and its ops in
+    inference graphs) belongs to the last counted step, or to step 0 before any. Step i is dense
+    while i < dense_steps.
+    """
+    if not schedule or dense_steps <= 0:
+        return False
+    if count_step:
+        step = _STEPS.get(schedule, 0)
+        _STEPS[schedule] = step + 1
+    else:
+        step = max(_STEPS.get(schedule, 0) - 1, 0)
+    return step < dense_steps
+
+
+def warmup_steps_counted(schedule: str) -> int:
+    """How many training steps the schedule `schedule` has counted in this process."""
+    return _STEPS.get(schedule, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fvcompile::sparse24_relu", mutates_args=())
+def sparse24_relu(h: Tensor, schedule: str = "", dense_steps: int = 0, count_step: bool = False) -> Tensor:
+    """relu(h), keeping the 2 largest of every 4 along the last dim (dense during a warm-up)."""
+    if _in_dense_warmup(schedule, dense_steps, count_step):
+        return torch.relu(h).contiguous()
+    if _use_triton(h):
+        return sparse24_relu_triton(h)
+    return sparse24_relu_reference(h)
+
+
+@sparse24_relu.register_fake
+def _(h, schedule="", dense_steps=0, count_step=False):
+    return h.new_empty(h.shape)
+
+
+def _sparse24_relu_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _sparse24_relu_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return grad * (out > 0), None, None, None
+
+
+sparse24_relu.register_autograd(_sparse24_relu_backward, setup_context=_sparse24_relu_setup)
+
+
+@torch.library.custom_op("fvcompile::relu2_sparse24_pack", mutates_args=())
+def relu2_sparse24_pack(h: Tensor) -> tuple[Tensor, Tensor]:
+    """relu(h)² with 2 of 4 kept, packed: values (M_pad, K/2) and CUTLASS metadata (M_pad, K/16)."""
+    _check_packable(h)
+    if _use_triton(h):
+        return relu2_sparse24_pack_triton(h)
+    r = sparse24_relu_reference(_as_rows(h))
+    return pack_reference(r * r)
+
+
+@torch.library.custom_op("fvcompile::sparse24_pack", mutates_args=())
+def sparse24_pack(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x with the 2 largest magnitudes of every 4 kept, packed like `relu2_sparse24_pack`."""
+    _check_packable(x)
+    if _use_triton(x):
+        return sparse24_pack_triton(x)
+    return pack_reference(sparse24_mask_reference(_as_rows(x)))
+
+
+def _pack_fake(x):
+    k = x.shape[-1]
+    m_pad = padded_rows(x.numel() // k)
+    return x.new_empty((m_pad, k // 2)), x.new_empty((m_pad, k // 16), dtype=torch.int16)
+
+
+relu2_sparse24_pack.register_fake(_pack_fake)
+sparse24_pack.register_fake(_pack_fake)
+
+
+def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
+    """Whether sparse24_mm(a, b) runs on sparse tensor cores (else it is emulated)."""
+    return (
+        a.dtype in PACK_DTYPES and b.dtype == a.dtype and a.shape[1] % ALIGN_K == 0
+        and sparse_tensor_cores_available(a.device)
+    )
+
+
+@torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
+def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0) -> Tensor:
+    """mask24(a) @ b for a (M, K) that is 2:4 along K and a dense b (K, N)."""
+    if _in_dense_warmup(schedule, dense_steps, count_step=False):
+        return (a @ b).contiguous()  # during the warm-up `a` is dense
+    if sparse_mm_applies(a, b):
+        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b)
+    return (sparse24_mask_reference(a) @ b).contiguous()  # emulated
+
+
+@sparse24_mm.register_fake
+def _(a, b, schedule="", dense_steps=0):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _sparse24_mm_setup(ctx, inputs, output):
+    a, b, schedule, dense_steps = inputs
+    dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
+    keep = torch.ones_like(a, dtype=torch.bool) if dense else mask24(a.abs())
+    ctx.save_for_backward(keep, torch.where(keep, a, 0), b)
+
+
+def _sparse24_mm_backward(ctx, grad):
+    keep, a_kept, b = ctx.saved_tensors
+    return (grad @ b.t()) * keep, a_kept.t() @ grad, None, None
+
+
+sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

@@ -1,0 +1,346 @@
+"""sparse24: 2:4 activation sparsity for Squared-ReLU FFNs (after arXiv 2503.16672).
+
+A Squared-ReLU FFN computes `Y = relu(X W1ᵀ)² W2ᵀ`. Its activations are mostly zero, so keeping
+the 2 largest of every 4 along the hidden dimension loses almost nothing, and the second matmul
+can then run on 2:4 sparse tensor cores. This pass finds the pattern in the joint forward+backward
+graph (Inductor's `joint_custom_pre_pass`) and rewrites it. It changes numerics: it runs only when
+named (`passes=["sparse24"]` or `passes=[Sparse24(...)]`).
+
+What it matches, as AOTAutograd leaves it (`F.relu(x) ** 2`, `torch.square(F.relu(x))`,
+`x.relu().pow(2)`, `nn.ReLU` then `.square()` all become `pow.Tensor_Scalar(relu, 2)`; `r * r`
+becomes `mul.Tensor(r, r)`):
+
+    h ─ relu ─[casts]─ pow(·, 2) | mul(r, r) ─[casts, views]─ mm(·, W2ᵀ) | addmm(b, ·, W2ᵀ)
+
+Casts (autocast puts `pow` in fp32) and views that keep the hidden dimension last (3-D tokens
+flattened for the matmul) may sit in between. Every use of the relu and of its square in the
+forward must be part of the pattern; uses that only compute gradients are fine. A square of
+anything else (RMSNorm's `x²`) and a relu that is not squared are reported as skipped with the
+reason; GELU/SiLU/SwiGLU FFNs have neither and are left alone.
+
+Why the relu node is what gets replaced. The rewrite is `relu(h) -> fvcompile.sparse24_relu(h)`
+(relu, then keep the 2 largest of every 4 along the hidden dim). Squaring is monotone on relu's
+output, so the 2 largest of relu(h)² are the 2 largest of relu(h): squaring the sparse relu gives
+exactly the 2:4-sparse relu². And because the joint graph's backward is written in terms of the
+relu node's output r (the square's gradient `2 * r * grad` and relu's gradient
+`where(le(r, 0), 0, ·)`), those formulas, now reading the sparse r, are exactly the gradient of the
+sparse function (the mask is piecewise constant): forward and backward change together and stay
+consistent, with no custom autograd in the graph.
+
+The four backward matmuls of the FFN, with H = X W1ᵀ, A = mask ⊙ relu(H)² (the 2:4 activation),
+Y = A W2ᵀ, dA = dY W2 and dH = 2 · relu_s(H) ⊙ dA (zero wherever the sparse relu is zero):
+
+| matmul                 | what it is                          | here                                   |
+|------------------------|-------------------------------------|----------------------------------------|
+| dA = dY · W2           | input gradient of the 2nd linear    | dense                                   |
+| dW2 = dYᵀ · A          | weight gradient of the 2nd linear   | dense, with the masked A               |
+| dX = dH · W1           | input gradient of the 1st linear    | sparse: dH is 2:4 along the hidden dim |
+| dW1 = dHᵀ · X          | weight gradient of the 1st linear   | dense                                   |
+
+dH inherits the forward mask, and the hidden dim is dX's reduction dim, so dX is a 2:4 sparse
+matmul with no further approximation. dW2 reduces over tokens: the forward's per-row mask gives
+no 2:4 structure along that dim. The paper adds a second selection along tokens (or splits A into
+a dense and a sparse part); we keep dW2 dense with the masked A, which makes every gradient here
+the exact gradient of the sparse forward (the reference the tests check against), at the price of
+that matmul's speedup.
+
+Devices. On a GPU where a one-time probe of the 2:4 sparse matmul succeeds
+(`fvcompile.kernels.sparse24.sparse_tensor_cores_available`) and the activation is fp16/bf16, the
+forward matmul consuming A and the backward matmul consuming dH become `fvcompile.sparse24_mm`.
+Elsewhere (CPU, older GPUs, fp32) the pass runs the emulated path: only the relu is replaced and
+the matmuls stay dense on the masked tensors (the same numbers, no speedup), and the result's
+notes say so; `Sparse24(emulate=False)` leaves such sites dense instead. `sparse_mm=True` forces
+the `sparse24_mm` rewrite anywhere (it then emulates at run time): useful for inspecting and
+testing the full rewrite on CPU. The hidden width must be a multiple of 64 (the sparse matmul's
+alignment) on every device, so that the emulation never makes a site sparse that the GPU could
+not; token counts are free (dynamic shapes work; the kernels pad rows).
+
+Dense warm-up (`warmup_steps=N`). The rewritten ops get a schedule: a key per site (this pass
+object's token, the module path and the site's index in it), N, and whether the op counts a step.
+In a training (joint) graph the site's `sparse24_relu` counts one step per forward call; the
+site's `sparse24_mm`s (forward and backward) and its ops in inference graphs read the step count.
+Step i runs dense while i < N (`fvcompile.kernels.sparse24._in_dense_warmup`). A "step" is a
+forward call of the compiled training graph: with gradient accumulation, count micro-batches. The
+counter lives in this Python process and is read by the ops at run time (they are opaque to
+Inductor), so it does not survive a restart and does not work under CUDA graphs. The token is
+part of the uuid when N > 0, so a second `Sparse24(warmup_steps=N)` never reuses the first one's
+compiled graph (and its counters) from Inductor's cache.
+"""
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from fvcompile.kernels import sparse24 as k24
+from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site, module_path
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+fvc = torch.ops.fvcompile
+
+CASTS = {prims.convert_element_type.default, aten._to_copy.default, aten.alias.default}
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+@dataclass
+class Match:
+    relu: fx.Node
+    square: fx.Node
+    matmuls: list[fx.Node] = field(default_factory=list)  # forward mm/addmm consuming relu²
+    hidden: Any = None
+
+
+def gradient_only_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that compute gradients: those depending on a tangent, and those used only by them."""
+    grad: set[fx.Node] = set()
+    nodes = list(graph.nodes)
+    for n in nodes:
+        if n.op == "output":
+            continue
+        if (n.op == "placeholder" and n.name.startswith("tangents")) or any(
+                i in grad for i in n.all_input_nodes):
+            grad.add(n)
+    for n in reversed(nodes):
+        if n.op not in ("placeholder", "output") and n.users and all(u in grad for u in n.users):
+            grad.add(n)
+    return grad
+
+
+def _hidden_kept(node: fx.Node, hidden) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() >= 1 and val.shape[-1] == hidden
+
+
+def _is_square_of(node: fx.Node, base: fx.Node) -> bool:
+    if node.target == aten.pow.Tensor_Scalar:
+        return node.args[0] is base and node.args[1] == 2
+    if node.target == aten.mul.Tensor:
+        return node.args[0] is base and node.args[1] is base
+    return node.target == aten.square.default and node.args[0] is base
+
+
+def _is_square(node: fx.Node) -> bool:
+    return node.op == "call_function" and len(node.args) >= 1 and isinstance(node.args[0], fx.Node) \
+        and _is_square_of(node, node.args[0])
+
+
+def _forward_uses(node: fx.Node, grad: set[fx.Node], hidden, through_views: bool):
+    """Follow casts (and views keeping the hidden dim last) from `node` through its forward users.
+
+    Returns (chain, terminals): chain are the pass-through nodes, terminals (user, input) pairs.
+    """
+    chain, terminals, todo = [], [], [node]
+    while todo:
+        cur = todo.pop()
+        for user in cur.users:
+            if user in grad:
+                continue
+            passes = user.target in CASTS or (through_views and user.target in VIEWS)
+            if passes and user.args[0] is cur and _hidden_kept(user, hidden):
+                chain.append(user)
+                todo.append(user)
+            else:
+                terminals.append((user, cur))
+    return chain, terminals
+
+
+def _describe(node: fx.Node) -> str:
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({target})" if node.op == "call_function" else node.name
+
+
+def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
+    """The relu-gradient nodes reading `relu`: `where(le(r, 0), 0, g)` or `threshold_backward(g, r, 0)`."""
+    readers, todo = [], [relu]
+    while todo:  # r and its aliases
+        cur = todo.pop()
+        readers.append(cur)
+        todo += [u for u in cur.users if u.target == aten.alias.default]
+    found = []
+    for r in readers:
+        for u in r.users:
+            if u.target == aten.threshold_backward.default and u.args[1] is r:
+                found.append(u)
+            elif u.target == aten.le.Scalar and u.args[0] is r and u.args[1] == 0:
+                found += [w for w in u.users if w.target == aten.where.self and w.args[0] is u]
+    return found
+
+
+class Sparse24(GraphPass):
+    name = "sparse24"
+    hook = "joint"
+    exact = False
+
+    def __init__(self, emulate: bool = True, warmup_steps: int = 0, sparse_mm: bool | None = None):
+        """emulate: on devices without 2:4 sparse tensor cores run the masked-dense emulation
+            (True) or leave the sites dense (False).
+        warmup_steps: training steps to run dense before switching to 2:4.
+        sparse_mm: None rewrites the matmuls into `sparse24_mm` where the device has sparse
+            tensor cores; True everywhere (emulated at run time); False nowhere.
+        """
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.emulate = emulate
+        self.warmup_steps = int(warmup_steps)
+        self.sparse_mm = sparse_mm
+        self.schedule_token = uuidlib.uuid4().hex[:12] if self.warmup_steps else ""
+
+    def options(self) -> dict[str, Any]:
+        opts = {"emulate": self.emulate, "warmup_steps": self.warmup_steps, "sparse_mm": self.sparse_mm}
+        if self.warmup_steps:
+            opts["schedule_token"] = self.schedule_token
+        return opts
+
+    def pays_off_on(self, device: torch.device) -> bool:
+        return k24.sparse_tensor_cores_available(device)
+
+    # -- matching ---------------------------------------------------------------------------
+
+    def _match(self, relu: fx.Node, grad: set[fx.Node]) -> Match | str:
+        """The pattern rooted at `relu`, or the reason it does not fit."""
+        hidden = relu.meta["val"].shape[-1] if isinstance(relu.meta.get("val"), torch.Tensor) else None
+        _, terminals = _forward_uses(relu, grad, hidden, through_views=False)
+        squares = [u for u, src in terminals if _is_square_of(u, src)]
+        others = [u for u, src in terminals if not _is_square_of(u, src)]
+        if not squares:
+            return "relu is not squared (a plain ReLU)"
+        if others or len(squares) > 1:
+            extra = (others + squares[1:])[0]
+            return f"relu output is also used by {_describe(extra)}"
+        square = squares[0]
+        _, consumers = _forward_uses(square, grad, hidden, through_views=True)
+        if not consumers:
+            return "relu² not consumed by a matmul (no forward use)"
+        matmuls = []
+        for user, src in consumers:
+            is_mm = user.target == aten.mm.default and user.args[0] is src and user.args[1] is not src
+            is_addmm = (user.target == aten.addmm.default and user.args[1] is src
+                        and user.args[2] is not src and not user.kwargs)
+            if not (is_mm or is_addmm):
+                return f"relu² not consumed by a matmul (used by {_describe(user)})"
+            matmuls.append(user)
+        if not isinstance(hidden, int):
+            return "hidden width is dynamic"
+        if hidden % k24.ALIGN_K:
+            return (f"hidden width {hidden} is not a multiple of {k24.ALIGN_K} "
+                    "(the 2:4 sparse matmul's alignment)")
+        return Match(relu, square, matmuls, hidden)
+
+    # -- rewriting --------------------------------------------------------------------------
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        result = PassResult()
+        grad = gradient_only_nodes(graph)
+        has_cores = k24.sparse_tensor_cores_available(ctx.device)
+        training = ctx.graph_kind == "joint"
+        matched_squares: set[fx.Node] = set()
+        sites_per_module: dict[str, int] = {}
+        emulated = 0
+
+        for relu in list(graph.find_nodes(op="call_function", target=aten.relu.default)):
+            if relu in grad:
+                continue  # a relu computing gradients is no activation
+            module = module_path(relu)
+            found = self._match(relu, grad)
+            if isinstance(found, str):
+                result.skipped.append(Site(relu.name, module, found))
+                continue
+            matched_squares.add(found.square)
+            if not ctx.module_allowed(module):
+                result.skipped.append(Site(relu.name, module, "excluded by module filter"))
+                continue
+            dtype = found.matmuls[0].meta["val"].dtype  # what the matmul would pack
+            on_cores = has_cores and dtype in k24.PACK_DTYPES
+            if not on_cores and not self.emulate:
+                why = (f"{dtype} has no 2:4 sparse matmul (needs fp16/bf16)" if has_cores
+                       else f"no 2:4 sparse tensor cores on {ctx.device}")
+                result.skipped.append(Site(relu.name, module, f"{why} and emulate=False: left dense"))
+                continue
+            emulated += not on_cores
+
+            index = sites_per_module.get(module, 0)
+            sites_per_module[module] = index + 1
+            schedule = (f"{self.schedule_token}:{module or relu.name}#{index}", self.warmup_steps) \
+                if self.warmup_steps else ("", 0)
+            detail = self._rewrite(graph, found, schedule, training,
+                                   use_mm=self.sparse_mm or (self.sparse_mm is None and on_cores))
+            if not on_cores:
+                detail += f" (emulated on {ctx.device.type}: dense matmuls of the masked tensors)"
+            result.rewritten.append(Site(found.relu.name, module, detail))
+
+        self._report_other_squares(graph, grad, matched_squares, result)
+        if emulated:
+            where = (f"{ctx.device} has no 2:4 sparse tensor cores" if not has_cores
+                     else "the activations are not fp16/bf16")
+            result.notes.append(f"emulated: {where}; {emulated} site(s) run the 2:4 masked-dense "
+                                "path (same numerics as the sparse matmul, no speedup)")
+        if self.warmup_steps and result.rewritten:
+            result.notes.append(f"dense warm-up: the first {self.warmup_steps} training steps run dense")
+        return result
+
+    def _rewrite(self, graph: fx.Graph, m: Match, schedule: tuple[str, int], training: bool,
+                 use_mm: bool) -> str:
+        key, dense_steps = schedule
+        relu = m.relu
+        with graph.inserting_before(relu):
+            sparse = graph.call_function(fvc.sparse24_relu.default,
+                                         (relu.args[0], key, dense_steps, training and bool(key)))
+        sparse.meta = dict(relu.meta)
+        relu.replace_all_uses_with(sparse)
+        graph.erase_node(relu)
+        done = ["relu -> sparse24_relu"]
+        if not use_mm:
+            return "; ".join(done)
+
+        for mm in m.matmuls:
+            self._to_sparse_mm(graph, mm, key, dense_steps)
+        done.append(f"{len(m.matmuls)} forward matmul(s) -> sparse24_mm")
+        # Backward: dX = dH · W1, with dH = relu's gradient (2:4 along the hidden dim, K here).
+        dx = []
+        for dh in _relu_grad_nodes(sparse):
+            _, users = _forward_uses(dh, set(), m.hidden, through_views=True)
+            dx += [u for u, src in users
+                   if u.target == aten.mm.default and u.args[0] is src and u.args[1] is not src]
+        for mm in dx:
+            self._to_sparse_mm(graph, mm, key, dense_steps)
+        if dx:
+            done.append("dX matmul -> sparse24_mm")
+        return "; ".join(done)
+
+    @staticmethod
+    def _to_sparse_mm(graph: fx.Graph, mm: fx.Node, key: str, dense_steps: int) -> None:
+        if mm.target == aten.addmm.default:
+            bias, a, b = mm.args
+        else:
+            (a, b), bias = mm.args, None
+        with graph.inserting_before(mm):
+            new = graph.call_function(fvc.sparse24_mm.default, (a, b, key, dense_steps))
+            new.meta = dict(mm.meta)
+            if bias is not None:
+                new = graph.call_function(aten.add.Tensor, (new, bias))
+                new.meta = dict(mm.meta)
+        mm.replace_all_uses_with(new)
+        graph.erase_node(mm)
+
+    @staticmethod
+    def _report_other_squares(graph: fx.Graph, grad: set[fx.Node], matched: set[fx.Node],
+                              result: PassResult) -> None:
+        """Squares that are not of a relu (e.g. RMSNorm's x²): close to the pattern, not it."""
+        for node in graph.nodes:
+            if node.op != "call_function" or node in grad or node in matched or not _is_square(node):
+                continue
+            base = node.args[0]
+            while base.op == "call_function" and base.target in CASTS:
+                base = base.args[0]
+            if base.target == fvc.sparse24_relu.default:
+                continue  # the square of a site this pass just rewrote
+            if base.target == aten.relu.default:
+                continue  # that relu was reported with its own reason
+            what = getattr(base.target, "__name__", base.op).split(".")[0]
+            result.skipped.append(Site(node.name, module_path(node),
+                                       f"square of {what}, not of a relu (e.g. RMSNorm's x²)"))

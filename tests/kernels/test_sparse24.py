@@ -1,0 +1,245 @@
+"""sparse24 kernels vs their PyTorch reference (Triton interpreter on CPU, real kernels on CUDA).
+
+Run on a machine without a GPU with TRITON_INTERPRET=1 (tests/conftest.py sets it). On a GPU
+machine the same tests launch the compiled kernels on CUDA tensors, and the sparse-matmul tests
+run on the sparse tensor cores when the device has them.
+"""
+import pytest
+import torch
+from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+from fvcompile.kernels import sparse24 as s24
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 64), (37, 128), (64, 32), (100, 192)]  # token counts off the 32-row alignment included
+RELU_SHAPES = SHAPES + [(5, 4), (7, 36)]  # selection alone needs only K % 4 == 0
+ALL_DTYPES = [torch.float16, torch.float32, torch.bfloat16]
+PACK_DTYPES = [torch.float16, torch.bfloat16]
+# Selection and packing move values without arithmetic, so they are exact; matmuls are not.
+MM_TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=5e-2, rtol=2e-2),
+          torch.float32: dict(atol=1e-4, rtol=1e-4)}
+
+
+def randn(*shape, dtype, seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+def exact_square_inputs(m, k, dtype):
+    """Values i/4 with |i| < 16: their squares are exact in bf16.
+
+    The Triton interpreter rounds fp32 -> bf16 by truncation (GPUs round to nearest), so a bf16
+    relu² computed in the interpreter differs from PyTorch in the last bit unless the square is exact.
+    """
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    return (torch.randint(-15, 16, (m, k), generator=gen) / 4).to(dtype).to(DEVICE)
+
+
+def groups(x):
+    return x.reshape(*x.shape[:-1], -1, 4)
+
+
+# ---- selection --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", RELU_SHAPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_relu_kernel_equals_reference(shape, dtype):
+    h = randn(*shape, dtype=dtype)
+    assert torch.equal(s24.sparse24_relu_triton(h), s24.sparse24_relu_reference(h))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_relu_kernel_keeps_the_two_largest(dtype):
+    h = randn(3, 5, 64, dtype=dtype)  # 3-D tokens
+    out = s24.sparse24_relu_triton(h)
+    assert out.shape == h.shape
+    g_out, g_relu = groups(out), groups(torch.relu(h))
+    assert ((g_out != 0).sum(-1) <= 2).all()
+    kept = g_out != 0
+    assert torch.equal(g_out[kept], g_relu[kept])  # kept values unchanged
+    # Every kept value is at least as large as every dropped one in its group.
+    smallest_kept = torch.where(kept, g_relu, torch.inf).amin(-1)
+    largest_dropped = torch.where(kept, -torch.inf, g_relu).amax(-1)
+    has_kept = kept.any(-1)
+    assert (smallest_kept[has_kept] >= largest_dropped[has_kept]).all()
+
+
+def test_ties_go_to_the_lower_index():
+    h = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, -1.0, 3.0, -2.0, 3.0,
+                       0.0, 0.0, 0.0, 5.0]], device=DEVICE)
+    expected = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0, 3.0, 0.0, 3.0,
+                              0.0, 0.0, 0.0, 5.0]], device=DEVICE)
+    assert torch.equal(s24.sparse24_relu_reference(h), expected)
+    assert torch.equal(s24.sparse24_relu_triton(h), expected)
+    assert s24.mask24(torch.zeros(4)).tolist() == [True, True, False, False]
+
+
+# ---- packing ----------------------------------------------------------------------------------
+
+def pack_inputs(shape, dtype):
+    return exact_square_inputs(*shape, dtype) if dtype == torch.bfloat16 else randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", PACK_DTYPES)
+def test_relu2_pack_layout_equals_pytorch_cutlass(shape, dtype):
+    h = pack_inputs(shape, dtype)
+    values, meta = s24.relu2_sparse24_pack_triton(h)
+    r = s24.sparse24_relu_reference(h)
+    ref_values, ref_meta = s24.pack_reference(r * r)
+    m_pad = -(-shape[0] // 32) * 32
+    assert values.shape == (m_pad, shape[1] // 2) and meta.shape == (m_pad, shape[1] // 16)
+    assert values.dtype == dtype and meta.dtype == torch.int16
+    assert torch.equal(values, ref_values)
+    assert torch.equal(meta, ref_meta)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", PACK_DTYPES)
+def test_relu2_pack_then_unpack_is_the_masked_dense(shape, dtype):
+    h = pack_inputs(shape, dtype)
+    values, meta = s24.relu2_sparse24_pack_triton(h)
+    dense = s24.unpack_reference(values.cpu(), meta.cpu(), values.shape[0])
+    r = s24.sparse24_relu_reference(h).cpu()
+    assert torch.equal(dense[: shape[0]], r * r)
+    assert not dense[shape[0]:].any()  # padding rows are zero
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", PACK_DTYPES)
+def test_magnitude_pack(shape, dtype):
+    x = randn(*shape, dtype=dtype)
+    values, meta = s24.sparse24_pack_triton(x)
+    masked = s24.sparse24_mask_reference(x)
+    m_pad = values.shape[0]
+    padded = torch.nn.functional.pad(masked, (0, 0, 0, m_pad - shape[0]))
+    ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(padded)
+    assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
+    # A tensor that already is 2:4 (like dH) packs exactly.
+    v2, m2 = s24.sparse24_pack_triton(masked)
+    assert torch.equal(s24.unpack_reference(v2.cpu(), m2.cpu(), shape[0]), masked.cpu())
+
+
+def test_pack_rejects_what_cutlass_cannot_hold():
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        s24.sparse24_pack_triton(torch.randn(32, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        s24.relu2_sparse24_pack_triton(torch.randn(32, 16, device=DEVICE, dtype=torch.float16))
+
+
+# ---- ops: autograd, fake impls, compiled graphs ------------------------------------------------
+
+def masked_relu_reference(h):
+    """Plain autograd reference: relu(h) times a mask that is a constant of the input."""
+    r = torch.relu(h)
+    return r * s24.mask24(r.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("square", [False, True])
+def test_sparse24_relu_autograd(dtype, square):
+    h = randn(2, 9, 64, dtype=dtype)
+    g = randn(2, 9, 64, dtype=dtype)
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    y1 = torch.ops.fvcompile.sparse24_relu(h1)
+    y2 = masked_relu_reference(h2)
+    if square:
+        y1, y2 = y1 ** 2, y2 ** 2
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert torch.equal(y1, y2)
+    torch.testing.assert_close(h1.grad, h2.grad, **MM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_sparse24_mm_equals_masked_dense(dtype):
+    a = s24.sparse24_relu_reference(randn(50, 128, dtype=dtype))
+    b = randn(128, 24, dtype=dtype)
+    out = torch.ops.fvcompile.sparse24_mm(a, b)
+    assert out.shape == (50, 24) and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), a.float() @ b.float(), **MM_TOL[dtype])
+    # autograd: the gradient of mask24(a) @ b
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    torch.ops.fvcompile.sparse24_mm(a1, b1).sum().backward()
+    (torch.where(s24.mask24(a2.detach().abs()), a2, 0) @ b2).sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad, **MM_TOL[dtype])
+    torch.testing.assert_close(b1.grad, b2.grad, **MM_TOL[dtype])
+
+
+def test_fake_impls_give_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        h = torch.empty(3, 7, 128, dtype=torch.float16)  # 21 tokens: padded to 32 rows
+        out = torch.ops.fvcompile.sparse24_relu(h)
+        assert out.shape == h.shape and out.dtype == h.dtype
+        for op in (torch.ops.fvcompile.relu2_sparse24_pack, torch.ops.fvcompile.sparse24_pack):
+            values, meta = op(h)
+            assert values.shape == (32, 64) and values.dtype == torch.float16
+            assert meta.shape == (32, 8) and meta.dtype == torch.int16
+        out = torch.ops.fvcompile.sparse24_mm(torch.empty(21, 128), torch.empty(128, 40))
+        assert out.shape == (21, 40) and out.dtype == torch.float32
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opcheck runs the CPU path")
+def test_opcheck():
+    h = torch.randn(33, 64, requires_grad=True)
+    torch.library.opcheck(torch.ops.fvcompile.sparse24_relu.default, (h,))
+    a = s24.sparse24_relu_reference(torch.randn(33, 64)).requires_grad_()
+    torch.library.opcheck(torch.ops.fvcompile.sparse24_mm.default, (a, torch.randn(64, 8)))
+    x16 = torch.randn(33, 64, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.fvcompile.relu2_sparse24_pack.default, (x16,))
+    torch.library.opcheck(torch.ops.fvcompile.sparse24_pack.default, (x16,))
+
+
+def test_compiled_cpu_graph_runs_the_reference():
+    def ffn(x, w1, w2):
+        a = torch.ops.fvcompile.sparse24_relu(x @ w1) ** 2
+        return torch.ops.fvcompile.sparse24_mm(a, w2)
+
+    x, w1, w2 = torch.randn(10, 32), torch.randn(32, 64), torch.randn(64, 16)
+    compiled = torch.compile(ffn, backend="aot_eager", fullgraph=True, dynamic=True)
+    expected = s24.sparse24_relu_reference(x @ w1) ** 2 @ w2
+    torch.testing.assert_close(compiled(x, w1, w2), expected)
+    x = torch.randn(13, 32)  # another token count, same graph
+    torch.testing.assert_close(compiled(x, w1, w2), s24.sparse24_relu_reference(x @ w1) ** 2 @ w2)
+
+
+def test_dense_warmup_schedule():
+    h = torch.randn(4, 64)
+    dense, sparse = torch.relu(h), s24.sparse24_relu_reference(h)
+    key = "test-warmup-schedule"
+    relu = torch.ops.fvcompile.sparse24_relu
+    # Before any counted step a reader is dense; steps 0 and 1 are dense, step 2 on sparse.
+    assert torch.equal(relu(h, key, 2, False), dense)
+    assert torch.equal(relu(h, key, 2, True), dense)  # step 0
+    assert torch.equal(relu(h, key, 2, False), dense)  # a reader in step 0
+    assert torch.equal(relu(h, key, 2, True), dense)  # step 1
+    assert torch.equal(relu(h, key, 2, True), sparse)  # step 2
+    assert torch.equal(relu(h, key, 2, False), sparse)
+    assert s24.warmup_steps_counted(key) == 3
+    assert torch.equal(relu(h), sparse)  # no schedule: always sparse
+
+
+# ---- devices ----------------------------------------------------------------------------------
+
+def test_no_sparse_tensor_cores_on_cpu():
+    assert not s24.sparse_tensor_cores_available("cpu")
+    assert s24.sparse_mm_backend(torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and s24.sparse_tensor_cores_available("cuda")),
+                    reason="needs a GPU with 2:4 sparse tensor cores")
+@pytest.mark.parametrize("dtype", PACK_DTYPES)
+@pytest.mark.parametrize("m", [64, 100])
+def test_sparse_mm_on_sparse_tensor_cores(dtype, m):
+    a = s24.sparse24_relu_reference(randn(m, 256, dtype=dtype))
+    b = randn(256, 72, dtype=dtype)
+    assert s24.sparse_mm_applies(a, b)
+    out = torch.ops.fvcompile.sparse24_mm(a, b)
+    torch.testing.assert_close(out.float(), a.float() @ b.float(), **MM_TOL[dtype])
+    values, meta = torch.ops.fvcompile.relu2_sparse24_pack(randn(m, 256, dtype=dtype))
+    assert values.is_cuda and meta.dtype == torch.int16

@@ -1,0 +1,331 @@
+"""The sparse24 pass on joint graphs (fvcompile.optimize(codegen=False): AOTAutograd, no codegen).
+
+The reference for every rewritten FFN is a plain-PyTorch masked FFN,
+`W2 · (mask ⊙ relu(W1 x))²` with the mask a constant of the input, differentiated by autograd:
+the compiled forward AND backward must equal it (not dense eager, which they must not equal).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fvcompile
+from fvcompile.kernels import sparse24 as k24
+from fvcompile.models import get
+from fvcompile.passes.sparse24 import Sparse24
+
+FORMS = ["relu_pow", "square", "method_pow", "relu_module_square", "mul", "cast"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class SquaredReluFFN(nn.Module):
+    """W2 · relu(W1 x)², written in one of the ways people write it."""
+
+    def __init__(self, dim=32, hidden=128, form="relu_pow", bias=False):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, dim, bias=bias)
+        self.act = nn.ReLU()
+        self.form = form
+
+    def forward(self, x):
+        h = self.w1(x)
+        if self.form == "relu_pow":
+            a = F.relu(h) ** 2
+        elif self.form == "square":
+            a = torch.square(F.relu(h))
+        elif self.form == "method_pow":
+            a = h.relu().pow(2)
+        elif self.form == "relu_module_square":
+            a = self.act(h).square()
+        elif self.form == "mul":
+            r = F.relu(h)
+            a = r * r
+        elif self.form == "cast":  # what autocast does: the square in fp32, the matmul in low precision
+            a = F.relu(h).float().pow(2).to(h.dtype)
+        return self.w2(a)
+
+
+def masked_relu(h):
+    r = F.relu(h)
+    return r * k24.mask24(r.detach())
+
+
+def reference(model: SquaredReluFFN, x):
+    """The sparse FFN in plain PyTorch (autograd gives the reference backward)."""
+    return model.w2(masked_relu(model.w1(x)).float().pow(2).to(x.dtype))
+
+
+def run_step(fn, model, x, grad_out):
+    """Forward and backward; returns the output and every gradient (x and parameters)."""
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    (y.float() * grad_out).sum().backward()
+    grads = {"x": x.grad}
+    grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return y.detach(), grads
+
+
+def assert_step_close(got, expected, atol=1e-5, rtol=1e-4):
+    torch.testing.assert_close(got[0], expected[0], atol=atol, rtol=rtol)
+    for name in expected[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], atol=atol, rtol=rtol, msg=name)
+
+
+def sites(optimized, kind="rewritten"):
+    return [s for r in optimized.fvcompile_report.pass_runs("sparse24") for s in getattr(r.result, kind)]
+
+
+# ---- every form is rewritten and equals the masked reference forward and backward -------------
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("tokens_3d", [False, True])
+def test_every_form_matches_the_reference(form, tokens_3d):
+    torch.manual_seed(0)
+    model = SquaredReluFFN(form=form, bias=form == "mul")
+    x = torch.randn(2, 9, 32) if tokens_3d else torch.randn(18, 32)
+    grad_out = torch.randn(*x.shape)
+    optimized = fvcompile.optimize(model, passes=[Sparse24()], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    expected = run_step(lambda t: reference(model, t), model, x, grad_out)
+    dense = run_step(model, model, x, grad_out)
+    assert_step_close(got, expected)
+    assert not torch.allclose(got[0], dense[0], atol=1e-3)  # the rewrite changed the numbers
+    (site,) = sites(optimized)
+    assert site.detail.startswith("relu -> sparse24_relu") and "emulated" in site.detail
+    assert any("emulated: cpu has no 2:4 sparse tensor cores" in n
+               for r in optimized.fvcompile_report.pass_runs("sparse24") for n in r.result.notes)
+
+
+@pytest.mark.parametrize("form", ["relu_pow", "mul", "cast"])
+def test_sparse_matmul_rewrite_forward_and_dx(form):
+    """sparse_mm=True: the forward mm/addmm and the backward dX mm become sparse24_mm (emulated on CPU)."""
+    torch.manual_seed(1)
+    model = SquaredReluFFN(form=form, bias=True)
+    x, grad_out = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True)], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    assert_step_close(got, run_step(lambda t: reference(model, t), model, x, grad_out))
+    (site,) = sites(optimized)
+    assert "1 forward matmul(s) -> sparse24_mm" in site.detail and "dX matmul -> sparse24_mm" in site.detail
+
+
+def test_low_precision_with_casts():
+    torch.manual_seed(2)
+    model = SquaredReluFFN(form="cast").to(torch.bfloat16)
+    x = torch.randn(16, 32).to(torch.bfloat16)
+    grad_out = torch.randn(16, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True)], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    assert_step_close(got, run_step(lambda t: reference(model, t), model, x, grad_out), atol=2e-2, rtol=2e-2)
+    assert len(sites(optimized)) == 1
+
+
+def test_inference_graph_and_dynamic_token_counts():
+    torch.manual_seed(3)
+    model = SquaredReluFFN()
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True)], codegen=False, dynamic=True)
+    with torch.no_grad():
+        for tokens in (10, 37, 64):  # off and on the kernels' 32-row alignment
+            x = torch.randn(tokens, 32)
+            torch.testing.assert_close(optimized(x), reference(model, x), atol=1e-5, rtol=1e-4)
+    report = optimized.fvcompile_report
+    assert len(report.graphs) == 1 and report.pass_runs("sparse24")[0].graph_kind == "inference"
+
+
+# ---- what must not match ----------------------------------------------------------------------
+
+class RMSNormSwiGLU(nn.Module):
+    def __init__(self, dim=32, hidden=128):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        xf = x.float()
+        x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)  # hand-written RMSNorm: pow(x, 2)
+        return self.down(F.silu(self.gate(x)) * self.up(self.norm(x)))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, dim=32, hidden=128):
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+@pytest.mark.parametrize("model_cls", [RMSNormSwiGLU, GeluMLP])
+def test_other_ffns_and_rmsnorm_untouched(model_cls):
+    torch.manual_seed(4)
+    model = model_cls()
+    x, grad_out = torch.randn(8, 32), torch.randn(8, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True)], codegen=False)
+    assert_step_close(run_step(optimized, model, x, grad_out), run_step(model, model, x, grad_out))
+    assert sites(optimized) == []
+    if model_cls is RMSNormSwiGLU:
+        assert sites(optimized, "skipped") and all(
+            "not of a relu" in s.detail for s in sites(optimized, "skipped"))
+
+
+class Relu2Variant(nn.Module):
+    def __init__(self, kind, hidden=128):
+        super().__init__()
+        self.kind = kind
+        self.w1, self.w2 = nn.Linear(32, hidden, bias=False), nn.Linear(hidden, 32, bias=False)
+
+    def forward(self, x):
+        r = F.relu(self.w1(x))
+        if self.kind == "plain_relu":
+            return self.w2(r)
+        if self.kind == "not_a_matmul":
+            return (r ** 2).sum(-1)
+        if self.kind == "relu_reused":
+            return self.w2(r ** 2) + r.sum(-1, keepdim=True)
+        return self.w2(r ** 2)
+
+
+@pytest.mark.parametrize("kind, hidden, reason", [
+    ("plain_relu", 128, "relu is not squared"),
+    ("not_a_matmul", 128, "relu² not consumed by a matmul"),
+    ("relu_reused", 128, "relu output is also used by"),
+    ("aligned", 30, "hidden width 30 is not a multiple of 64"),
+    ("aligned", 96, "hidden width 96 is not a multiple of 64"),
+])
+def test_near_misses_are_skipped_with_the_reason(kind, hidden, reason):
+    torch.manual_seed(5)
+    model = Relu2Variant(kind, hidden)
+    x, grad_out = torch.randn(8, 32), torch.randn(*model(torch.randn(8, 32)).shape)
+    optimized = fvcompile.optimize(model, passes=[Sparse24()], codegen=False)
+    assert_step_close(run_step(optimized, model, x, grad_out), run_step(model, model, x, grad_out))
+    assert sites(optimized) == []
+    (skipped,) = sites(optimized, "skipped")
+    assert reason in skipped.detail
+
+
+# ---- options: emulate, module filter, warm-up, uuid -------------------------------------------
+
+def test_emulate_false_leaves_cpu_sites_dense():
+    torch.manual_seed(6)
+    model = SquaredReluFFN()
+    x, grad_out = torch.randn(8, 32), torch.randn(8, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(emulate=False)], codegen=False)
+    assert_step_close(run_step(optimized, model, x, grad_out), run_step(model, model, x, grad_out))
+    (skipped,) = sites(optimized, "skipped")
+    assert skipped.detail == "no 2:4 sparse tensor cores on cpu and emulate=False: left dense"
+    assert sites(optimized) == []
+
+
+@pytest.mark.parametrize("include, exclude, expected", [
+    ((), (), {"layers.0.feed_forward", "layers.1.feed_forward"}),
+    (("layers.0",), (), {"layers.0.feed_forward"}),
+    ((), ("layers.0.*",), {"layers.1.feed_forward"}),
+])
+def test_llama_relu2_sites_and_module_filter(include, exclude, expected):
+    spec = get("llama-tiny-relu2")
+    torch.manual_seed(7)
+    model = spec.build()
+    optimized = fvcompile.optimize(model, passes=["sparse24"], codegen=False, fullgraph=True,
+                                   include=include, exclude=exclude)
+    with torch.no_grad():
+        optimized(*spec.example_inputs(model, 2))
+    assert {s.module for s in sites(optimized)} == expected
+    skipped = sites(optimized, "skipped")
+    excluded = {s.module for s in skipped if s.detail == "excluded by module filter"}
+    assert excluded == {"layers.0.feed_forward", "layers.1.feed_forward"} - expected
+    assert any("not of a relu" in s.detail for s in skipped)  # RMSNorm's x², seen and left alone
+
+
+def test_llama_relu2_training_step_matches_masked_reference():
+    spec = get("llama-tiny-relu2")
+    torch.manual_seed(8)
+    model = spec.build()
+    batch = spec.train_batch(model, 2)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True)], codegen=False, fullgraph=True)
+    loss = spec.train_step(optimized, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # Reference: the same model with each FFN's relu replaced by the masked relu, in eager.
+    for layer in model.layers:
+        ffn = layer.feed_forward
+        ffn.forward = lambda x, ffn=ffn: ffn.w2(masked_relu(ffn.w1(x)) ** 2)
+    ref_loss = spec.train_step(model, batch)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert len(sites(optimized)) == 2
+
+
+@pytest.mark.parametrize("sparse_mm", [None, True])
+def test_dense_warmup_then_sparse(sparse_mm):
+    torch.manual_seed(9)
+    model = SquaredReluFFN(bias=True)
+    x, grad_out = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    p = Sparse24(warmup_steps=2, sparse_mm=sparse_mm)
+    optimized = fvcompile.optimize(model, passes=[p], codegen=False)
+    dense = run_step(model, model, x, grad_out)
+    sparse = run_step(lambda t: reference(model, t), model, x, grad_out)
+    assert_step_close(run_step(optimized, model, x, grad_out), dense)  # step 0
+    assert_step_close(run_step(optimized, model, x, grad_out), dense)  # step 1
+    assert_step_close(run_step(optimized, model, x, grad_out), sparse)  # step 2
+    assert_step_close(run_step(optimized, model, x, grad_out), sparse)  # step 3
+    (site,) = sites(optimized)
+    key = f"{p.schedule_token}:{site.node}#0"  # token:module#index; a top-level module has no path
+    assert k24.warmup_steps_counted(key) == 4  # one count per training step, none in the backward
+    assert any("dense warm-up" in n for r in optimized.fvcompile_report.pass_runs() for n in r.result.notes)
+
+
+def test_options_feed_the_uuid():
+    assert Sparse24().uuid() == Sparse24().uuid()
+    assert Sparse24().uuid() != Sparse24(emulate=False).uuid()
+    assert Sparse24().uuid() != Sparse24(sparse_mm=True).uuid()
+    # Each warm-up schedule is its own: a second one must not reuse the first one's cached graph.
+    assert Sparse24(warmup_steps=2).uuid() != Sparse24(warmup_steps=2).uuid()
+    assert not Sparse24.exact and Sparse24.hook == "joint"
+    assert not Sparse24().pays_off_on(torch.device("cpu"))
+
+
+# ---- real Inductor, and the GPU path ----------------------------------------------------------
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and k24.sparse_tensor_cores_available("cuda") else [])
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_inductor_compile(device):
+    torch.manual_seed(10)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = SquaredReluFFN(hidden=128, bias=True).to(device, dtype)
+    x = torch.randn(2, 40, 32, device=device, dtype=dtype)
+    grad_out = torch.randn(2, 40, 32, device=device)
+    optimized = fvcompile.optimize(model, passes=[Sparse24()], options={"force_disable_caches": True})
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.float16 else dict(atol=1e-4, rtol=1e-4)
+    got = run_step(optimized, model, x, grad_out)
+    assert_step_close(got, run_step(lambda t: reference(model, t), model, x, grad_out), **tol)
+    (site,) = sites(optimized)
+    assert ("dX matmul -> sparse24_mm" in site.detail) == (device == "cuda")
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU with 2:4 sparse tensor cores")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_sparse_tensor_core_path(dtype):
+    torch.manual_seed(11)
+    model = SquaredReluFFN(dim=64, hidden=256, form="cast").to("cuda", dtype)
+    x = torch.randn(3, 50, 64, device="cuda", dtype=dtype)
+    grad_out = torch.randn(3, 50, 64, device="cuda")
+    optimized = fvcompile.optimize(model, passes=[Sparse24()], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    assert_step_close(got, run_step(lambda t: reference(model, t), model, x, grad_out), atol=5e-2, rtol=5e-2)
+    (site,) = sites(optimized)
+    assert "forward matmul(s) -> sparse24_mm" in site.detail and "emulated" not in site.detail
