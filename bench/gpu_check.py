@@ -1,0 +1,169 @@
+"""The one script for a lent GPU (H100/H200): check every Triton kernel against its reference
+on CUDA, check fvcompile end to end on CUDA, then time the GPU benchmarks. Prints a short
+table last and writes JSON into --out.
+
+    pip install --no-deps --no-build-isolation -e . && python bench/gpu_check.py --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CHECKS: list[dict] = []
+# A CPU dry run (TRITON_INTERPRET=1, small shapes) exercises this script's code before a GPU call.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check(name: str):
+    def wrap(fn):
+        def run():
+            start = time.perf_counter()
+            try:
+                detail = fn() or ""
+                CHECKS.append({"check": name, "ok": True, "detail": str(detail), "s": time.perf_counter() - start})
+            except Exception as e:
+                traceback.print_exc()
+                CHECKS.append({"check": name, "ok": False, "detail": f"{type(e).__name__}: {e}"[:300],
+                               "s": time.perf_counter() - start})
+        run.__name__ = fn.__name__
+        return run
+    return wrap
+
+
+@check("sparse24 kernels vs reference (fp16/bf16, aligned and ragged rows)")
+def kernels_sparse24():
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    from fvcompile.kernels import sparse24 as k24
+
+    done = 0
+    # The interpreter rounds bf16 its own way (NOTES.md): the CPU dry run checks fp16 only.
+    for dtype in (torch.float16, torch.bfloat16)[: 2 if DEVICE == "cuda" else 1]:
+        for m, k in ((64, 128), (100, 256), (4096, 21504))[: 3 if DEVICE == "cuda" else 2]:
+            h = torch.randn(m, k, device=DEVICE, dtype=dtype)
+            torch.testing.assert_close(k24.sparse24_relu_triton(h), k24.sparse24_relu_reference(h), atol=0, rtol=0)
+            values, meta = k24.relu2_sparse24_pack_triton(h)
+            dense = k24.sparse24_relu_reference(h).square()
+            rows = k24.padded_rows(m)
+            padded = torch.zeros(rows, k, device=DEVICE, dtype=dtype)
+            padded[:m] = dense
+            ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(padded)
+            torch.testing.assert_close(values, ref_values, atol=0, rtol=0)
+            assert torch.equal(meta, ref_meta), "metadata differs from PyTorch's CUTLASS layout"
+            b = torch.randn(k, 64, device=DEVICE, dtype=dtype)
+            out = torch.ops.fvcompile.sparse24_mm(dense, b)
+            torch.testing.assert_close(out.float(), (dense.float() @ b.float()), atol=0.5, rtol=5e-2)
+            done += 1
+    h = torch.randn(256, 512, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    out = torch.ops.fvcompile.sparse24_relu(h)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(h.grad, (k24.sparse24_relu_reference(h.detach()) > 0).half())
+    return (f"{done} shape/dtype cases equal; sparse tensor cores: "
+            f"{k24.sparse_tensor_cores_available(torch.device(DEVICE))} ({k24.sparse_mm_backend(torch.device(DEVICE))})")
+
+
+@check("fvcompile.optimize on llama-tiny (CUDA, Inductor/Triton) matches eager fwd+bwd")
+def llama_parity():
+    import fvcompile
+    from fvcompile.models import get
+
+    spec = get("llama-tiny")
+    torch.manual_seed(0)
+    model = spec.build().to(DEVICE)
+    batch = spec.train_batch(model, 2)
+    optimized = fvcompile.optimize(model, fullgraph=True)
+    loss_c = spec.train_step(optimized, batch)
+    loss_c.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss_e = spec.train_step(model, batch)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-3, msg=n)
+    return f"loss {loss_c.item():.5f} vs eager {loss_e.item():.5f}"
+
+
+@check("sparse24 pass on llama-tiny-relu2 (CUDA bf16): rewritten, finite, trains")
+def sparse24_llama():
+    import fvcompile
+    from fvcompile.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                      ffn="relu2", max_seq_len=256)
+    torch.manual_seed(0)
+    model = Llama(cfg).to(DEVICE, torch.float16 if DEVICE == "cpu" else torch.bfloat16)
+    # Caches off: a cached graph would run no pass, and this checks the pass on this GPU.
+    optimized = fvcompile.optimize(model, passes=["sparse24"], options={"force_disable_caches": True})
+    tokens = torch.randint(0, 256, (2, 129), device=DEVICE)
+    from fvcompile.models.llama import next_token_loss
+
+    loss = next_token_loss(optimized, tokens)
+    loss.backward()
+    report = optimized.fvcompile_report
+    assert report.rewritten("sparse24") == 2, report.summary()
+    assert torch.isfinite(loss)
+    return report.summary() + " | " + "; ".join(sorted({n for r in report.pass_runs() for n in r.result.notes}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--tokens", default="8192", help="token counts for the FFN benchmark")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    cuda = DEVICE == "cuda"
+    env = {"device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
+           "capability": torch.cuda.get_device_capability() if cuda else (0, 0),
+           "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(env, flush=True)
+    def save(bench):  # after every step, so that a timeout still leaves results
+        (out / "gpu_check.json").write_text(json.dumps({"env": env, "checks": CHECKS, "bench": bench},
+                                                       indent=1, default=str))
+
+    for run in (kernels_sparse24, sparse24_llama):
+        run()
+        print(CHECKS[-1], flush=True)
+        save({})
+
+    bench = {}
+    if not args.skip_bench:
+        import sparse24 as sparse24_bench
+
+        try:
+            bench["sparse24"] = sparse24_bench.main(["--device", DEVICE, "--tokens", args.tokens,
+                                                     "--out", str(out)])
+        except Exception as e:
+            traceback.print_exc()
+            bench["sparse24"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        save(bench)
+    llama_parity()  # last: the speed numbers matter more if the time runs out
+    print(CHECKS[-1], flush=True)
+
+    save(bench)
+    print("\n== gpu_check summary ==")
+    print(f"{env['device']} (sm{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "
+          f"triton {env['triton']}")
+    for c in CHECKS:
+        print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}  ({c['s']:.1f} s)  {c['detail'][:150]}")
+    for r in bench.get("sparse24", {}).get("ffn", []):
+        print(f"sparse24 FFN {r['tokens']} tokens: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
+              f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x vs relu2 dense; "
+              f"fwd+bwd {r['speedup fwd+bwd vs swiglu dense']:.2f}x vs SwiGLU dense")
+
+
+if __name__ == "__main__":
+    main()

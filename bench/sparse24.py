@@ -1,0 +1,173 @@
+"""sparse24 speed and correctness: a Squared-ReLU FFN, dense vs 2:4, forward and forward+backward.
+
+On a GPU (bf16) at Llama-3-8B FFN shapes: SwiGLU 4096 -> 14336 -> 4096 and its Squared-ReLU
+equivalent 4096 -> 21504 -> 4096 (same parameters), 4k-16k tokens. Modes, all through Inductor:
+SwiGLU dense, relu² dense, relu² with `passes=["sparse24"]`. The paper's bar is 1.3x on
+forward+backward of the FFN. Also times our fused relu²+2:4+pack kernel against PyTorch's
+`torch._sparse_semi_structured_tile` (on relu(h)², computed beforehand).
+
+On CPU there are no 2:4 sparse tensor cores: the script checks correctness on small shapes and
+reports what the emulation costs; speed needs an sm80+ GPU.
+
+    python bench/sparse24.py                # CPU: small shapes
+    python bench/sparse24.py --device cuda  # GPU: Llama-3-8B shapes, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fvcompile
+from fvcompile.kernels import sparse24 as k24
+from fvcompile.models.llama import SquaredReLU, SwiGLU
+
+
+def time_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:
+    """Median wall time of fn() in ms (CUDA: synchronized; triton's do_bench where available)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def reference_ffn(x, w1, w2):
+    """The defined reference of sparse24: relu(x W1ᵀ) with 2 of every 4 kept, squared, times W2ᵀ."""
+    return k24.sparse24_relu_reference(x @ w1.t()).square() @ w2.t()
+
+
+def check_against_reference(ffn: SquaredReLU, optimized, x, dtype) -> dict:
+    """Forward and backward of the compiled sparse24 FFN vs the reference under autograd."""
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    ffn.zero_grad(set_to_none=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w1 = ffn.w1.weight.detach().clone().requires_grad_()
+    w2 = ffn.w2.weight.detach().clone().requires_grad_()
+    out = optimized(xa)
+    ref = reference_ffn(xb.float(), w1.float(), w2.float())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.float())
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+    errors = {"out": rel(out, ref), "dx": rel(xa.grad, xb.grad),
+              "dw1": rel(ffn.w1.weight.grad, w1.grad), "dw2": rel(ffn.w2.weight.grad, w2.grad)}
+    ffn.zero_grad(set_to_none=True)
+    return {"relative_errors": errors, "tolerance": tol, "ok": all(e < tol for e in errors.values())}
+
+
+def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(1, tokens, dim, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    modes = {
+        "swiglu dense": (SwiGLU(dim, hidden), dict(passes=[])),
+        "relu2 dense": (SquaredReLU(dim, hidden * 3 // 2), dict(passes=[])),
+        "relu2 sparse24": (SquaredReLU(dim, hidden * 3 // 2), dict(passes=["sparse24"])),
+    }
+    row = {"tokens": tokens, "dim": dim, "hidden_swiglu": hidden, "dtype": str(dtype)}
+    for label, (module, kwargs) in modes.items():
+        module = module.to(device=device, dtype=dtype)
+        for p in module.parameters():
+            nn.init.normal_(p, std=dim ** -0.5)
+        torch._dynamo.reset()
+        compiled = fvcompile.optimize(module, dynamic=False, **kwargs)
+        xg = x.clone().requires_grad_()
+
+        def forward():
+            with torch.no_grad():
+                compiled(x)
+
+        def forward_backward():
+            module.zero_grad(set_to_none=True)
+            compiled(xg).backward(grad)
+
+        row[f"{label} fwd ms"] = time_ms(forward, device)
+        row[f"{label} fwd+bwd ms"] = time_ms(forward_backward, device)
+        if "sparse24" in label:
+            row["sparse24 report"] = compiled.fvcompile_report.summary()
+            row["sparse24 notes"] = sorted({n for r in compiled.fvcompile_report.pass_runs() for n in r.result.notes})
+            # The same compiled graphs (same shapes: no recompile) against the reference.
+            row["sparse24 check"] = check_against_reference(module, compiled, x, dtype)
+    for phase in ("fwd", "fwd+bwd"):
+        row[f"speedup {phase} vs relu2 dense"] = row[f"relu2 dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
+        row[f"speedup {phase} vs swiglu dense"] = row[f"swiglu dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
+    return row
+
+
+def bench_pack(tokens: int, hidden: int, dtype, device: torch.device) -> dict:
+    """Our fused relu²+2:4+pack kernel vs PyTorch's 2:4 tile (given relu(h)² precomputed)."""
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    a = torch.relu(h).square()
+    row = {"tokens": tokens, "hidden": hidden, "dtype": str(dtype),
+           "fvcompile relu2_sparse24_pack ms": time_ms(lambda: k24.relu2_sparse24_pack(h), device)}
+    if device.type == "cuda":
+        try:
+            row["torch _sparse_semi_structured_tile ms"] = time_ms(
+                lambda: torch._sparse_semi_structured_tile(a), device)
+        except Exception as e:  # not built for every arch / release
+            row["torch _sparse_semi_structured_tile ms"] = f"unavailable: {type(e).__name__}: {e}"[:200]
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts")
+    parser.add_argument("--out", default=None, help="directory for the JSON results")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        dtype, dim, hidden = torch.bfloat16, 4096, 14336
+        tokens = [int(t) for t in (args.tokens or "4096,8192,16384").split(",")]
+        name = torch.cuda.get_device_name(device)
+        cores = k24.sparse_tensor_cores_available(device)
+    else:
+        dtype, dim, hidden = torch.float32, 256, 512
+        tokens = [int(t) for t in (args.tokens or "1024").split(",")]
+        name, cores = "cpu", False
+    print(f"device: {name}; 2:4 sparse tensor cores: {cores}; torch {torch.__version__}")
+    if not cores:
+        print("no 2:4 sparse tensor cores: sparse24 runs emulated (masked dense), so this measures "
+              "correctness and the emulation's cost; speed needs an sm80+ GPU")
+    rows = [bench_ffn(t, dim, hidden, dtype, device) for t in tokens]
+    pack_rows = [bench_pack(t, hidden * 3 // 2, torch.float16 if device.type == "cpu" else dtype, device)
+                 for t in tokens[:1]] if device.type == "cuda" else []
+    for r in rows:
+        print(f"\ntokens {r['tokens']}, {r['dim']} -> {r['hidden_swiglu']} (SwiGLU) / "
+              f"{r['hidden_swiglu'] * 3 // 2} (relu²), {r['dtype']}")
+        for label in ("swiglu dense", "relu2 dense", "relu2 sparse24"):
+            print(f"  {label:15s} fwd {r[f'{label} fwd ms']:8.3f} ms   fwd+bwd {r[f'{label} fwd+bwd ms']:8.3f} ms")
+        print(f"  sparse24 vs relu2 dense: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
+              f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x (paper: 1.3x fwd+bwd)")
+        print(f"  check vs reference: {r['sparse24 check']}")
+        print(f"  report: {r['sparse24 report']}; {r['sparse24 notes']}")
+    for r in pack_rows:
+        print(f"\npack {r}")
+    result = {"device": name, "sparse_tensor_cores": cores, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "ffn": rows, "pack": pack_rows}
+    if args.out:
+        out = Path(args.out) / f"sparse24_{'gpu' if device.type == 'cuda' else 'cpu'}_{time.strftime('%Y-%m-%d')}.json"
+        out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
