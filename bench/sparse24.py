@@ -99,6 +99,8 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device) -
 
         row[f"{label} fwd ms"] = time_ms(forward, device)
         row[f"{label} fwd+bwd ms"] = time_ms(forward_backward, device)
+        if device.type == "cuda" and label != "swiglu dense":
+            row[f"{label} profile"] = profile_table(forward_backward)
         if "sparse24" in label:
             row["sparse24 report"] = compiled.fvcompile_report.summary()
             row["sparse24 notes"] = sorted({n for r in compiled.fvcompile_report.pass_runs() for n in r.result.notes})
@@ -108,6 +110,18 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device) -
         row[f"speedup {phase} vs relu2 dense"] = row[f"relu2 dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
         row[f"speedup {phase} vs swiglu dense"] = row[f"swiglu dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
     return row
+
+
+def profile_table(fn, rows: int = 12) -> str:
+    """Where the time goes: the top CUDA kernels of a few calls of fn (for the next optimization)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
 
 
 def bench_pack(tokens: int, hidden: int, dtype, device: torch.device) -> dict:
@@ -158,6 +172,9 @@ def main(argv=None) -> dict:
               f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x (paper: 1.3x fwd+bwd)")
         print(f"  check vs reference: {r['sparse24 check']}")
         print(f"  report: {r['sparse24 report']}; {r['sparse24 notes']}")
+        for label in ("relu2 dense", "relu2 sparse24"):
+            if f"{label} profile" in r:
+                print(f"  profile of {label} fwd+bwd (3 calls):\n{r[f'{label} profile']}")
     for r in pack_rows:
         print(f"\npack {r}")
     result = {"device": name, "sparse_tensor_cores": cores, "torch": torch.__version__,
