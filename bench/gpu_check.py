@@ -95,24 +95,10 @@ def kernels_sparse24():
 
 @check("fvcompile.optimize on llama-tiny (CUDA, Inductor/Triton) matches eager fwd+bwd")
 def llama_parity():
-    import fvcompile
-    from fvcompile.models import get
+    from fvcompile.testing import assert_train_step_parity
 
-    spec = get("llama-tiny")
-    torch.manual_seed(0)
-    model = spec.build().to(DEVICE)
-    batch = spec.train_batch(model, 2)
-    optimized = fvcompile.optimize(model, fullgraph=True)
-    loss_c = spec.train_step(optimized, batch)
-    loss_c.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    loss_e = spec.train_step(model, batch)
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-3, msg=n)
-    return f"loss {loss_c.item():.5f} vs eager {loss_e.item():.5f}"
+    compiled, eager = assert_train_step_parity("llama-tiny", DEVICE, atol=1e-4, rtol=1e-4, fullgraph=True)
+    return f"loss {compiled:.5f} vs eager {eager:.5f}"
 
 
 @check("sparse24 pass on llama-tiny-relu2 (CUDA bf16): rewritten, finite, trains")

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache
 
 import fvcompile
-from fvcompile.models import get
+from fvcompile.testing import assert_train_step_parity
 
 pytestmark = pytest.mark.inductor
 
@@ -90,17 +90,4 @@ def test_torch_compile_finds_the_backend_in_a_fresh_process():
 
 
 def test_llama_inductor_parity_forward_backward():
-    spec = get("llama-tiny")
-    torch.manual_seed(0)
-    model = spec.build()
-    batch = spec.train_batch(model, 2)
-    optimized = fvcompile.optimize(model, fullgraph=True)
-    loss_c = spec.train_step(optimized, batch)
-    loss_c.backward()
-    grads_c = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    loss_e = spec.train_step(model, batch)
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads_c[name], p.grad, atol=1e-4, rtol=1e-3, msg=name)
+    assert_train_step_parity("llama-tiny", atol=1e-4, rtol=1e-4, fullgraph=True)

@@ -5,24 +5,12 @@ from toy_passes import BreakNumericsPass, Mlp, ReluToClampPass, TwoMlps
 
 import fvcompile
 from fvcompile.models import get
+from fvcompile.testing import assert_train_step_parity
 from fvcompile.verify import VerificationError
 
 
 def test_llama_parity_forward_backward():
-    spec = get("llama-tiny")
-    torch.manual_seed(0)
-    model = spec.build()
-    optimized = fvcompile.optimize(model, codegen=False, fullgraph=True)
-    batch = spec.train_batch(model, 2)
-    loss_c = spec.train_step(optimized, batch)
-    loss_c.backward()
-    grads_c = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    loss_e = spec.train_step(model, batch)
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads_c[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_train_step_parity("llama-tiny", codegen=False, fullgraph=True)
 
 
 def test_state_dict_keys_are_the_models_own_and_model_stays_eager():
