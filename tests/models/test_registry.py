@@ -1,4 +1,6 @@
 """Every registry entry: parameter counts on meta, and fvcompile parity on the tiny configs."""
+import json
+
 import pytest
 import torch
 
@@ -32,16 +34,19 @@ def _forward_parity(spec, **optimize_kwargs):
 
 
 @pytest.mark.parametrize("spec", TINY, ids=lambda s: s.name)
-def test_tiny_codegen_false_matches_eager_and_trains(spec):
+def test_tiny_codegen_false_matches_eager_and_trains(spec, tmp_path):
     torch._dynamo.reset()
     _forward_parity(spec, codegen=False)
     torch.manual_seed(0)
     model = spec.build()
-    optimized = fvcompile.optimize(model, codegen=False)
+    # The training step as `fvcompile inspect` runs it: with a dump of every graph.
+    optimized = fvcompile.optimize(model, codegen=False, dump_dir=tmp_path)
     loss = spec.train_step(optimized, spec.train_batch(model, 2))
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None for p in model.parameters())
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert any(f.endswith("dynamo.py") for files in index["graphs"].values() for f in files)
 
 
 @pytest.mark.inductor
