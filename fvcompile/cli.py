@@ -7,12 +7,18 @@ import sys
 from pathlib import Path
 
 
+def _console():
+    from rich.console import Console
+
+    # Wide tables stay readable when the output goes to a log instead of a terminal.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def _passes_arg(text: str):
     return "auto" if text == "auto" else [p for p in text.split(",") if p]
 
 
 def cmd_models(args) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from fvcompile.models import all_specs, count_parameters
@@ -24,18 +30,17 @@ def cmd_models(args) -> None:
         n = count_parameters(spec)
         ref = "-" if spec.params is None else ("exact" if spec.params == n else f"expected {spec.params:,}")
         table.add_row(spec.name, spec.family, f"{n:,}", ref, spec.paper)
-    Console().print(table)
+    _console().print(table)
 
 
 def cmd_bench(args) -> None:
     import torch
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from fvcompile.bench import bench_model, device_description, results_table, to_json, validate_passes
 
     validate_passes(args.passes)
-    console = Console()
+    console = _console()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     desc = device_description(device)
@@ -57,7 +62,6 @@ def cmd_bench(args) -> None:
 
 def cmd_inspect(args) -> None:
     import torch
-    from rich.console import Console
 
     import fvcompile
     from fvcompile.models import get
@@ -66,13 +70,13 @@ def cmd_inspect(args) -> None:
     torch.manual_seed(0)
     model = spec.build()
     optimized = fvcompile.optimize(model, passes=args.passes, dump_dir=args.out, codegen=not args.no_codegen)
-    with Console().status(f"compiling {args.model} ({args.task}); Inductor takes tens of seconds"):
+    console = _console()
+    with console.status(f"compiling {args.model} ({args.task}); Inductor takes tens of seconds"):
         if args.task == "train":
             spec.train_step(optimized, spec.train_batch(model, args.batch_size)).backward()
         else:
             with torch.no_grad():
                 optimized(*spec.example_inputs(model, args.batch_size))
-    console = Console()
     console.print(optimized.fvcompile_report.table())
     index = json.loads((Path(args.out) / "index.json").read_text())
     for graph, files in index["graphs"].items():
