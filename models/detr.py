@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvcompile.models.resnet import ResNet
+from .resnet import ResNet
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvcompile.models.dino_losses import self_distillation_losses
+from .dino_losses import self_distillation_losses
 
 
 @dataclass

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvcompile.models.dino_losses import gram_loss, self_distillation_losses
-from fvcompile.models.dinov2 import LayerScale, Mlp, swiglu_hidden
+from .dino_losses import gram_loss, self_distillation_losses
+from .dinov2 import LayerScale, Mlp, swiglu_hidden
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvcompile.models.htdemucs_transformer import CrossDomainTransformer, LayerScale
+from .htdemucs_transformer import CrossDomainTransformer, LayerScale
 
 
 @dataclass

@@ -54,3 +54,21 @@ def test_tiny_codegen_false_matches_eager_and_trains(spec, tmp_path):
 def test_inductor_forward_parity_one_per_family(spec):
     torch._dynamo.reset()
     _forward_parity(spec)
+
+
+def test_model_files_are_plain_modules():
+    """DESIGN.md: model files import no fvcompile (only the registry glue does)."""
+    import ast
+    from pathlib import Path
+
+    import fvcompile.models
+
+    glue = {"__init__.py", "registry.py", "families.py", "gguf_loader.py"}
+    for path in Path(fvcompile.models.__file__).parent.glob("*.py"):
+        if path.name in glue or path.name.endswith("_specs.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("fvcompile"), f"{path.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("fvcompile") for a in node.names), path.name
