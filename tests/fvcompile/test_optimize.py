@@ -162,3 +162,15 @@ def test_llama_compiles_fullgraph_training_and_inference():
     compiled(tokens).sum().backward()
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens), model(tokens))
+
+
+def test_torch_compile_backend_takes_mode_and_options():
+    fvcompile.reset()
+    p = ReluToClampPass()
+    compiled = torch.compile(Mlp(), backend="fvcompile", mode="max-autotune-no-cudagraphs",
+                             options={"codegen": False, "passes": [p]})
+    compiled(torch.randn(2, 16))
+    assert p.seen_kinds == ["joint"]
+    assert fvcompile.last_report().rewritten("relu_to_clamp") == 1
+    fvcompile.reset()
+    assert fvcompile.last_report().graphs == []
