@@ -164,13 +164,33 @@ def test_llama_compiles_fullgraph_training_and_inference():
         torch.testing.assert_close(compiled(tokens), model(tokens))
 
 
-def test_torch_compile_backend_takes_mode_and_options():
+def test_torch_compile_backend_takes_options():
     fvcompile.reset()
     p = ReluToClampPass()
-    compiled = torch.compile(Mlp(), backend="fvcompile", mode="max-autotune-no-cudagraphs",
-                             options={"codegen": False, "passes": [p]})
+    compiled = torch.compile(Mlp(), backend="fvcompile", options={"codegen": False, "passes": [p]})
     compiled(torch.randn(2, 16))
     assert p.seen_kinds == ["joint"]
     assert fvcompile.last_report().rewritten("relu_to_clamp") == 1
     fvcompile.reset()
     assert fvcompile.last_report().graphs == []
+
+
+def test_mode_reaches_inductor_config(monkeypatch):
+    """torch.compile allows mode= or options=, not both; optimize() takes both."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.update(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    fn = torch.compile(lambda x: x + 1, backend="fvcompile", mode="max-autotune-no-cudagraphs")
+    fn(torch.ones(2))
+    assert seen.get("max_autotune") is True
+    seen.clear()
+    torch._dynamo.reset()
+    fvcompile.optimize(lambda x: x * 2, mode="max-autotune-no-cudagraphs",
+                       options={"epilogue_fusion": False})(torch.ones(2))
+    assert seen.get("max_autotune") is True and seen.get("epilogue_fusion") is False
