@@ -160,6 +160,15 @@ def main() -> None:
             traceback.print_exc()
             bench["sparse24"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         save(bench)
+        if DEVICE == "cuda":
+            import sparse24_parts
+
+            try:
+                bench["sparse24_parts"] = sparse24_parts.main(["--tokens", args.tokens.split(",")[0]])
+            except Exception as e:
+                traceback.print_exc()
+                bench["sparse24_parts"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            save(bench)
     llama_parity()  # last: the speed numbers matter more if the time runs out
     print(CHECKS[-1], flush=True)
 
