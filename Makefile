@@ -1,4 +1,5 @@
 # Two commands do all the set-up: `make test` and `make bench`.
+# (tests/conftest.py turns on the Triton interpreter on machines without a GPU.)
 # GPU users: `make bench TORCH_SPEC=` keeps the torch already in the venv / system.
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/fvcompile bench $(BENCH_ARGS)
