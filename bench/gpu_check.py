@@ -181,7 +181,8 @@ def main() -> None:
     for r in bench.get("sparse24", {}).get("ffn", []):
         print(f"sparse24 FFN {r['tokens']} tokens: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
               f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x vs relu2 dense; "
-              f"fwd+bwd {r['speedup fwd+bwd vs swiglu dense']:.2f}x vs SwiGLU dense")
+              f"fwd+bwd {r['speedup fwd+bwd vs swiglu dense']:.2f}x vs SwiGLU dense; "
+              f"with sparse dW2 {r['speedup fwd+bwd of sparse24+dW2 vs relu2 dense']:.2f}x vs relu2 dense")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
   the CUTLASS format that `torch._sparse_semi_structured_mm(values, meta, dense)` consumes.
 - `sparse24_pack(x) -> (values, meta)`: the same for any tensor (2 of 4 by magnitude); used for a
   tensor that already is 2:4 (the backward's dH), where it is exact.
-- `sparse24_mm(a, b)`: mask24(a) @ b for `a` (M, K) that is 2:4 along K. On a GPU with 2:4 sparse
-  tensor cores it packs `a` and runs the sparse matmul; elsewhere it runs the emulated path: a
-  dense matmul of the masked tensor (same numbers up to accumulation order).
+- `sparse24_mm(a, b)`: mask24(a) @ b, the 2 largest magnitudes of every 4 of `a` (M, K) along K
+  kept. On a GPU with 2:4 sparse tensor cores it selects, packs and runs the sparse matmul;
+  elsewhere it runs the emulated path: a dense matmul of the masked tensor (same numbers up to
+  accumulation order). For an `a` that already is 2:4 the selection changes nothing.
 
 Packed format (CUTLASS, fp16/bf16): `values` is (M_pad, K/2), the two kept values of each group
 in index order; `meta` is (M_pad, K/16) int16, one 4-bit code per group (2 bits per kept index,
@@ -60,7 +61,15 @@ PACK_DTYPES = (torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------
 
 def mask24(scores: Tensor) -> Tensor:
-    """Boolean mask keeping the 2 largest scores of every 4 along the last dim (ties: lower index)."""
+    """Boolean mask keeping the 2 largest scores of every 4 along the last dim (ties: lower index).
+
+    A last dim that is not a multiple of 4 (a token count, for the weight gradient's selection
+    along tokens) ends in a short group, padded with scores that never win.
+    """
+    k = scores.shape[-1]
+    if k % 4:
+        padded = torch.nn.functional.pad(scores, (0, -k % 4), value=-torch.inf)
+        return mask24(padded)[..., :k]
     s = scores.unflatten(-1, (-1, 4))
     s_i, s_j = s.unsqueeze(-1), s.unsqueeze(-2)  # compare every i (dim -2) with every j (dim -1)
     idx = torch.arange(4, device=s.device)
@@ -130,18 +139,26 @@ if triton is not None:
 
     @triton.jit
     def _sparse24_relu_kernel(h_ptr, out_ptr, M, K, stride_h, stride_out,
-                              BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+                              RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+        # RELU: keep the 2 largest of relu(h); else keep the 2 largest magnitudes of h.
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = (rows[:, None] < M) & (groups[None, :] < K // 4)
         h = h_ptr + rows[:, None] * stride_h + groups[None, :] * 4
         out = out_ptr + rows[:, None] * stride_out + groups[None, :] * 4
         # Compare in fp32: exact for every input dtype (and the interpreter has no bf16 arithmetic).
-        r0 = tl.maximum(tl.load(h + 0, mask=mask, other=0.0).to(tl.float32), 0.0)
-        r1 = tl.maximum(tl.load(h + 1, mask=mask, other=0.0).to(tl.float32), 0.0)
-        r2 = tl.maximum(tl.load(h + 2, mask=mask, other=0.0).to(tl.float32), 0.0)
-        r3 = tl.maximum(tl.load(h + 3, mask=mask, other=0.0).to(tl.float32), 0.0)
-        k0, k1, k2, k3 = _keep_top2(r0, r1, r2, r3)
+        r0 = tl.load(h + 0, mask=mask, other=0.0).to(tl.float32)
+        r1 = tl.load(h + 1, mask=mask, other=0.0).to(tl.float32)
+        r2 = tl.load(h + 2, mask=mask, other=0.0).to(tl.float32)
+        r3 = tl.load(h + 3, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            r0 = tl.maximum(r0, 0.0)
+            r1 = tl.maximum(r1, 0.0)
+            r2 = tl.maximum(r2, 0.0)
+            r3 = tl.maximum(r3, 0.0)
+            k0, k1, k2, k3 = _keep_top2(r0, r1, r2, r3)
+        else:
+            k0, k1, k2, k3 = _keep_top2(tl.abs(r0), tl.abs(r1), tl.abs(r2), tl.abs(r3))
         out_ty = out_ptr.dtype.element_ty
         tl.store(out + 0, tl.where(k0, r0, 0.0).to(out_ty), mask=mask)
         tl.store(out + 1, tl.where(k1, r1, 0.0).to(out_ty), mask=mask)
@@ -229,8 +246,7 @@ def _need_triton() -> None:
         raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
 
 
-def sparse24_relu_triton(h: Tensor, block_m: int = 32, block_g: int = 32) -> Tensor:
-    """Launch the selection kernel (CUDA tensors, or CPU tensors in the Triton interpreter)."""
+def _select_triton(h: Tensor, relu: bool, block_m: int, block_g: int) -> Tensor:
     _need_triton()
     if h.shape[-1] % 4:
         raise ValueError(f"2:4 selection needs the last dim to be a multiple of 4, got {h.shape[-1]}")
@@ -238,8 +254,19 @@ def sparse24_relu_triton(h: Tensor, block_m: int = 32, block_g: int = 32) -> Ten
     out = torch.empty(x.shape, dtype=h.dtype, device=h.device)
     m, k = x.shape
     grid = (triton.cdiv(m, block_m), triton.cdiv(k // 4, block_g))
-    _sparse24_relu_kernel[grid](x, out, m, k, x.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_G=block_g)
+    _sparse24_relu_kernel[grid](x, out, m, k, x.stride(0), out.stride(0), RELU=relu,
+                                BLOCK_M=block_m, BLOCK_G=block_g)
     return out.view(h.shape)
+
+
+def sparse24_relu_triton(h: Tensor, block_m: int = 32, block_g: int = 32) -> Tensor:
+    """relu(h) with 2 of every 4 kept (CUDA tensors, or CPU tensors in the Triton interpreter)."""
+    return _select_triton(h, True, block_m, block_g)
+
+
+def sparse24_select_triton(x: Tensor, block_m: int = 32, block_g: int = 32) -> Tensor:
+    """x with the 2 largest magnitudes of every 4 kept: the kernel of `sparse24_mask_reference`."""
+    return _select_triton(x, False, block_m, block_g)
 
 
 def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 32, block_c: int = 8) -> tuple[Tensor, Tensor]:
@@ -329,9 +356,12 @@ def _cutlass_mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _cusparselt_mm(a: Tensor, b: Tensor) -> Tensor:
-    # cuSPARSELt has its own (opaque) compressed format; `a` must already be 2:4 (the op's contract).
+    # cuSPARSELt has its own (opaque) compressed format and keeps whatever 2 of 4 it finds, so
+    # select first: the op computes mask24(a) @ b for any `a` (e.g. the token-wise selection of
+    # the weight gradient), and for an `a` that already is 2:4 the selection changes nothing.
     m = a.shape[0]
     extra = (-m) % 16
+    a = sparse24_select_triton(a)
     a = torch.nn.functional.pad(a, (0, 0, 0, extra)) if extra else a
     out = torch._cslt_sparse_mm(torch._cslt_compress(a.contiguous()), _pad_cols(b, 8))
     return out[:m, : b.shape[1]].contiguous()

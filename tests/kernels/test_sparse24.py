@@ -50,6 +50,16 @@ def test_relu_kernel_equals_reference(shape, dtype):
     assert torch.equal(s24.sparse24_relu_triton(h), s24.sparse24_relu_reference(h))
 
 
+@pytest.mark.parametrize("shape", RELU_SHAPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_magnitude_select_kernel_equals_reference(shape, dtype):
+    x = randn(*shape, dtype=dtype)
+    assert torch.equal(s24.sparse24_select_triton(x), s24.sparse24_mask_reference(x))
+    # A transposed (non-contiguous) input: the selection runs along its last dim all the same.
+    xt = randn(shape[-1], 8, dtype=dtype).t()
+    assert torch.equal(s24.sparse24_select_triton(xt), s24.sparse24_mask_reference(xt))
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_relu_kernel_keeps_the_two_largest(dtype):
     h = randn(3, 5, 64, dtype=dtype)  # 3-D tokens

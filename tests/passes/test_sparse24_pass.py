@@ -117,6 +117,55 @@ def test_sparse_matmul_rewrite_forward_and_dx(form):
     assert "1 forward matmul(s) -> sparse24_mm" in site.detail and "dX matmul -> sparse24_mm" in site.detail
 
 
+class TokenSparseLinear(torch.autograd.Function):
+    """y = a @ wᵀ whose weight gradient keeps only the 2 largest of every 4 tokens of a."""
+
+    @staticmethod
+    def forward(ctx, a, w):
+        ctx.save_for_backward(a, w)
+        return a @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        return grad @ w, (k24.sparse24_mask_reference(a.t()) @ grad).t()
+
+
+def reference_token_sparse_weight_grad(model: SquaredReluFFN, x):
+    a = masked_relu(model.w1(x)).pow(2)
+    a2d = a.reshape(-1, a.shape[-1])
+    y = TokenSparseLinear.apply(a2d, model.w2.weight)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("tokens", [20, 18])  # 18: the last group of 4 tokens is short
+@pytest.mark.parametrize("sparse_mm", [None, True])
+def test_sparse_weight_grad_selects_along_tokens(tokens, sparse_mm):
+    torch.manual_seed(2)
+    model = SquaredReluFFN()
+    x, grad_out = torch.randn(2, tokens // 2, 32), torch.randn(2, tokens // 2, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_weight_grad=True, sparse_mm=sparse_mm)],
+                                   codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    expected = run_step(lambda t: reference_token_sparse_weight_grad(model, t), model, x, grad_out)
+    exact = run_step(lambda t: reference(model, t), model, x, grad_out)
+    assert_step_close(got, expected)
+    # Only dW2 is approximated: the output and the other gradients stay exact.
+    assert not torch.allclose(got[1]["w2.weight"], exact[1]["w2.weight"], atol=1e-4)
+    for name in ("x", "w1.weight"):
+        torch.testing.assert_close(got[1][name], exact[1][name], atol=1e-5, rtol=1e-4)
+    (site,) = sites(optimized)
+    assert "dW2 matmul -> sparse24_mm (2:4 along tokens)" in site.detail
+
+
+def test_sparse_weight_grad_leaves_inference_alone():
+    model = SquaredReluFFN()
+    x = torch.randn(12, 32)
+    with torch.no_grad():
+        out = fvcompile.optimize(model, passes=[Sparse24(sparse_weight_grad=True)], codegen=False)(x)
+        torch.testing.assert_close(out, reference(model, x))
+
+
 def test_low_precision_with_casts():
     torch.manual_seed(2)
     model = SquaredReluFFN(form="cast").to(torch.bfloat16)
