@@ -99,8 +99,7 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
     user_passes = {key: options.pop(key, getattr(inductor_config, key))
                    for key in HOOK_CONFIG_KEYS.values()}
     scope = PassScope(tuple(own.get("include", ())), tuple(own.get("exclude", ())))
-    patches = hook_patches(passes, graph_report, scope, user_passes,
-                           on_graph=dumper.write_pass_graph if dumper else None)
+    patches = hook_patches(passes, graph_report, scope, user_passes, dumper)
 
     if not codegen:
         hooks = {key: patches.get(key) or user_passes[key] for key in HOOK_CONFIG_KEYS.values()}

@@ -4,7 +4,9 @@ Layout of a dump directory:
     index.json                      every file written, per compiled graph
     report.json                     the OptimizeReport
     graph_<id>/00_dynamo.py         the graph Dynamo captured
-    graph_<id>/NN_<kind>_<pass>_before.py / _after.py / .diff
+    graph_<id>/NN_<kind>_at_<hook>_hook.py  the graph as it reaches a hook (kind: joint, inference,
+                                    forward, backward; hook: joint or post_grad)
+    graph_<id>/NN_<kind>_<pass>_after.py / .diff   after each pass, and what it changed
     graph_<id>/NN_output_code_<kind>.py   Inductor's generated code
 """
 from __future__ import annotations
@@ -45,16 +47,17 @@ class Dumper:
     def write_dynamo_graph(self, gm: fx.GraphModule) -> None:
         self._write("dynamo.py", readable(gm))
 
-    def write_pass_graph(self, stage: str, kind: str, pass_name: str, gm: fx.GraphModule) -> None:
+    def write_hook_graph(self, hook: str, kind: str, gm: fx.GraphModule) -> None:
+        self._before = readable(gm)
+        self._write(f"{kind}_at_{hook}_hook.py", self._before)
+
+    def write_pass_graph(self, kind: str, pass_name: str, gm: fx.GraphModule) -> None:
         text = readable(gm)
-        if stage == "before":
-            self._before = text
-            self._write(f"{kind}_{pass_name}_before.py", text)
-            return
         self._write(f"{kind}_{pass_name}_after.py", text)
         diff = difflib.unified_diff(self._before.splitlines(keepends=True), text.splitlines(keepends=True),
                                     fromfile=f"{kind} before {pass_name}", tofile=f"{kind} after {pass_name}")
         self._write(f"{kind}_{pass_name}.diff", "".join(diff) or "(no change)\n")
+        self._before = text
 
     def wrap_inner_compile(self, inner_compile):
         """Wrap Inductor's inner compile to save the code it generates for each graph."""

@@ -65,24 +65,23 @@ class HookPass(CustomGraphPass):
         report: GraphReport,
         scope: PassScope,
         user_pass: Callable | None = None,
-        on_graph: Callable[[str, str, str, fx.GraphModule], None] | None = None,
+        dumper=None,
     ):
         self.hook = hook
         self.passes = passes
         self.report = report
         self.scope = scope
         self.user_pass = user_pass
-        # on_graph(stage, kind, pass_name, gm): called before and after each pass (dumps)
-        self.on_graph = on_graph
+        self.dumper = dumper  # fvcompile.dump.Dumper: the graph at the hook and after each pass
 
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
         kind = graph_kind(self.hook, graph)
         ctx = PassContext(graph_kind=kind, device=graph_device(graph),
                           include=self.scope.include, exclude=self.scope.exclude)
+        if self.dumper:
+            self.dumper.write_hook_graph(self.hook, kind, gm)
         for p in self.passes:
-            if self.on_graph:
-                self.on_graph("before", kind, p.name, gm)
             start = time.perf_counter()
             try:
                 result = p.run(gm, ctx)
@@ -92,8 +91,8 @@ class HookPass(CustomGraphPass):
             gm.recompile()
             self.report.pass_runs.append(
                 PassRun(p.name, self.hook, kind, time.perf_counter() - start, result))
-            if self.on_graph:
-                self.on_graph("after", kind, p.name, gm)
+            if self.dumper:
+                self.dumper.write_pass_graph(kind, p.name, gm)
         if self.user_pass is not None:
             self.user_pass(graph)
 
@@ -114,12 +113,13 @@ def hook_patches(
     report: GraphReport,
     scope: PassScope,
     user_passes: dict[str, Callable | None],
-    on_graph=None,
+    dumper=None,
 ) -> dict[str, HookPass]:
-    """Inductor config patches installing one HookPass per hook that has work to do."""
+    """Inductor config patches installing one HookPass per hook that has work to do (a dump
+    counts: it shows every hook's graph). A hook with only the user's pass is left as it was."""
     patches = {}
     for hook, key in HOOK_CONFIG_KEYS.items():
         own = [p for p in passes if p.hook == hook]
-        if own:  # a hook with only the user's pass is left exactly as the user set it
-            patches[key] = HookPass(hook, own, report, scope, user_passes.get(key), on_graph)
+        if own or dumper:
+            patches[key] = HookPass(hook, own, report, scope, user_passes.get(key), dumper)
     return patches

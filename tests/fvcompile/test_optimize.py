@@ -148,6 +148,8 @@ def test_dump_dir_writes_graphs_diffs_and_index(tmp_path):
     index = json.loads((tmp_path / "index.json").read_text())
     files = [f for fs in index["graphs"].values() for f in fs]
     assert any(f.endswith("dynamo.py") for f in files)
+    for kind, hook in (("joint", "joint"), ("forward", "post_grad"), ("backward", "post_grad")):
+        assert any(f.endswith(f"{kind}_at_{hook}_hook.py") for f in files), (kind, files)
     diff = next(f for f in files if f.endswith("joint_relu_to_clamp.diff"))
     text = (tmp_path / diff).read_text()
     assert "-" in text and "clamp_min" in text
