@@ -14,25 +14,28 @@ from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.decomposition import select_decomp_table
 
+from fvcompile.pass_manager import run_installed_passes
 
-def _run(hook: Callable | None, gm: fx.GraphModule) -> None:
-    if hook is not None:
-        hook(gm.graph)
+
+def _run(installed: Callable | list | None, gm: fx.GraphModule, hook: str, kind: str) -> None:
+    # `installed` is a HookPass, or the user's own pass(es) at a hook where fvcompile has none.
+    if installed is not None:
+        run_installed_passes(installed, gm.graph, hook, kind)
         gm.recompile()
 
 
 def compile_without_codegen(gm: fx.GraphModule, example_inputs, joint_hook=None, post_grad_hook=None):
     def partition(joint: fx.GraphModule, joint_inputs, **kwargs):
-        _run(joint_hook, joint)
+        _run(joint_hook, joint, "joint", "joint")
         return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
     def train_compiler(graph: fx.GraphModule, _inputs):
-        _run(post_grad_hook, graph)
+        _run(post_grad_hook, graph, "post_grad", "training")
         return make_boxed_func(graph.forward)
 
     def inference_compiler(graph: fx.GraphModule, _inputs):
-        _run(joint_hook, graph)
-        _run(post_grad_hook, graph)
+        _run(joint_hook, graph, "joint", "inference")
+        _run(post_grad_hook, graph, "post_grad", "inference")
         return make_boxed_func(graph.forward)
 
     return aot_module_simplified(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fvcompile.backend import fvcompile_backend
+from fvcompile.pass_manager import check_hooks
 from fvcompile.passes import resolve_passes
 from fvcompile.report import OptimizeReport
 from fvcompile.verify import verify_first_call
@@ -20,8 +21,8 @@ def optimize(
     dump_dir: str | None = None,
     verify: bool = False,
     codegen: bool = True,
-    include: tuple[str, ...] | list[str] = (),
-    exclude: tuple[str, ...] | list[str] = (),
+    include: str | tuple[str, ...] | list[str] = (),
+    exclude: str | tuple[str, ...] | list[str] = (),
     **compile_kwargs,
 ):
     """Compile `model` with TorchInductor and fvcompile's graph passes.
@@ -39,12 +40,11 @@ def optimize(
     """
     if not isinstance(model, nn.Module) and not callable(model):
         raise TypeError(f"fvcompile.optimize expects an nn.Module or a callable, got {type(model).__name__}")
-    resolve_passes(passes, torch.device("cpu"))  # fail now on unknown names, not at first call
+    check_hooks(resolve_passes(passes, torch.device("cpu")))  # fail now on bad passes, not at first call
 
     report = OptimizeReport()
     options = dict(compile_kwargs.pop("options", None) or {})
-    options.update(passes=passes, codegen=codegen, report=report,
-                   include=tuple(include), exclude=tuple(exclude))
+    options.update(passes=passes, codegen=codegen, report=report, include=include, exclude=exclude)
     if dump_dir is not None:
         options["dump_dir"] = str(dump_dir)
     if verify:
@@ -58,6 +58,7 @@ def optimize(
         # A shallow copy shares parameters, buffers and submodules with `model` but compiles
         # on its own, so state_dict keys stay the model's own and `model` itself stays eager.
         optimized = copy.copy(model)
+        _share_training_flag(optimized, model)
         optimized.compile(backend=backend, **compile_kwargs)
         if verify:
             optimized._compiled_call_impl = verify_first_call(model, optimized._compiled_call_impl)
@@ -69,3 +70,32 @@ def optimize(
         compiled = verify_first_call(model, compiled)
     compiled.fvcompile_report = report
     return compiled
+
+
+def _share_training_flag(optimized: nn.Module, model: nn.Module) -> None:
+    """Make `optimized.training` read and write `model.training`, as torch.compile's module does.
+
+    The shallow copy shares submodules, hence their flags, but the top module's own `training`
+    would be a second copy: `model.eval()` would leave `optimized` half in training mode (a
+    forward that tests `self.training` itself would take the training branch)."""
+    cls = type(model)
+
+    def get_training(self) -> bool:
+        return model.training
+
+    def set_training(self, mode: bool) -> None:
+        model.training = mode
+
+    def reduce_ex(self, protocol):
+        # Pickle and deep-copy as a plain module of the model's class (this class has no importable name).
+        return _new_instance, (cls,), {**self.__getstate__(), "training": self.training}
+
+    shared = type(cls.__name__, (cls,), {"training": property(get_training, set_training),
+                                         "__reduce_ex__": reduce_ex,
+                                         "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    optimized.__dict__.pop("training", None)
+    optimized.__class__ = shared
+
+
+def _new_instance(cls: type):
+    return cls.__new__(cls)

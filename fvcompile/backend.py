@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
 from fvcompile.aot_only import compile_without_codegen
-from fvcompile.pass_manager import HOOK_CONFIG_KEYS, PassScope, hook_patches
+from fvcompile.pass_manager import HOOK_CONFIG_KEYS, PassScope, check_hooks, hook_patches
 from fvcompile.passes import resolve_passes
 from fvcompile.report import GraphReport, OptimizeReport
 
@@ -57,20 +57,28 @@ def _compile_identity() -> tuple[str, str]:
     return str(compile_id) if compile_id is not None else "?", reason
 
 
+def _globs(value) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)  # include="layers.0" is one glob
+
+
 def _cache_hits() -> int:
     return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
-_graph_breaks_seen = Counter()
+# Dynamo's graph-break counter object and its counts at the previous call.
+_graph_breaks_seen: tuple[Counter | None, Counter] = (None, Counter())
 
 
 def _new_graph_breaks() -> Counter:
-    """Graph breaks Dynamo recorded since the previous call (its counters are process-wide)."""
-    now = Counter(counters["graph_break"])
-    new = now - _graph_breaks_seen
-    _graph_breaks_seen.clear()
-    _graph_breaks_seen.update(now)
-    return new
+    """Graph breaks Dynamo recorded since the previous call (its counters are process-wide).
+
+    `counters.clear()` replaces the counter object: the counts then start again from zero."""
+    global _graph_breaks_seen
+    live = counters["graph_break"]
+    seen_object, seen = _graph_breaks_seen
+    now = Counter(live)
+    _graph_breaks_seen = (live, now)
+    return now - seen if live is seen_object else now
 
 
 def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
@@ -80,6 +88,7 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
     report: OptimizeReport = own.get("report") or _torch_compile_report
     codegen = own.get("codegen", True)
     passes = resolve_passes(own.get("passes", "auto"), _inputs_device(example_inputs))
+    check_hooks(passes)
     report.passes = [p.name for p in passes]
 
     compile_id, recompile_reason = _compile_identity()
@@ -98,7 +107,7 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
     # The user's own passes at our hooks: from options= first, else Inductor's current config.
     user_passes = {key: options.pop(key, getattr(inductor_config, key))
                    for key in HOOK_CONFIG_KEYS.values()}
-    scope = PassScope(tuple(own.get("include", ())), tuple(own.get("exclude", ())))
+    scope = PassScope(_globs(own.get("include", ())), _globs(own.get("exclude", ())))
     patches = hook_patches(passes, graph_report, scope, user_passes, dumper)
 
     if not codegen:

@@ -79,6 +79,11 @@ def _timed(step, device, iters: int, warmup: int) -> tuple[float, list[float]]:
 def bench_model(name: str, task: str, modes=MODES, passes="auto", iters: int = 20, warmup: int = 3,
                 batch_size: int = 2, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 on_progress=None) -> list[Measurement]:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
     spec = get(name)
     dev = torch.device(device)
     results = []

@@ -69,6 +69,8 @@ def cmd_inspect(args) -> None:
     spec = get(args.model)
     torch.manual_seed(0)
     model = spec.build()
+    if args.task == "infer":
+        model.eval()  # the inference graph `bench` measures (dropout off, BatchNorm's running stats)
     optimized = fvcompile.optimize(model, passes=args.passes, dump_dir=args.out, codegen=not args.no_codegen)
     console = _console()
     with console.status(f"compiling {args.model} ({args.task}); Inductor takes tens of seconds"):
@@ -126,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one clear line unless --debug
         if args.debug:
             raise
-        print(f"fvcompile {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        # Dynamo wraps what failed while compiling in a many-line BackendCompilerFailed: show the cause.
+        cause = getattr(e, "inner_exception", None) or e
+        message = (str(cause).strip().splitlines() or [""])[0]
+        print(f"fvcompile {args.command}: error: {type(cause).__name__}: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -21,6 +21,11 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from fvcompile.passes.base import GraphPass, PassContext
 from fvcompile.report import GraphReport, PassRun
 
+try:  # a post-grad pass told whether the graph is an inference graph (not in every torch release)
+    from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
+except ImportError:
+    CustomInferenceAwareGraphPass = None
+
 HOOK_CONFIG_KEYS = {"joint": "joint_custom_pre_pass", "post_grad": "post_grad_custom_post_pass"}
 
 
@@ -30,6 +35,14 @@ class PassScope:
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+
+
+def check_hooks(passes: list[GraphPass]) -> None:
+    """A pass whose hook is misspelt would never run while the report lists it: refuse it."""
+    for p in passes:
+        if p.hook not in HOOK_CONFIG_KEYS:
+            raise ValueError(f"pass {p.name!r} has hook {p.hook!r}; a pass runs at one of: "
+                             f"{', '.join(repr(h) for h in HOOK_CONFIG_KEYS)}")
 
 
 def graph_kind(hook: str, graph: fx.Graph) -> str:
@@ -46,6 +59,30 @@ def graph_kind(hook: str, graph: fx.Graph) -> str:
     if has_tangents:
         return "backward"
     return "forward" if has_primals else "inference"
+
+
+def run_installed_passes(installed, graph: fx.Graph, hook: str, kind: str) -> None:
+    """Run what was installed at a hook as Inductor would: one pass or a list of passes, and an
+    inference-aware post-grad pass is told whether this is the inference graph."""
+    for p in installed if isinstance(installed, (list, tuple)) else [installed]:
+        if p is None:
+            continue
+        inference_aware = CustomInferenceAwareGraphPass and isinstance(p, CustomInferenceAwareGraphPass)
+        if hook == "post_grad" and inference_aware:
+            p(graph, is_inference=kind == "inference")
+        else:
+            p(graph)
+
+
+def installed_uuid(installed) -> Any:
+    """The cache key part of what was installed at a hook; None when a pass cannot be hashed."""
+    uuids = []
+    for p in installed if isinstance(installed, (list, tuple)) else [installed]:
+        uuid = p.uuid() if hasattr(p, "uuid") else None
+        if uuid is None:
+            return None
+        uuids.append(uuid)
+    return uuids
 
 
 def graph_device(graph: fx.Graph) -> torch.device:
@@ -93,13 +130,15 @@ class HookPass(CustomGraphPass):
                 PassRun(p.name, self.hook, kind, time.perf_counter() - start, result))
             if self.dumper:
                 self.dumper.write_pass_graph(kind, p.name, gm)
+        if self.dumper:
+            self.dumper.write_report()  # the backward graph comes after the backend returned
         if self.user_pass is not None:
-            self.user_pass(graph)
+            run_installed_passes(self.user_pass, graph, self.hook, kind)
 
     def uuid(self) -> Any:
         user_uuid = None
         if self.user_pass is not None:
-            user_uuid = self.user_pass.uuid() if hasattr(self.user_pass, "uuid") else None
+            user_uuid = installed_uuid(self.user_pass)
             if user_uuid is None:
                 return None  # the user's pass cannot be hashed: Inductor bypasses its cache
         h = hashlib.sha256()

@@ -20,7 +20,6 @@ class PassRun:
     graph_kind: str  # "joint", "inference", "forward", "backward"
     seconds: float
     result: PassResult
-    error: str = ""  # set when the pass raised: the graph was left as it was
 
 
 @dataclass
@@ -90,8 +89,6 @@ class OptimizeReport:
                 skipped = "; ".join(f"{s.node}: {s.detail}" for s in r.result.skipped[:3])
                 if len(r.result.skipped) > 3:
                     skipped += f"; ... ({len(r.result.skipped)} in all)"
-                if r.error:
-                    skipped = f"ERROR (graph left as it was): {r.error}"
                 table.add_row(label, r.hook, r.graph_kind, r.name, str(len(r.result.rewritten)),
                               skipped, f"{r.seconds * 1e3:.1f}")
         return table

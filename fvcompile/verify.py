@@ -4,7 +4,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 # (atol, rtol) per dtype: compiled code reorders reductions and fuses, so bits differ.
 TOLERANCES = {
@@ -12,6 +13,8 @@ TOLERANCES = {
     torch.float64: (1e-8, 1e-7),
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (5e-2, 5e-2),
+    torch.complex64: (1e-4, 1e-4),
+    torch.complex128: (1e-8, 1e-7),
 }
 
 
@@ -29,15 +32,20 @@ def compare(eager_out, compiled_out) -> None:
             continue
         if e.shape != c.shape:
             raise VerificationError(f"output {i}: shape {tuple(c.shape)} compiled vs {tuple(e.shape)} eager")
-        if not e.is_floating_point():
+        if e.dtype != c.dtype:
+            raise VerificationError(f"output {i}: dtype {c.dtype} compiled vs {e.dtype} eager")
+        if not (e.is_floating_point() or e.is_complex()):
             if not torch.equal(e, c):
                 raise VerificationError(f"output {i}: integer outputs differ")
             continue
         atol, rtol = TOLERANCES.get(e.dtype, (1e-4, 1e-4))
-        e64, c64 = e.detach().double(), c.detach().double()
-        abs_err = (e64 - c64).abs()
-        rel_err = abs_err / e64.abs().clamp_min(1e-12)
-        if not torch.allclose(c64, e64, atol=atol, rtol=rtol):
+        wide = torch.complex128 if e.is_complex() else torch.float64
+        e64, c64 = e.detach().to(wide), c.detach().to(wide)
+        if not torch.allclose(c64, e64, atol=atol, rtol=rtol, equal_nan=True):
+            # NaN and inf where eager has them too are no error; elsewhere they are the worst one.
+            same = (e64 == c64) | (e64.isnan() & c64.isnan())
+            abs_err = torch.where(same, 0.0, (e64 - c64).abs().nan_to_num(nan=float("inf")))
+            rel_err = abs_err / e64.abs().clamp_min(1e-12)
             raise VerificationError(
                 f"output {i} differs from eager beyond the {e.dtype} tolerance (atol={atol}, rtol={rtol}): "
                 f"max abs error {abs_err.max().item():.3e}, max rel error {rel_err.max().item():.3e}. "
@@ -45,7 +53,11 @@ def compare(eager_out, compiled_out) -> None:
 
 
 def verify_first_call(eager_fn, compiled_fn):
-    """Wrap `compiled_fn`: its first call also runs `eager_fn` on the same input and compares."""
+    """Wrap `compiled_fn`: its first call also runs `eager_fn` on the same input and compares.
+
+    Eager runs first, on copies of the tensor inputs, and the module's buffers are put back
+    after it: the call then leaves the state one compiled call leaves (BatchNorm's running
+    statistics updated once, an input mutated in place once)."""
     checked = False
 
     @functools.wraps(compiled_fn)
@@ -54,14 +66,22 @@ def verify_first_call(eager_fn, compiled_fn):
         if checked:
             return compiled_fn(*args, **kwargs)
         checked = True
-        # The same RNG state for both runs, so dropout and friends draw the same numbers.
+        buffers = [(b, b.clone()) for b in eager_fn.buffers()] if isinstance(eager_fn, nn.Module) else []
+        # The same RNG state for both runs. Compiled random ops draw other numbers than eager
+        # (Inductor's own generator), so verify a model in eval mode, or without dropout.
         with torch.random.fork_rng(devices=[]):
             state = torch.random.get_rng_state()
             with torch.no_grad():
-                expected = eager_fn(*args, **kwargs)
+                expected = eager_fn(*_copies(args), **_copies(kwargs))
+                for b, saved in buffers:
+                    b.copy_(saved)
             torch.random.set_rng_state(state)
             out = compiled_fn(*args, **kwargs)
         compare(expected, out)
         return out
 
     return call
+
+
+def _copies(tree):
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)

@@ -36,6 +36,8 @@ def resolve_passes(passes, device: torch.device) -> list[GraphPass]:
         return chosen
     if isinstance(passes, (str, GraphPass)):
         passes = [passes]
+    if not isinstance(passes, (list, tuple)):
+        raise TypeError(f"passes= takes 'auto', a list of pass names or pass objects; got {passes!r}")
     resolved = []
     for p in passes:
         if isinstance(p, GraphPass):

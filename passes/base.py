@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -59,8 +60,8 @@ class PassContext:
 
 
 def _matches(module: str, pattern: str) -> bool:
-    # "layers.0" selects that module and everything inside it; globs work too ("layers.*.ffn").
-    return fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + ".")
+    # "layers.0" selects that module and everything inside it; globs too ("layers.*.ffn").
+    return fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(module, pattern + ".*")
 
 
 class GraphPass:
@@ -83,7 +84,13 @@ class GraphPass:
 
     def uuid(self) -> str:
         source = inspect.getsourcefile(type(self))
-        extra = json.dumps({"name": self.name, "options": self.options()}, sort_keys=True, default=str)
+        # Options must be plain JSON values: text of an arbitrary object (a tensor's abbreviated
+        # print, an address) could make two different options look the same, or never match.
+        try:
+            extra = json.dumps({"name": self.name, "options": self.options()}, sort_keys=True)
+        except TypeError as e:
+            raise TypeError(f"pass {self.name!r}: options() must return JSON values (numbers, "
+                            f"strings, bools, lists, dicts) so that they key Inductor's cache: {e}") from e
         return get_hash_for_files((source, __file__), extra).hex()
 
     def __repr__(self) -> str:
@@ -97,8 +104,7 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    # Dynamo records paths like "L['self'].layers[0].feed_forward"; make them "layers.0.feed_forward".
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
+    # Dynamo records paths like "L['self'].layers[0].feed_forward" (or L['model']... when a
+    # function calls the module): drop the root, make them "layers.0.feed_forward".
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
     return path.replace("[", ".").replace("]", "").replace("'", "")

@@ -45,3 +45,42 @@ def test_error_is_one_line_without_traceback(tmp_path, capsys):
 def test_bench_rejects_unknown_pass(capsys):
     assert main(["bench", "--passes", "nope"]) == 1
     assert "unknown pass 'nope'" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_task_and_mode(capsys):
+    assert main(["bench", "--task", "inference", "--modes", "eager", "--iters", "1"]) == 1
+    assert "unknown task 'inference'" in capsys.readouterr().err
+    assert main(["bench", "--task", "infer", "--modes", "eagr", "--iters", "1"]) == 1
+    assert "unknown mode 'eagr'" in capsys.readouterr().err
+
+
+def test_error_raised_while_compiling_is_one_line(tmp_path, capsys):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    assert main(["inspect", "llama-tiny", "--out", str(not_a_dir), "--no-codegen", "--task", "infer"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Error" in err and "TORCHDYNAMO_VERBOSE" not in err, err
+
+
+def test_inspect_infer_shows_the_eval_mode_graph(tmp_path, monkeypatch):
+    """`inspect --task infer` dumps the graph `bench` times: the model in eval mode."""
+    import torch
+
+    import fvcompile.models
+    from fvcompile.models.registry import ModelSpec
+
+    class Dropper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.lin(x))
+
+    spec = ModelSpec("dropper", "test", "", Dropper, lambda m, b: (torch.randn(b, 4),),
+                     lambda m, batch: m(*batch).sum(), lambda m, b: (torch.randn(b, 4),))
+    monkeypatch.setattr(fvcompile.models, "get", lambda name: spec)
+    assert main(["inspect", "dropper", "--out", str(tmp_path), "--no-codegen", "--task", "infer"]) == 0
+    inference = next(tmp_path.rglob("*inference_at_post_grad_hook.py")).read_text()
+    assert "linear" in inference or "addmm" in inference
+    assert "rand" not in inference and "bernoulli" not in inference

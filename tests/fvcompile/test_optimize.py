@@ -196,3 +196,208 @@ def test_mode_reaches_inductor_config(monkeypatch):
     fvcompile.optimize(lambda x: x * 2, mode="max-autotune-no-cudagraphs",
                        options={"epilogue_fusion": False})(torch.ones(2))
     assert seen.get("max_autotune") is True and seen.get("epilogue_fusion") is False
+
+
+def test_train_and_eval_switch_model_and_optimized_together():
+    """As with torch.compile: `model.eval()` after optimize() reaches the optimized module's
+    own `training` flag (a top-level `if self.training:` in forward), and the other way round."""
+
+    class TrainOnlyScale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y * 0 if self.training else y
+
+    model = TrainOnlyScale()
+    optimized = fvcompile.optimize(model, codegen=False)
+    x = torch.randn(2, 4)
+    assert optimized(x).abs().sum() == 0
+    model.eval()
+    assert not optimized.training
+    torch.testing.assert_close(optimized(x), model(x))
+    optimized.train()
+    assert model.training and optimized(x).abs().sum() == 0
+    assert isinstance(optimized, TrainOnlyScale)
+    assert list(optimized.state_dict()) == list(model.state_dict())
+
+
+def test_include_given_as_one_string():
+    optimized = fvcompile.optimize(TwoMlps(), passes=[ReluToClampPass()], codegen=False, include="first")
+    with torch.no_grad():
+        optimized(torch.randn(2, 16))
+    assert {s.module for s in optimized.fvcompile_report.pass_runs()[0].result.rewritten} == {"first"}
+
+
+class _ActMlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.act, self.down = torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class _Layers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"feed_forward": _ActMlp()}) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["feed_forward"](x)
+        return x
+
+
+@pytest.mark.parametrize("include, exclude, rewritten", [
+    (("*.feed_forward",), (), {"layers.0.feed_forward.act", "layers.1.feed_forward.act"}),
+    ((), ("layers.*.feed_forward",), set()),
+])
+def test_glob_selects_submodules_too(include, exclude, rewritten):
+    optimized = fvcompile.optimize(_Layers(), passes=[ReluToClampPass()], codegen=False,
+                                   include=include, exclude=exclude)
+    with torch.no_grad():
+        optimized(torch.randn(2, 16))
+    run = optimized.fvcompile_report.pass_runs("relu_to_clamp")[0]
+    assert {s.module for s in run.result.rewritten} == rewritten
+
+
+@pytest.mark.parametrize("hook, key", [("joint", "joint_custom_pre_pass"),
+                                       ("post_grad", "post_grad_custom_post_pass")])
+def test_users_list_of_passes_is_chained(hook, key):
+    """Inductor's hooks take a pass or a list of passes; each one runs after ours."""
+    calls = []
+    optimized = fvcompile.optimize(Mlp(), passes=[ReluToClampPass(hook=hook)], codegen=False,
+                                   options={key: [lambda g: calls.append("a"), lambda g: calls.append("b")]})
+    optimized(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    assert calls == ["a", "b"] * (1 if hook == "joint" else 2)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_users_inference_aware_post_grad_pass_is_told_the_graph_kind(ours):
+    from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
+
+    seen = []
+
+    class UserPass(CustomInferenceAwareGraphPass):
+        def __call__(self, graph, is_inference):
+            seen.append(is_inference)
+
+        def uuid(self):
+            return "user-inference-aware-v1"
+
+    passes = [ReluToClampPass(hook="post_grad")] if ours else []
+    model = Mlp()
+    optimized = fvcompile.optimize(model, passes=passes, codegen=False,
+                                   options={"post_grad_custom_post_pass": UserPass()})
+    optimized(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    assert seen == [False, False]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fvcompile.optimize(model, passes=passes, codegen=False,
+                           options={"post_grad_custom_post_pass": UserPass()})(torch.randn(2, 16))
+    assert seen == [False, False, True]
+
+
+def test_graph_breaks_are_reported_after_dynamos_counters_are_cleared():
+    from torch._dynamo.utils import counters
+
+    def fn(x):
+        y = torch.relu(x)
+        torch._dynamo.graph_break()
+        return y * 2
+
+    fvcompile.optimize(fn, codegen=False)(torch.randn(4))
+    counters.clear()  # as tests and users do: the same break then counts from 1 again
+    torch._dynamo.reset()
+    compiled = fvcompile.optimize(fn, codegen=False)
+    compiled(torch.randn(4))
+    assert sum(compiled.fvcompile_report.graph_breaks.values()) == 1
+
+
+def test_verify_leaves_batchnorm_statistics_as_one_call_would():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+    reference.load_state_dict(model.state_dict())
+    optimized = fvcompile.optimize(model, passes=[ReluToClampPass()], codegen=False, verify=True)
+    x = torch.randn(16, 8)
+    optimized(x)
+    reference(x)
+    bn, bn_ref = model[1], reference[1]
+    assert bn.num_batches_tracked.item() == 1
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+
+
+def test_verify_does_not_apply_an_input_mutation_twice():
+    def add_to(x, acc):
+        acc.add_(x)
+        return acc * 2
+
+    x, acc = torch.ones(3), torch.zeros(3)
+    out = fvcompile.optimize(add_to, codegen=False, verify=True)(x, acc)
+    assert torch.equal(acc, torch.ones(3)) and torch.equal(out, torch.full((3,), 2.0))
+
+
+def test_dump_dir_reused_keeps_every_file(tmp_path):
+    import json
+
+    first = fvcompile.optimize(Mlp(), passes=[ReluToClampPass()], codegen=False, dump_dir=tmp_path)
+    first(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    written = {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".json"}
+    first_report = (tmp_path / "report.json").read_text()
+
+    torch._dynamo.reset()  # the second run's graphs get the same compile ids ("0/0")
+    second = fvcompile.optimize(Mlp(), passes=[ReluToClampPass()], codegen=False, dump_dir=tmp_path)
+    with torch.no_grad():
+        second(torch.randn(2, 16))
+
+    assert all(p.read_text() == text for p, text in written.items())  # nothing overwritten
+    assert (tmp_path / "report.json").read_text() == first_report
+    index = json.loads((tmp_path / "index.json").read_text())
+    files = [f for fs in index["graphs"].values() for f in fs]
+    assert len(files) == len(set(files)) and all((tmp_path / f).is_file() for f in files)
+    assert len(index["graphs"]) == 2
+    assert len(files) == len(written) + 5  # dynamo, inference at joint, after, diff, inference at post-grad
+    second_report = json.loads((tmp_path / index["report"]).read_text())
+    assert [r["graph_kind"] for g in second_report["graphs"] for r in g["pass_runs"]] == ["inference"]
+
+
+def test_dumped_report_has_the_lazily_compiled_backward(tmp_path):
+    import json
+
+    optimized = fvcompile.optimize(Mlp(), passes=[ReluToClampPass(hook="post_grad")], codegen=False,
+                                   dump_dir=tmp_path)
+    optimized(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["graph_kind"] for g in report["graphs"] for r in g["pass_runs"]] == ["forward", "backward"]
+
+
+def test_pass_with_a_misspelt_hook_is_refused():
+    with pytest.raises(ValueError, match="has hook 'post-grad'"):
+        fvcompile.optimize(Mlp(), passes=[ReluToClampPass(hook="post-grad")], codegen=False)
+
+
+def test_module_path_drops_any_dynamo_root():
+    from torch import fx
+
+    from fvcompile.passes.base import module_path
+
+    graph = fx.Graph()
+    node = graph.placeholder("x")
+    node.meta["nn_module_stack"] = {"a": ("L['model'].layers[0].up", None)}
+    assert module_path(node) == "layers.0.up"
+
+
+def test_pass_options_must_be_json_values():
+    pass_ = ReluToClampPass(tag=torch.ones(2))
+    with pytest.raises(TypeError, match="options\\(\\) must return JSON values"):
+        pass_.uuid()
+
+
+def test_passes_none_is_a_clear_error():
+    with pytest.raises(TypeError, match="passes= takes 'auto'"):
+        fvcompile.optimize(Mlp(), passes=None)
