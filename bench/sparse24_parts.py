@@ -64,7 +64,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         return lambda: torch._cslt_sparse_mm(compressed, b_view, alg_id=alg)
 
     record("cslt mm, B transposed view, searched alg", searched)
-    record("fvcompile.sparse24_mm op (compress + mm)", lambda: lambda: torch.ops.fvcompile.sparse24_mm(a, b_view))
+    record("fvcompile.sparse24_mm op (select + compress + mm)",
+           lambda: lambda: torch.ops.fvcompile.sparse24_mm(a, b_view))
+    record("fvcompile.sparse24_mm op, select=False (compress + mm)",
+           lambda: lambda: torch.ops.fvcompile.sparse24_mm(a, b_view, select=False))
     return rows
 
 

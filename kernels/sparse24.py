@@ -349,19 +349,19 @@ def _pad_cols(b: Tensor, multiple: int) -> Tensor:
     return torch.nn.functional.pad(b, (0, extra)) if extra else b
 
 
-def _cutlass_mm(a: Tensor, b: Tensor) -> Tensor:
-    values, meta = sparse24_pack_triton(a)  # packs by magnitude: exact for a 2:4 `a`
+def _cutlass_mm(a: Tensor, b: Tensor, select: bool) -> Tensor:
+    values, meta = sparse24_pack_triton(a)  # selects by magnitude as it packs: no extra pass
     out = torch._sparse_semi_structured_mm(values, meta, _pad_cols(b, 8))
     return out[: a.shape[0], : b.shape[1]].contiguous()
 
 
-def _cusparselt_mm(a: Tensor, b: Tensor) -> Tensor:
-    # cuSPARSELt has its own (opaque) compressed format and keeps whatever 2 of 4 it finds, so
-    # select first: the op computes mask24(a) @ b for any `a` (e.g. the token-wise selection of
-    # the weight gradient), and for an `a` that already is 2:4 the selection changes nothing.
+def _cusparselt_mm(a: Tensor, b: Tensor, select: bool) -> Tensor:
+    # cuSPARSELt has its own (opaque) compressed format and keeps whatever 2 of 4 it finds: an
+    # `a` that is not 2:4 yet (the token-wise selection of the weight gradient) is selected first.
     m = a.shape[0]
     extra = (-m) % 16
-    a = sparse24_select_triton(a)
+    if select:
+        a = sparse24_select_triton(a)
     a = torch.nn.functional.pad(a, (0, 0, 0, extra)) if extra else a
     out = torch._cslt_sparse_mm(torch._cslt_compress(a.contiguous()), _pad_cols(b, 8))
     return out[:m, : b.shape[1]].contiguous()
@@ -469,30 +469,34 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 
 
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
-def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0) -> Tensor:
-    """mask24(a) @ b for a (M, K) that is 2:4 along K and a dense b (K, N)."""
+def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True) -> Tensor:
+    """mask24(a) @ b for a (M, K) and a dense b (K, N).
+
+    select=False is the caller's promise that `a` already is 2:4 along K (the forward's relu²,
+    the backward's dH): the op then skips the selection, a full pass over `a` (mask24(a) == a).
+    """
     if _in_dense_warmup(schedule, dense_steps, count_step=False):
         return (a @ b).contiguous()  # during the warm-up `a` is dense
     if sparse_mm_applies(a, b):
-        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b)
-    return (sparse24_mask_reference(a) @ b).contiguous()  # emulated
+        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select)
+    return ((sparse24_mask_reference(a) if select else a) @ b).contiguous()  # emulated
 
 
 @sparse24_mm.register_fake
-def _(a, b, schedule="", dense_steps=0):
+def _(a, b, schedule="", dense_steps=0, select=True):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps = inputs
+    a, b, schedule, dense_steps, select = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
-    keep = torch.ones_like(a, dtype=torch.bool) if dense else mask24(a.abs())
+    keep = mask24(a.abs()) if select and not dense else torch.ones_like(a, dtype=torch.bool)
     ctx.save_for_backward(keep, torch.where(keep, a, 0), b)
 
 
 def _sparse24_mm_backward(ctx, grad):
     keep, a_kept, b = ctx.saved_tensors
-    return (grad @ b.t()) * keep, a_kept.t() @ grad, None, None
+    return (grad @ b.t()) * keep, a_kept.t() @ grad, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

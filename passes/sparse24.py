@@ -339,7 +339,7 @@ class Sparse24(GraphPass):
                 with graph.inserting_before(user):
                     a_t = graph.call_function(aten.permute.default, (a, [1, 0]))
                     sparse = graph.call_function(fvc.sparse24_mm.default,
-                                                 (a_t, grad_t.args[0], key, dense_steps))
+                                                 (a_t, grad_t.args[0], key, dense_steps, True))
                     d_w = graph.call_function(aten.permute.default, (sparse, [1, 0]))
                 for node, val in ((a_t, a.meta["val"].t()),
                                   (sparse, user.meta["val"].t()), (d_w, user.meta["val"])):
@@ -356,7 +356,8 @@ class Sparse24(GraphPass):
         else:
             (a, b), bias = mm.args, None
         with graph.inserting_before(mm):
-            new = graph.call_function(fvc.sparse24_mm.default, (a, b, key, dense_steps))
+            # `a` is 2:4 already (relu² of the sparse relu, or dH): no second selection.
+            new = graph.call_function(fvc.sparse24_mm.default, (a, b, key, dense_steps, False))
             new.meta = dict(mm.meta)
             if bias is not None:
                 new = graph.call_function(aten.add.Tensor, (new, bias))

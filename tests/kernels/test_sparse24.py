@@ -179,6 +179,17 @@ def test_sparse24_mm_equals_masked_dense(dtype):
     torch.testing.assert_close(b1.grad, b2.grad, **MM_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_sparse24_mm_select(dtype):
+    """select=True (default) applies the 2:4 selection; select=False trusts `a` to be 2:4."""
+    a, b = randn(40, 128, dtype=dtype), randn(128, 16, dtype=dtype)  # a is dense, not 2:4
+    masked = s24.sparse24_mask_reference(a)
+    torch.testing.assert_close(torch.ops.fvcompile.sparse24_mm(a, b).float(), masked.float() @ b.float(),
+                               **MM_TOL[dtype])
+    torch.testing.assert_close(torch.ops.fvcompile.sparse24_mm(masked, b, select=False).float(),
+                               masked.float() @ b.float(), **MM_TOL[dtype])
+
+
 def test_fake_impls_give_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
