@@ -138,6 +138,24 @@ if triton is not None:
         return k0, k1, k2, k3
 
     @triton.jit
+    def _load_and_select(p, mask, RELU: tl.constexpr):
+        # One group of 4 per lane, in fp32 (exact for every input dtype, and the interpreter has no
+        # bf16 arithmetic), and which 2 to keep: the largest of relu(x) when RELU, else by magnitude.
+        x0 = tl.load(p + 0, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(p + 1, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(p + 2, mask=mask, other=0.0).to(tl.float32)
+        x3 = tl.load(p + 3, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            x0 = tl.maximum(x0, 0.0)
+            x1 = tl.maximum(x1, 0.0)
+            x2 = tl.maximum(x2, 0.0)
+            x3 = tl.maximum(x3, 0.0)
+            k0, k1, k2, k3 = _keep_top2(x0, x1, x2, x3)
+        else:
+            k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
+        return x0, x1, x2, x3, k0, k1, k2, k3
+
+    @triton.jit
     def _sparse24_relu_kernel(h_ptr, out_ptr, M, K, stride_h, stride_out,
                               RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
         # RELU: keep the 2 largest of relu(h); else keep the 2 largest magnitudes of h.
@@ -146,19 +164,7 @@ if triton is not None:
         mask = (rows[:, None] < M) & (groups[None, :] < K // 4)
         h = h_ptr + rows[:, None] * stride_h + groups[None, :] * 4
         out = out_ptr + rows[:, None] * stride_out + groups[None, :] * 4
-        # Compare in fp32: exact for every input dtype (and the interpreter has no bf16 arithmetic).
-        r0 = tl.load(h + 0, mask=mask, other=0.0).to(tl.float32)
-        r1 = tl.load(h + 1, mask=mask, other=0.0).to(tl.float32)
-        r2 = tl.load(h + 2, mask=mask, other=0.0).to(tl.float32)
-        r3 = tl.load(h + 3, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            r0 = tl.maximum(r0, 0.0)
-            r1 = tl.maximum(r1, 0.0)
-            r2 = tl.maximum(r2, 0.0)
-            r3 = tl.maximum(r3, 0.0)
-            k0, k1, k2, k3 = _keep_top2(r0, r1, r2, r3)
-        else:
-            k0, k1, k2, k3 = _keep_top2(tl.abs(r0), tl.abs(r1), tl.abs(r2), tl.abs(r3))
+        r0, r1, r2, r3, k0, k1, k2, k3 = _load_and_select(h, mask, RELU)
         out_ty = out_ptr.dtype.element_ty
         tl.store(out + 0, tl.where(k0, r0, 0.0).to(out_ty), mask=mask)
         tl.store(out + 1, tl.where(k1, r1, 0.0).to(out_ty), mask=mask)
@@ -208,24 +214,13 @@ if triton is not None:
         word = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
         for q in tl.static_range(4):  # the 4 groups of one metadata word
             x = x_ptr + rows[:, None] * stride_x + cols[None, :] * 16 + q * 4
-            # fp32 arithmetic: exact for fp16/bf16 inputs (and the interpreter has no bf16 math).
-            x0 = tl.load(x + 0, mask=load_mask, other=0.0).to(tl.float32)
-            x1 = tl.load(x + 1, mask=load_mask, other=0.0).to(tl.float32)
-            x2 = tl.load(x + 2, mask=load_mask, other=0.0).to(tl.float32)
-            x3 = tl.load(x + 3, mask=load_mask, other=0.0).to(tl.float32)
+            x0, x1, x2, x3, k0, k1, k2, k3 = _load_and_select(x, load_mask, RELU_SQUARE)
             if RELU_SQUARE:
-                # Select on relu(x) (squaring keeps the order), keep relu(x)^2 (rounded once below).
-                x0 = tl.maximum(x0, 0.0)
-                x1 = tl.maximum(x1, 0.0)
-                x2 = tl.maximum(x2, 0.0)
-                x3 = tl.maximum(x3, 0.0)
-                k0, k1, k2, k3 = _keep_top2(x0, x1, x2, x3)
+                # Selected on relu(x) (squaring keeps the order); keep relu(x)^2, rounded once below.
                 x0 = x0 * x0
                 x1 = x1 * x1
                 x2 = x2 * x2
                 x3 = x3 * x3
-            else:
-                k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
             # The kept values as stored (rounded to the output dtype), and which of them are nonzero.
             w0 = tl.where(k0, x0, 0.0).to(out_ty).to(tl.float32)
             w1 = tl.where(k1, x1, 0.0).to(out_ty).to(tl.float32)
