@@ -264,3 +264,31 @@ def test_sparse_mm_on_sparse_tensor_cores(dtype, m):
     torch.testing.assert_close(out.float(), a.float() @ b.float(), **MM_TOL[dtype])
     values, meta = torch.ops.fvcompile.relu2_sparse24_pack(randn(m, 256, dtype=dtype))
     assert values.is_cuda and meta.dtype == torch.int16
+
+
+# ---- the GPU glue, on CPU: PyTorch's sparse matmuls replaced by reference stand-ins -----------
+
+@pytest.fixture
+def fake_sparse_matmuls(monkeypatch):
+    """Stand-ins with the real call signatures: the CUTLASS matmul unpacks our metadata, the
+    cuSPARSELt "compression" keeps the tensor as it is (so a missing selection would show)."""
+    def cutlass_mm(values, meta, b):
+        return s24.unpack_reference(values, meta, values.shape[0]) @ b
+
+    monkeypatch.setattr(torch, "_sparse_semi_structured_mm", cutlass_mm, raising=False)
+    monkeypatch.setattr(torch, "_cslt_compress", lambda a: a, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda c, b, **kwargs: c @ b, raising=False)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="stand-ins for the CUDA-only matmuls")
+@pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
+def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend):
+    a = randn(50, 128, dtype=torch.float16)  # dense: the backend must select (select=True)
+    b = randn(128, 20, dtype=torch.float16)  # N not a multiple of 8: padded, then sliced back
+    masked = s24.sparse24_mask_reference(a)
+    expected = masked.float() @ b.float()
+    torch.testing.assert_close(s24._SPARSE_MM[backend](a, b, True).float(), expected, **MM_TOL[torch.float16])
+    out = s24._SPARSE_MM[backend](masked, b, False)
+    assert out.shape == (50, 20)
+    torch.testing.assert_close(out.float(), expected, **MM_TOL[torch.float16])
+    assert s24._probe(backend, torch.device("cpu"))
