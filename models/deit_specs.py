@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fvcompile.models.deit import ConvTeacher, DeiT, DeiTConfig, distillation_loss, teacher_logits
-from fvcompile.models.registry import ModelSpec, model_device, register
+from fvcompile.models.registry import ModelSpec, model_device, register, seeded_randn
 
 PAPER = "DeiT (arXiv 2012.12877)"
 
@@ -38,17 +38,8 @@ PARAMS = {
 }
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def _images(model: nn.Module, cfg: DeiTConfig, batch_size: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size, generator=gen)
-    return x.to(device=model_device(model), dtype=_model_dtype(model))
+    return seeded_randn(model, batch_size, cfg.in_chans, cfg.image_size, cfg.image_size)
 
 
 def _labels(model: nn.Module, cfg: DeiTConfig, batch_size: int) -> torch.Tensor:

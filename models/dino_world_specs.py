@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fvcompile.models.dino_world import DinoWorld, DinoWorldConfig, next_frame_loss
-from fvcompile.models.registry import ModelSpec, model_device, register
+from fvcompile.models.registry import ModelSpec, model_device, register, seeded_randn
 
 PAPER = "DINO-world (arXiv 2507.19468)"
 
@@ -44,9 +44,7 @@ def _register(name: str, cfg: DinoWorldConfig) -> None:
     frames, grid = FRAMES.get(name, 8), GRID.get(name, 16)
 
     def features(model, batch_size: int, n_frames: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch_size, n_frames, grid, grid, cfg.enc_dim, generator=gen)
-        return x.to(model_device(model))
+        return seeded_randn(model, batch_size, n_frames, grid, grid, cfg.enc_dim)
 
     def actions(model, batch_size: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(1)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 
 from fvcompile.models.dino_losses import self_distillation_batch
 from fvcompile.models.dinov2 import DinoV2, DinoV2Config, dinov2_train_loss
-from fvcompile.models.registry import ModelSpec, model_device, register
+from fvcompile.models.registry import ModelSpec, model_device, register, seeded_randn
 
 PAPER = "DINOv2 (arXiv 2304.07193)"
 REGISTERS_PAPER = "DINOv2 with registers (arXiv 2309.16588)"
@@ -41,9 +40,7 @@ def _register(name: str, cfg: DinoV2Config) -> None:
     sizes = TINY_SIZES if tiny else SIZES
 
     def images(model, batch_size: int = 2) -> tuple:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch_size, 3, sizes["global"], sizes["global"], generator=gen)
-        return (x.to(model_device(model)),)
+        return (seeded_randn(model, batch_size, 3, sizes["global"], sizes["global"]),)
 
     def train_batch(model, batch_size: int = 2) -> tuple:
         return self_distillation_batch(

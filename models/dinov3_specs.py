@@ -1,11 +1,10 @@
 """Registry entries of the DINOv3 family (backbones only; parameter counts without heads)."""
 from __future__ import annotations
 
-import torch
 
 from fvcompile.models.dino_losses import self_distillation_batch
 from fvcompile.models.dinov3 import DinoV3, DinoV3Config, dinov3_train_loss
-from fvcompile.models.registry import ModelSpec, model_device, register
+from fvcompile.models.registry import ModelSpec, model_device, register, seeded_randn
 
 PAPER = "DINOv3 (arXiv 2508.10104)"
 
@@ -31,9 +30,7 @@ def _register(name: str, cfg: DinoV3Config) -> None:
     sizes = TINY_SIZES if tiny else SIZES
 
     def images(model, batch_size: int = 2) -> tuple:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch_size, 3, sizes["global"], sizes["global"], generator=gen)
-        return (x.to(model_device(model)),)
+        return (seeded_randn(model, batch_size, 3, sizes["global"], sizes["global"]),)
 
     def train_batch(model, batch_size: int = 2) -> tuple:
         return self_distillation_batch(

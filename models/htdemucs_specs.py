@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fvcompile.models.htdemucs import HTDemucs, HTDemucsConfig, separation_loss
-from fvcompile.models.registry import ModelSpec, model_device, register
+from fvcompile.models.registry import ModelSpec, register, seeded_randn
 
 PAPER = "Hybrid Transformer Demucs (arXiv 2211.08553)"
 
@@ -25,9 +25,7 @@ PARAMS = {"htdemucs": 26_899_536, "htdemucs-bottom512": 41_473_616}
 def _register(name: str, cfg: HTDemucsConfig) -> None:
     def sources(model, batch_size: int) -> torch.Tensor:
         """Deterministic stand-in stems: (batch, n_sources, audio_channels, segment)."""
-        gen = torch.Generator().manual_seed(0)
-        shape = (batch_size, cfg.n_sources, cfg.audio_channels, cfg.segment_samples)
-        return (0.1 * torch.randn(shape, generator=gen)).to(model_device(model))
+        return 0.1 * seeded_randn(model, batch_size, cfg.n_sources, cfg.audio_channels, cfg.segment_samples)
 
     register(ModelSpec(
         name=name,

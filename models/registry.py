@@ -70,3 +70,18 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (float32 when it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def seeded_randn(model: nn.Module, *shape: int, seed: int = 0) -> torch.Tensor:
+    """Deterministic N(0, 1) inputs, drawn on the CPU (the same numbers on every device), on
+    the model's device and in its dtype (so `bench --dtype bfloat16` feeds bf16 inputs)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return x.to(device=model_device(model), dtype=model_dtype(model))
