@@ -179,7 +179,7 @@ class DETR(nn.Module):
         b, _, h, w = features.shape
         # Nearest-neighbour downsampling of the mask to the feature map (B acts as channels).
         mask = F.interpolate(mask[None].float(), size=(h, w))[0].bool()
-        pos = sine_position_encoding(mask, self.cfg.dim).flatten(1, 2)  # (B, h*w, dim)
+        pos = sine_position_encoding(mask, self.cfg.dim).flatten(1, 2).to(features.dtype)  # (B, h*w, dim)
         padding = mask.flatten(1)  # (B, h*w)
 
         memory = self.input_proj(features).flatten(2).transpose(1, 2)  # (B, h*w, dim)

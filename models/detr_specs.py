@@ -5,7 +5,7 @@ import torch
 
 from fvcompile.models.detr import DETR, DETRConfig
 from fvcompile.models.detr_loss import detr_train_step
-from fvcompile.models.registry import ModelSpec, model_device, register
+from fvcompile.models.registry import ModelSpec, model_device, model_dtype, register
 
 PAPER = "DETR (arXiv 2005.12872)"
 
@@ -39,7 +39,7 @@ def _register(name: str, cfg: DETRConfig) -> None:
             mask[b, :, w:] = True
         images = images.masked_fill(mask[:, None], 0.0)
         device = model_device(model)
-        return images.to(device), mask.to(device)
+        return images.to(device, model_dtype(model)), mask.to(device)
 
     def example_inputs(model, batch_size: int = 2) -> tuple:
         return images_and_mask(model, batch_size, torch.Generator().manual_seed(0))

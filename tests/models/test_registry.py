@@ -72,3 +72,16 @@ def test_model_files_are_plain_modules():
                 assert not (node.module or "").startswith("fvcompile"), f"{path.name} imports {node.module}"
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("fvcompile") for a in node.names), path.name
+
+
+@pytest.mark.parametrize("spec", TINY, ids=lambda s: s.name)
+def test_tiny_forward_in_bfloat16(spec):
+    """Example inputs follow the model's dtype (what `fvcompile bench --dtype bfloat16` runs)."""
+    if spec.family == "htdemucs":
+        pytest.skip("torch.stft has no bfloat16 kernel on CPU")
+    torch.manual_seed(0)
+    model = spec.build().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(*spec.example_inputs(model, 2))
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    assert leaves and all(t.isfinite().all() for t in leaves if t.is_floating_point())
