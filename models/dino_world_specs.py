@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fvcompile.models.dino_world import DinoWorld, DinoWorldConfig, next_frame_loss
-from fvcompile.models.registry import ModelSpec, model_device, register, seeded_randn
+from fvcompile.models.registry import ModelSpec, register, seeded_randn
 
 PAPER = "DINO-world (arXiv 2507.19468)"
 
@@ -47,9 +47,7 @@ def _register(name: str, cfg: DinoWorldConfig) -> None:
         return seeded_randn(model, batch_size, n_frames, grid, grid, cfg.enc_dim)
 
     def actions(model, batch_size: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(1)
-        a = torch.randn(batch_size, frames, cfg.action_dim, generator=gen)
-        return a.to(model_device(model))
+        return seeded_randn(model, batch_size, frames, cfg.action_dim, seed=1)
 
     def example_inputs(model, batch_size=2):
         x = features(model, batch_size, frames)
