@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from fvcompile.models.dino_losses import self_distillation_batch
 from fvcompile.models.dinov2 import DinoV2, DinoV2Config, dinov2_train_loss
-from fvcompile.models.registry import ModelSpec, model_device, register, seeded_randn
+from fvcompile.models.registry import ModelSpec, model_device, model_dtype, register, seeded_randn
 
 PAPER = "DINOv2 (arXiv 2304.07193)"
 REGISTERS_PAPER = "DINOv2 with registers (arXiv 2309.16588)"
@@ -35,9 +35,8 @@ TINY_SIZES = {"global": 42, "local": 28, "n_local": 2, "n_prototypes": 64}
 MASK_RATIO = 0.3
 
 
-def _register(name: str, cfg: DinoV2Config) -> None:
-    tiny = name.endswith("tiny")
-    sizes = TINY_SIZES if tiny else SIZES
+def self_distillation_inputs(cfg, sizes: dict, mask_ratio: float):
+    """example_inputs and train_batch of a DINO-family spec (shared by DINOv2 and DINOv3)."""
 
     def images(model, batch_size: int = 2) -> tuple:
         return (seeded_randn(model, batch_size, 3, sizes["global"], sizes["global"]),)
@@ -45,8 +44,15 @@ def _register(name: str, cfg: DinoV2Config) -> None:
     def train_batch(model, batch_size: int = 2) -> tuple:
         return self_distillation_batch(
             batch_size, sizes["global"], sizes["local"], sizes["n_local"], cfg.patch_size,
-            cfg.dim, sizes["n_prototypes"], MASK_RATIO, model_device(model),
-            next(model.parameters()).dtype)
+            cfg.dim, sizes["n_prototypes"], mask_ratio, model_device(model), model_dtype(model))
+
+    return images, train_batch
+
+
+def _register(name: str, cfg: DinoV2Config) -> None:
+    tiny = name.endswith("tiny")
+    sizes = TINY_SIZES if tiny else SIZES
+    images, train_batch = self_distillation_inputs(cfg, sizes, MASK_RATIO)
 
     register(ModelSpec(
         name=name,

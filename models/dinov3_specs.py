@@ -1,10 +1,9 @@
 """Registry entries of the DINOv3 family (backbones only; parameter counts without heads)."""
 from __future__ import annotations
 
-
-from fvcompile.models.dino_losses import self_distillation_batch
+from fvcompile.models.dinov2_specs import self_distillation_inputs
 from fvcompile.models.dinov3 import DinoV3, DinoV3Config, dinov3_train_loss
-from fvcompile.models.registry import ModelSpec, model_device, register, seeded_randn
+from fvcompile.models.registry import ModelSpec, register
 
 PAPER = "DINOv3 (arXiv 2508.10104)"
 
@@ -28,15 +27,7 @@ MASK_RATIO = 0.3
 def _register(name: str, cfg: DinoV3Config) -> None:
     tiny = name.endswith("tiny")
     sizes = TINY_SIZES if tiny else SIZES
-
-    def images(model, batch_size: int = 2) -> tuple:
-        return (seeded_randn(model, batch_size, 3, sizes["global"], sizes["global"]),)
-
-    def train_batch(model, batch_size: int = 2) -> tuple:
-        return self_distillation_batch(
-            batch_size, sizes["global"], sizes["local"], sizes["n_local"], cfg.patch_size,
-            cfg.dim, sizes["n_prototypes"], MASK_RATIO, model_device(model),
-            next(model.parameters()).dtype)
+    images, train_batch = self_distillation_inputs(cfg, sizes, MASK_RATIO)
 
     register(ModelSpec(
         name=name,
