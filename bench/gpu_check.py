@@ -73,6 +73,8 @@ def kernels_sparse24():
         for m, k in ((64, 128), (100, 256), (4096, 21504))[: 3 if DEVICE == "cuda" else 2]:
             h = torch.randn(m, k, device=DEVICE, dtype=dtype)
             torch.testing.assert_close(k24.sparse24_relu_triton(h), k24.sparse24_relu_reference(h), atol=0, rtol=0)
+            ht = h.t()  # the weight gradient's selection reads a transposed view in place
+            torch.testing.assert_close(k24.sparse24_select_triton(ht), k24.sparse24_mask_reference(ht), atol=0, rtol=0)
             values, meta = k24.relu2_sparse24_pack_triton(h)
             dense = k24.sparse24_relu_reference(h).square()
             rows = k24.padded_rows(m)
@@ -144,15 +146,22 @@ def main() -> None:
         (out / "gpu_check.json").write_text(json.dumps({"env": env, "checks": CHECKS, "bench": bench},
                                                        indent=1, default=str))
 
-    for run in (kernels_sparse24, sparse24_llama):
-        run()
-        print(CHECKS[-1], flush=True)
-        save({})
+    kernels_sparse24()
+    print(CHECKS[-1], flush=True)
+    save({})
 
     bench = {}
     if not args.skip_bench:
         import sparse24 as sparse24_bench
+        import sparse24_parts
 
+        if DEVICE == "cuda":  # first: the diagnosis of the sparse path, piece by piece
+            try:
+                bench["sparse24_parts"] = sparse24_parts.main(["--tokens", args.tokens.split(",")[0]])
+            except Exception as e:
+                traceback.print_exc()
+                bench["sparse24_parts"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            save(bench)
         try:
             bench["sparse24"] = sparse24_bench.main(["--device", DEVICE, "--tokens", args.tokens,
                                                      "--out", str(out)])
@@ -160,19 +169,10 @@ def main() -> None:
             traceback.print_exc()
             bench["sparse24"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         save(bench)
-        if DEVICE == "cuda":
-            import sparse24_parts
-
-            try:
-                bench["sparse24_parts"] = sparse24_parts.main(["--tokens", args.tokens.split(",")[0]])
-            except Exception as e:
-                traceback.print_exc()
-                bench["sparse24_parts"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            save(bench)
-    llama_parity()  # last: the speed numbers matter more if the time runs out
-    print(CHECKS[-1], flush=True)
-
-    save(bench)
+    for run in (sparse24_llama, llama_parity):  # last: the speed numbers matter more if time runs out
+        run()
+        print(CHECKS[-1], flush=True)
+        save(bench)
     print("\n== gpu_check summary ==")
     print(f"{env['device']} (sm{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "
           f"triton {env['triton']}")

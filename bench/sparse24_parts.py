@@ -1,11 +1,18 @@
 """Where a 2:4 FFN's time goes on a GPU: each piece of the sparse path timed alone.
 
-The first H100 run (2026-11-26) found the sparse24 FFN slower than dense (0.33x forward);
-this times every candidate piece at one Llama-3-8B shape so that one GPU call shows which
-one to fix: our Triton selection/pack kernels (two block shapes), cuSPARSELt's compress and
-matmul (B as a transposed view or contiguous, default vs searched algorithm), PyTorch's
-fused 2:4 tile, and the dense matmul they must beat. Each piece is timed on its own; a
-failure is recorded, not raised.
+The first H100 run (2026-11-26) found the sparse24 FFN slower than dense (0.33x forward).
+This times, at one Llama-3-8B shape (tokens x 21504 hidden x 4096), every piece the sparse path
+could be built from, next to the dense matmul each one must beat, so that one GPU call shows
+what to fix:
+
+- memory-bound pieces (ms and GB/s): relu² in eager PyTorch, our 2:4 selection kernel at several
+  tile shapes (also reading a transposed view, as the weight gradient's selection does),
+  cuSPARSELt's compress, PyTorch's fused 2:4 tile (xFormers' kernel), our CUTLASS-layout pack;
+- matmuls (ms and TFLOP/s): each of the FFN's four matmuls that can be sparse, dense (cuBLAS)
+  and as a cuSPARSELt 2:4 matmul (default and searched algorithm, B transposed or contiguous);
+- the op as the pass calls it, and the forward's second half end to end.
+
+A failure is recorded, not raised.
 
     python bench/sparse24_parts.py --tokens 8192
 """
@@ -19,68 +26,117 @@ import torch
 from fvcompile.kernels import sparse24 as k24
 
 
-def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.bfloat16) -> list[dict]:
-    import triton.testing
+def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.bfloat16,
+          device: str = "cuda") -> list[dict]:
+    """device="cpu" is a dry run of this script (Triton interpreter, small shapes, CUDA parts fail)."""
+    from sparse24 import time_ms  # bench/sparse24.py
 
     def ms(fn):
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        return time_ms(fn, torch.device(device))
 
     torch.manual_seed(0)
-    h = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
-    a = k24.sparse24_relu_triton(h).square()  # the 2:4 activation
-    w2 = torch.randn(dim, hidden, device="cuda", dtype=dtype)
-    b_view, b_contig = w2.t(), w2.t().contiguous()
+    m, k, n = tokens, hidden, dim
+    h = torch.randn(m, k, device=device, dtype=dtype)  # the first linear's output
+    r = k24.sparse24_relu_triton(h)
+    a = r.square()  # the 2:4 activation A (tokens x hidden)
+    w2 = torch.randn(n, k, device=device, dtype=dtype)  # second linear: Y = A W2ᵀ
+    w1 = torch.randn(k, n, device=device, dtype=dtype)  # first linear's weight: dX = dH W1
+    x = torch.randn(m, n, device=device, dtype=dtype)
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+    dh = a * torch.randn_like(a)  # 2:4 like A (the backward's dH inherits the mask)
+    elem = a.element_size()
     rows: list[dict] = []
 
-    def record(name, make):
+    def record(name, make, bytes_moved=None, flops=None):
         try:
-            rows.append({"part": name, "ms": ms(make())})
+            t = ms(make())
+            row = {"part": name, "ms": t}
+            if bytes_moved:
+                row["GB/s"] = bytes_moved / t / 1e6
+            if flops:
+                row["TFLOP/s"] = flops / t / 1e9
         except Exception as e:
-            rows.append({"part": name, "ms": None, "error": f"{type(e).__name__}: {e}"[:200]})
+            row = {"part": name, "ms": None, "error": f"{type(e).__name__}: {e}"[:200]}
+        rows.append(row)
 
-    record("dense mm a @ W2^T (cuBLAS, the bar)", lambda: lambda: torch.mm(a, b_view))
-    record("inductor-like relu(h)^2 (eager pointwise)", lambda: lambda: torch.relu(h).square())
-    record("triton sparse24_relu 32x32", lambda: lambda: k24.sparse24_relu_triton(h))
-    record("triton sparse24_relu 64x64", lambda: lambda: k24.sparse24_relu_triton(h, block_m=64, block_g=64))
-    record("triton relu2+2:4+pack (CUTLASS layout) 32x8",
-           lambda: lambda: k24.relu2_sparse24_pack_triton(h))
-    record("triton relu2+2:4+pack (CUTLASS layout) 64x16",
-           lambda: lambda: k24.relu2_sparse24_pack_triton(h, block_m=64, block_c=16))
-    record("torch._sparse_semi_structured_tile(a) cusparselt (2:4 both ways)",
-           lambda: lambda: torch._sparse_semi_structured_tile(a, "", False))
-    record("torch._cslt_compress(a)", lambda: lambda: torch._cslt_compress(a))
+    rw = 2 * m * k * elem  # read one activation, write one
+    record("relu(h)^2 eager (2 kernels)", lambda: lambda: torch.relu(h).square(), 2 * rw)
+    for bm, bk in ((16, 256), (32, 128), (8, 512), (32, 256), (64, 64), (4, 1024)):
+        record(f"triton 2:4 relu select {bm}x{bk}",
+               lambda bm=bm, bk=bk: lambda: k24.sparse24_relu_triton(h, block_m=bm, block_k=bk), rw)
+    record("triton 2:4 magnitude select of Aᵀ (transposed view) 16x256",
+           lambda: lambda: k24.sparse24_select_triton(a.t()), rw)
+    record("triton 2:4 magnitude select of Aᵀ (transposed view) 64x64",
+           lambda: lambda: k24.sparse24_select_triton(a.t(), block_m=64, block_k=64), rw)
+    record("Aᵀ.contiguous() (a plain transpose copy)", lambda: lambda: a.t().contiguous(), rw)
+    record("torch._cslt_compress(A)", lambda: lambda: torch._cslt_compress(a), rw * 3 // 4)
+    record("torch._sparse_semi_structured_tile(A) cuSPARSELt (2:4 both ways)",
+           lambda: lambda: torch._sparse_semi_structured_tile(a, "", False), rw)
+    record("torch._sparse_semi_structured_tile(A) CUTLASS",
+           lambda: lambda: torch._sparse_semi_structured_tile(a, "", True), rw)
+    record("triton relu2+2:4+pack CUTLASS layout 32x8", lambda: lambda: k24.relu2_sparse24_pack_triton(h), rw)
 
-    def cslt(b, **kw):
-        compressed = torch._cslt_compress(a)
-        return lambda: torch._cslt_sparse_mm(compressed, b, **kw)
+    def cslt(sparse, b, search=False):
+        compressed = torch._cslt_compress(sparse)
+        alg = int(torch._cslt_sparse_mm_search(compressed, b)) if search else 0
+        if search:
+            rows.append({"part": f"  (searched cuSPARSELt algorithm: {alg})", "ms": None})
+        return lambda: torch._cslt_sparse_mm(compressed, b, alg_id=alg)
 
-    record("cslt mm, B transposed view, alg 0", lambda: cslt(b_view))
-    record("cslt mm, B contiguous, alg 0", lambda: cslt(b_contig))
+    f = 2 * m * k * n
+    record("fwd  Y = A W2ᵀ dense (cuBLAS, W2ᵀ a view)", lambda: lambda: torch.mm(a, w2.t()), flops=f)
+    record("fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ view, alg 0", lambda: cslt(a, w2.t()), flops=f)
+    record("fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ view, searched", lambda: cslt(a, w2.t(), True), flops=f)
+    w2t = w2.t().contiguous()
+    record("fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ contiguous, searched", lambda: cslt(a, w2t, True), flops=f)
+    record("bwd  dX = dH W1 dense", lambda: lambda: torch.mm(dh, w1), flops=f)
+    record("bwd  dX = dH W1 cuSPARSELt, searched", lambda: cslt(dh, w1, True), flops=f)
+    record("bwd  dW2 = dYᵀ A dense", lambda: lambda: torch.mm(dy.t(), a), flops=f)
+    at24 = k24.sparse24_select_triton(a.t())
+    record("bwd  dW2ᵀ = S(Aᵀ) dY cuSPARSELt, searched", lambda: cslt(at24, dy, True), flops=f)
+    record("bwd  dW1 = dHᵀ X dense", lambda: lambda: torch.mm(dh.t(), x), flops=f)
 
-    def searched():
-        compressed = torch._cslt_compress(a)
-        alg = torch._cslt_sparse_mm_search(compressed, b_view)
-        rows.append({"part": "cslt best alg id (search)", "ms": None, "alg_id": alg})
-        return lambda: torch._cslt_sparse_mm(compressed, b_view, alg_id=alg)
+    def tile_t():  # the transposable 2:4 pattern: Aᵀ's compressed form comes with the forward's
+        packed, _, packed_t, _, _ = torch._sparse_semi_structured_tile(a, "", False)
+        alg = int(torch._cslt_sparse_mm_search(packed_t, dy))
+        return lambda: torch._cslt_sparse_mm(packed_t, dy, alg_id=alg)
 
-    record("cslt mm, B transposed view, searched alg", searched)
-    record("fvcompile.sparse24_mm op (select + compress + mm)",
-           lambda: lambda: torch.ops.fvcompile.sparse24_mm(a, b_view))
-    record("fvcompile.sparse24_mm op, select=False (compress + mm)",
-           lambda: lambda: torch.ops.fvcompile.sparse24_mm(a, b_view, select=False))
+    record("bwd  dW2ᵀ = tile(A)ᵀ dY cuSPARSELt (packed_t), searched", tile_t, flops=f)
+
+    def cutlass():
+        values, meta = k24.relu2_sparse24_pack_triton(h)
+        return lambda: torch._sparse_semi_structured_mm(values, meta, w2.t())
+
+    record("fwd  Y = A W2ᵀ CUTLASS (_sparse_semi_structured_mm)", cutlass, flops=f)
+    record("op   sparse24_mm(A, W2ᵀ, select=False) (compress + mm)",
+           lambda: lambda: torch.ops.fvcompile.sparse24_mm(a, w2.t(), select=False), flops=f)
+    record("op   sparse24_mm(Aᵀ, dY) (select + compress + mm)",
+           lambda: lambda: torch.ops.fvcompile.sparse24_mm(a.t(), dy), flops=f)
+    record("e2e  relu(h)² W2ᵀ dense eager", lambda: lambda: torch.mm(torch.relu(h).square(), w2.t()), flops=f)
+    record("e2e  sparse24_mm(sparse24_relu(h)², W2ᵀ) eager",
+           lambda: lambda: torch.ops.fvcompile.sparse24_mm(torch.ops.fvcompile.sparse24_relu(h).square(),
+                                                           w2.t(), select=False), flops=f)
     return rows
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, small shapes: checks this script")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    rows = parts(args.tokens)
-    print(f"\nsparse path parts on {torch.cuda.get_device_name()}, {args.tokens} tokens, 4096 <- 21504, bf16")
+    if args.dry_run:
+        rows = parts(64, 256, 64, torch.float16, "cpu")
+        print("\ndry run (CPU, Triton interpreter, 64 x 256 x 64 fp16)")
+    else:
+        rows = parts(args.tokens)
+        print(f"\nsparse path parts on {torch.cuda.get_device_name()}, {args.tokens} tokens, 4096 <-> 21504, bf16")
     for r in rows:
-        value = f"{r['ms']:.3f} ms" if r.get("ms") is not None else r.get("error", r.get("alg_id", ""))
-        print(f"  {r['part']:<62} {value}")
+        if r.get("ms") is None:
+            print(f"  {r['part']:<66} {r.get('error', '')}")
+            continue
+        rate = f"{r['GB/s']:8.0f} GB/s" if "GB/s" in r else f"{r['TFLOP/s']:8.0f} TFLOP/s" if "TFLOP/s" in r else ""
+        print(f"  {r['part']:<66} {r['ms']:8.3f} ms {rate}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

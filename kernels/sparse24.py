@@ -156,20 +156,39 @@ if triton is not None:
         return x0, x1, x2, x3, k0, k1, k2, k3
 
     @triton.jit
-    def _sparse24_relu_kernel(h_ptr, out_ptr, M, K, stride_h, stride_out,
-                              RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
-        # RELU: keep the 2 largest of relu(h); else keep the 2 largest magnitudes of h.
+    def _split4(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # (BLOCK_M, BLOCK_K) -> the 4 members of each group of 4 columns, each (BLOCK_M, BLOCK_K/4, 1).
+        # [g, i, j] of the reshape is column 4g + 2i + j.
+        even, odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # j = 0, j = 1
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _join4(x0, x1, x2, x3, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # The inverse of _split4.
+        return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BLOCK_M, BLOCK_K))
+
+    @triton.jit
+    def _select24_kernel(x_ptr, out_ptr, M, K, stride_xm, stride_xk, stride_out,
+                         RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # RELU: keep the 2 largest of relu(x); else keep the 2 largest magnitudes of x. One
+        # (BLOCK_M, BLOCK_K) tile per program, split into groups in registers. x may be a transposed
+        # view (the weight gradient selects along tokens): the tile load reads it in place.
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-        mask = (rows[:, None] < M) & (groups[None, :] < K // 4)
-        h = h_ptr + rows[:, None] * stride_h + groups[None, :] * 4
-        out = out_ptr + rows[:, None] * stride_out + groups[None, :] * 4
-        r0, r1, r2, r3, k0, k1, k2, k3 = _load_and_select(h, mask, RELU)
-        out_ty = out_ptr.dtype.element_ty
-        tl.store(out + 0, tl.where(k0, r0, 0.0).to(out_ty), mask=mask)
-        tl.store(out + 1, tl.where(k1, r1, 0.0).to(out_ty), mask=mask)
-        tl.store(out + 2, tl.where(k2, r2, 0.0).to(out_ty), mask=mask)
-        tl.store(out + 3, tl.where(k3, r3, 0.0).to(out_ty), mask=mask)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)  # K % 4 == 0: groups are all in or all out
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if RELU:
+            x = tl.maximum(x, 0.0)
+            s0, s1, s2, s3 = _split4(x, BLOCK_M, BLOCK_K)
+        else:
+            s0, s1, s2, s3 = _split4(tl.abs(x), BLOCK_M, BLOCK_K)
+        k0, k1, k2, k3 = _keep_top2(s0, s1, s2, s3)
+        keep = _join4(k0.to(tl.int8), k1.to(tl.int8), k2.to(tl.int8), k3.to(tl.int8), BLOCK_M, BLOCK_K)
+        out = tl.where(keep != 0, x, 0.0).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
 
     @triton.jit
     def _cutlass_indices(m0, m1, m3):
@@ -241,27 +260,27 @@ def _need_triton() -> None:
         raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
 
 
-def _select_triton(h: Tensor, relu: bool, block_m: int, block_g: int) -> Tensor:
+def _select_triton(h: Tensor, relu: bool, block_m: int, block_k: int) -> Tensor:
     _need_triton()
     if h.shape[-1] % 4:
         raise ValueError(f"2:4 selection needs the last dim to be a multiple of 4, got {h.shape[-1]}")
-    x = _as_rows(h)
+    x = h.reshape(-1, h.shape[-1])  # a 2-D view stays a view, transposed or not
     out = torch.empty(x.shape, dtype=h.dtype, device=h.device)
     m, k = x.shape
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k // 4, block_g))
-    _sparse24_relu_kernel[grid](x, out, m, k, x.stride(0), out.stride(0), RELU=relu,
-                                BLOCK_M=block_m, BLOCK_G=block_g)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+    _select24_kernel[grid](x, out, m, k, x.stride(0), x.stride(1), out.stride(0), RELU=relu,
+                           BLOCK_M=block_m, BLOCK_K=block_k)
     return out.view(h.shape)
 
 
-def sparse24_relu_triton(h: Tensor, block_m: int = 32, block_g: int = 32) -> Tensor:
+def sparse24_relu_triton(h: Tensor, block_m: int = 16, block_k: int = 256) -> Tensor:
     """relu(h) with 2 of every 4 kept (CUDA tensors, or CPU tensors in the Triton interpreter)."""
-    return _select_triton(h, True, block_m, block_g)
+    return _select_triton(h, True, block_m, block_k)
 
 
-def sparse24_select_triton(x: Tensor, block_m: int = 32, block_g: int = 32) -> Tensor:
+def sparse24_select_triton(x: Tensor, block_m: int = 16, block_k: int = 256) -> Tensor:
     """x with the 2 largest magnitudes of every 4 kept: the kernel of `sparse24_mask_reference`."""
-    return _select_triton(x, False, block_m, block_g)
+    return _select_triton(x, False, block_m, block_k)
 
 
 def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 32, block_c: int = 8) -> tuple[Tensor, Tensor]:
@@ -351,16 +370,33 @@ def _cutlass_mm(a: Tensor, b: Tensor, select: bool) -> Tensor:
     return out[: a.shape[0], : b.shape[1]].contiguous()
 
 
+_CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device) -> cuSPARSELt algorithm id
+
+
+def _cslt_algorithm(compressed: Tensor, a: Tensor, b: Tensor) -> int:
+    """cuSPARSELt's fastest algorithm for this problem, searched once per shape (0 if no search)."""
+    key = (tuple(a.shape), tuple(b.shape), b.stride(), a.dtype, a.device)
+    if key not in _CSLT_ALGORITHMS:
+        try:
+            _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b))
+        except (RuntimeError, AttributeError):  # no search in this build: the default algorithm
+            _CSLT_ALGORITHMS[key] = 0
+    return _CSLT_ALGORITHMS[key]
+
+
 def _cusparselt_mm(a: Tensor, b: Tensor, select: bool) -> Tensor:
     # cuSPARSELt has its own (opaque) compressed format and keeps whatever 2 of 4 it finds: an
     # `a` that is not 2:4 yet (the token-wise selection of the weight gradient) is selected first.
-    m = a.shape[0]
+    m, n = a.shape[0], b.shape[1]
     extra = (-m) % 16
     if select:
         a = sparse24_select_triton(a)
-    a = torch.nn.functional.pad(a, (0, 0, 0, extra)) if extra else a
-    out = torch._cslt_sparse_mm(torch._cslt_compress(a.contiguous()), _pad_cols(b, 8))
-    return out[:m, : b.shape[1]].contiguous()
+    a = torch.nn.functional.pad(a, (0, 0, 0, extra)) if extra else a.contiguous()
+    b = _pad_cols(b, 8)
+    compressed = torch._cslt_compress(a)
+    out = torch._cslt_sparse_mm(compressed, b, alg_id=_cslt_algorithm(compressed, a, b))
+    # Padding sliced off; the copy keeps the output contiguous, as the op's fake promises.
+    return out[:m, :n].contiguous() if out.shape != (m, n) else out
 
 
 _SPARSE_MM = {"cutlass": _cutlass_mm, "cusparselt": _cusparselt_mm}

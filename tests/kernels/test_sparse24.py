@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 64), (37, 128), (64, 32), (100, 192)]  # token counts off the 32-row alignment included
-RELU_SHAPES = SHAPES + [(5, 4), (7, 36)]  # selection alone needs only K % 4 == 0
+RELU_SHAPES = SHAPES + [(5, 4), (7, 36), (3, 516)]  # selection alone needs only K % 4 == 0 (516: 2 tiles + a part)
 ALL_DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 PACK_DTYPES = [torch.float16, torch.bfloat16]
 # Selection and packing move values without arithmetic, so they are exact; matmuls are not.
