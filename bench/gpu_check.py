@@ -66,6 +66,7 @@ def kernels_sparse24():
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
     from fvcompile.kernels import sparse24 as k24
+    from fvcompile.kernels import sparse24_cslt as cslt
 
     done = 0
     # The interpreter rounds bf16 its own way (NOTES.md): the CPU dry run checks fp16 only.
@@ -73,6 +74,9 @@ def kernels_sparse24():
         for m, k in ((64, 128), (100, 256), (4096, 21504))[: 3 if DEVICE == "cuda" else 2]:
             h = torch.randn(m, k, device=DEVICE, dtype=dtype)
             torch.testing.assert_close(k24.sparse24_relu_triton(h), k24.sparse24_relu_reference(h), atol=0, rtol=0)
+            assert torch.equal(cslt.cslt_pack_triton(h).view(torch.int16), cslt.cslt_pack_reference(h).view(torch.int16))
+            assert torch.equal(cslt.cslt_pack_triton(torch.relu(h), square=True).view(torch.int16),
+                               cslt.cslt_pack_reference(torch.relu(h), square=True).view(torch.int16))
             ht = h.t()  # the weight gradient's selection reads a transposed view in place
             torch.testing.assert_close(k24.sparse24_select_triton(ht), k24.sparse24_mask_reference(ht), atol=0, rtol=0)
             values, meta = k24.relu2_sparse24_pack_triton(h)
@@ -86,6 +90,13 @@ def kernels_sparse24():
             b = torch.randn(k, 64, device=DEVICE, dtype=dtype)
             out = torch.ops.fvcompile.sparse24_mm(dense, b)
             torch.testing.assert_close(out.float(), (dense.float() @ b.float()), atol=0.5, rtol=5e-2)
+            r = k24.sparse24_relu_reference(h)  # square=True: r² @ b with r² never written
+            out = torch.ops.fvcompile.sparse24_mm(r, b, select=False, square=True)
+            torch.testing.assert_close(out.float(), (dense.float() @ b.float()), atol=0.5, rtol=5e-2)
+            bt = torch.randn(m, 64, device=DEVICE, dtype=dtype)  # selection along tokens, transposed view
+            out = torch.ops.fvcompile.sparse24_mm(h.t(), bt)
+            torch.testing.assert_close(out.float(), k24.sparse24_mask_reference(h.t()).float() @ bt.float(),
+                                       atol=0.5, rtol=5e-2)
             done += 1
     h = torch.randn(256, 512, device=DEVICE, dtype=torch.float16, requires_grad=True)
     out = torch.ops.fvcompile.sparse24_relu(h)

@@ -1,6 +1,7 @@
 """Where a 2:4 FFN's time goes on a GPU: each piece of the sparse path timed alone.
 
-The first H100 run (2026-11-26) found the sparse24 FFN slower than dense (0.33x forward).
+The first H100 runs (2026-11-26) found the sparse24 FFN slower than dense (0.33x forward):
+torch._cslt_compress took 6.7 ms where the sparse matmul takes 1.36 ms.
 This times, at one Llama-3-8B shape (tokens x 21504 hidden x 4096), every piece the sparse path
 could be built from, next to the dense matmul each one must beat, so that one GPU call shows
 what to fix:
@@ -24,6 +25,7 @@ import json
 import torch
 
 from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels import sparse24_cslt as cslt
 
 
 def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.bfloat16,
@@ -61,22 +63,23 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
 
     rw = 2 * m * k * elem  # read one activation, write one
     record("relu(h)^2 eager (2 kernels)", lambda: lambda: torch.relu(h).square(), 2 * rw)
-    for bm, bk in ((16, 256), (32, 128), (8, 512), (32, 256), (64, 64), (4, 1024)):
-        record(f"triton 2:4 relu select {bm}x{bk}",
-               lambda bm=bm, bk=bk: lambda: k24.sparse24_relu_triton(h, block_m=bm, block_k=bk), rw)
-    record("triton 2:4 magnitude select of Aᵀ (transposed view) 16x256",
-           lambda: lambda: k24.sparse24_select_triton(a.t()), rw)
-    record("triton 2:4 magnitude select of Aᵀ (transposed view) 64x64",
-           lambda: lambda: k24.sparse24_select_triton(a.t(), block_m=64, block_k=64), rw)
+    record("triton 2:4 relu select 16x256", lambda: lambda: k24.sparse24_relu_triton(h), rw)
     record("Aᵀ.contiguous() (a plain transpose copy)", lambda: lambda: a.t().contiguous(), rw)
     record("torch._cslt_compress(A)", lambda: lambda: torch._cslt_compress(a), rw * 3 // 4)
     record("torch._sparse_semi_structured_tile(A) cuSPARSELt (2:4 both ways)",
            lambda: lambda: torch._sparse_semi_structured_tile(a, "", False), rw)
-    record("torch._sparse_semi_structured_tile(A) CUTLASS",
-           lambda: lambda: torch._sparse_semi_structured_tile(a, "", True), rw)
     record("triton relu2+2:4+pack CUTLASS layout 32x8", lambda: lambda: k24.relu2_sparse24_pack_triton(h), rw)
+    packed = rw * 3 // 4  # read one activation, write half of it plus metadata
+    for bm, bk in ((32, 128), (16, 256), (64, 64), (32, 256), (64, 128)):
+        record(f"triton 2:4 select+pack cuSPARSELt layout, A, {bm}x{bk}",
+               lambda bm=bm, bk=bk: lambda: cslt.cslt_pack_triton(a, block_m=bm, block_k=bk), packed)
+    record("triton 2:4 select+square+pack cuSPARSELt layout, r", lambda: lambda: cslt.cslt_pack_triton(r, True), packed)
+    record("triton 2:4 select+pack cuSPARSELt layout, Aᵀ (transposed view)",
+           lambda: lambda: cslt.cslt_pack_triton(a.t()), packed)
+    record("triton 2:4 select+pack cuSPARSELt layout, Aᵀ (transposed view) 64x64",
+           lambda: lambda: cslt.cslt_pack_triton(a.t(), block_m=64, block_k=64), packed)
 
-    def cslt(sparse, b, search=False):
+    def cusparselt(sparse, b, search=False):
         compressed = torch._cslt_compress(sparse)
         alg = int(torch._cslt_sparse_mm_search(compressed, b)) if search else 0
         if search:
@@ -85,37 +88,30 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
 
     f = 2 * m * k * n
     record("fwd  Y = A W2ᵀ dense (cuBLAS, W2ᵀ a view)", lambda: lambda: torch.mm(a, w2.t()), flops=f)
-    record("fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ view, alg 0", lambda: cslt(a, w2.t()), flops=f)
-    record("fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ view, searched", lambda: cslt(a, w2.t(), True), flops=f)
+    record("fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ view, searched", lambda: cusparselt(a, w2.t(), True), flops=f)
     w2t = w2.t().contiguous()
-    record("fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ contiguous, searched", lambda: cslt(a, w2t, True), flops=f)
+    record("fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ contiguous, searched", lambda: cusparselt(a, w2t, True), flops=f)
     record("bwd  dX = dH W1 dense", lambda: lambda: torch.mm(dh, w1), flops=f)
-    record("bwd  dX = dH W1 cuSPARSELt, searched", lambda: cslt(dh, w1, True), flops=f)
+    record("bwd  dX = dH W1 cuSPARSELt, searched", lambda: cusparselt(dh, w1, True), flops=f)
     record("bwd  dW2 = dYᵀ A dense", lambda: lambda: torch.mm(dy.t(), a), flops=f)
     at24 = k24.sparse24_select_triton(a.t())
-    record("bwd  dW2ᵀ = S(Aᵀ) dY cuSPARSELt, searched", lambda: cslt(at24, dy, True), flops=f)
+    record("bwd  dW2ᵀ = S(Aᵀ) dY cuSPARSELt, searched", lambda: cusparselt(at24, dy, True), flops=f)
     record("bwd  dW1 = dHᵀ X dense", lambda: lambda: torch.mm(dh.t(), x), flops=f)
-
-    def tile_t():  # the transposable 2:4 pattern: Aᵀ's compressed form comes with the forward's
-        packed, _, packed_t, _, _ = torch._sparse_semi_structured_tile(a, "", False)
-        alg = int(torch._cslt_sparse_mm_search(packed_t, dy))
-        return lambda: torch._cslt_sparse_mm(packed_t, dy, alg_id=alg)
-
-    record("bwd  dW2ᵀ = tile(A)ᵀ dY cuSPARSELt (packed_t), searched", tile_t, flops=f)
-
-    def cutlass():
-        values, meta = k24.relu2_sparse24_pack_triton(h)
-        return lambda: torch._sparse_semi_structured_mm(values, meta, w2.t())
-
-    record("fwd  Y = A W2ᵀ CUTLASS (_sparse_semi_structured_mm)", cutlass, flops=f)
-    record("op   sparse24_mm(A, W2ᵀ, select=False) (compress + mm)",
-           lambda: lambda: torch.ops.fvcompile.sparse24_mm(a, w2.t(), select=False), flops=f)
-    record("op   sparse24_mm(Aᵀ, dY) (select + compress + mm)",
-           lambda: lambda: torch.ops.fvcompile.sparse24_mm(a.t(), dy), flops=f)
+    rows.append({"part": f"  (sparse matmul backend: {k24.sparse_mm_backend(a.device)})", "ms": None})
+    sparse_mm = torch.ops.fvcompile.sparse24_mm
+    record("op   sparse24_mm(A, W2ᵀ, select=False) (pack + mm)",
+           lambda: lambda: sparse_mm(a, w2.t(), select=False), flops=f)
+    record("op   sparse24_mm(r, W2ᵀ, square=True) (square+pack + mm)",
+           lambda: lambda: sparse_mm(r, w2.t(), select=False, square=True), flops=f)
+    record("op   sparse24_mm(dH, W1, select=False) (pack + mm)",
+           lambda: lambda: sparse_mm(dh, w1, select=False), flops=f)
+    record("op   sparse24_mm(Aᵀ, dY) (select along tokens + pack + mm)",
+           lambda: lambda: sparse_mm(a.t(), dy), flops=f)
+    record("op   sparse24_mm(rᵀ, dY, square=True)", lambda: lambda: sparse_mm(r.t(), dy, square=True), flops=f)
     record("e2e  relu(h)² W2ᵀ dense eager", lambda: lambda: torch.mm(torch.relu(h).square(), w2.t()), flops=f)
-    record("e2e  sparse24_mm(sparse24_relu(h)², W2ᵀ) eager",
-           lambda: lambda: torch.ops.fvcompile.sparse24_mm(torch.ops.fvcompile.sparse24_relu(h).square(),
-                                                           w2.t(), select=False), flops=f)
+    record("e2e  sparse24_mm(sparse24_relu(h), W2ᵀ, square=True) eager",
+           lambda: lambda: sparse_mm(torch.ops.fvcompile.sparse24_relu(h), w2.t(), select=False, square=True),
+           flops=f)
     return rows
 
 

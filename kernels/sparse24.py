@@ -318,17 +318,25 @@ _BACKENDS: dict[int, str | None] = {}  # CUDA device index -> "cutlass", "cuspar
 
 def _probe(backend: str, device: torch.device) -> bool:
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(64, 128, device=device, dtype=torch.float16, generator=gen)
+    a = torch.randn(96, 128, device=device, dtype=torch.float16, generator=gen)  # 96: padded rows too
     b = torch.randn(128, 64, device=device, dtype=torch.float16, generator=gen)
     a = sparse24_mask_reference(a)
-    out = _SPARSE_MM[backend](a, b, False)
+    out = _SPARSE_MM[backend](a, b, False, False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return bool(torch.allclose(out.float(), a.float() @ b.float(), atol=0.1, rtol=1e-2))
 
 
+BACKENDS = ("cutlass", "cusparselt", "cusparselt-compress")  # in order of preference
+
+
 def sparse_mm_backend(device) -> str | None:
-    """The 2:4 sparse matmul this device runs ("cutlass" or "cusparselt"), or None.
+    """The 2:4 sparse matmul this device runs, or None:
+
+    - "cutlass": our CUTLASS-layout pack + `torch._sparse_semi_structured_mm` (sm8x only);
+    - "cusparselt": our cuSPARSELt-layout pack (kernels/sparse24_cslt.py) + `torch._cslt_sparse_mm`;
+    - "cusparselt-compress": `torch._cslt_compress` + `torch._cslt_sparse_mm` (slow compress;
+      for a GPU whose cuSPARSELt layout differs from the one our pack writes).
 
     Needs a CUDA GPU of compute capability 8.0 or newer, and a one-time probe (a small sparse
     matmul checked against the dense product) to succeed; cached per device.
@@ -343,7 +351,7 @@ def sparse_mm_backend(device) -> str | None:
             from torch._subclasses.fake_tensor import unset_fake_temporarily
 
             with unset_fake_temporarily():  # passes may ask while a fake mode is active
-                for backend in ("cutlass", "cusparselt"):
+                for backend in BACKENDS:
                     try:
                         if _probe(backend, torch.device("cuda", index)):
                             found = backend
@@ -364,7 +372,13 @@ def _pad_cols(b: Tensor, multiple: int) -> Tensor:
     return torch.nn.functional.pad(b, (0, extra)) if extra else b
 
 
-def _cutlass_mm(a: Tensor, b: Tensor, select: bool) -> Tensor:
+def _squared(x: Tensor) -> Tensor:
+    return (x.float() ** 2).to(x.dtype)  # squared in fp32, rounded once: as the kernels do
+
+
+def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool) -> Tensor:
+    if square:
+        a = _squared(a)  # selecting on a or a² keeps the same values
     values, meta = sparse24_pack_triton(a)  # selects by magnitude as it packs: no extra pass
     out = torch._sparse_semi_structured_mm(values, meta, _pad_cols(b, 8))
     return out[: a.shape[0], : b.shape[1]].contiguous()
@@ -373,9 +387,9 @@ def _cutlass_mm(a: Tensor, b: Tensor, select: bool) -> Tensor:
 _CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device) -> cuSPARSELt algorithm id
 
 
-def _cslt_algorithm(compressed: Tensor, a: Tensor, b: Tensor) -> int:
+def _cslt_algorithm(compressed: Tensor, b: Tensor) -> int:
     """cuSPARSELt's fastest algorithm for this problem, searched once per shape (0 if no search)."""
-    key = (tuple(a.shape), tuple(b.shape), b.stride(), a.dtype, a.device)
+    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device)
     if key not in _CSLT_ALGORITHMS:
         try:
             _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b))
@@ -384,22 +398,34 @@ def _cslt_algorithm(compressed: Tensor, a: Tensor, b: Tensor) -> int:
     return _CSLT_ALGORITHMS[key]
 
 
-def _cusparselt_mm(a: Tensor, b: Tensor, select: bool) -> Tensor:
-    # cuSPARSELt has its own (opaque) compressed format and keeps whatever 2 of 4 it finds: an
-    # `a` that is not 2:4 yet (the token-wise selection of the weight gradient) is selected first.
-    m, n = a.shape[0], b.shape[1]
-    extra = (-m) % 16
-    if select:
-        a = sparse24_select_triton(a)
-    a = torch.nn.functional.pad(a, (0, 0, 0, extra)) if extra else a.contiguous()
+def _cslt_mm(compressed: Tensor, b: Tensor, m: int) -> Tensor:
+    n = b.shape[1]
     b = _pad_cols(b, 8)
-    compressed = torch._cslt_compress(a)
-    out = torch._cslt_sparse_mm(compressed, b, alg_id=_cslt_algorithm(compressed, a, b))
+    out = torch._cslt_sparse_mm(compressed, b, alg_id=_cslt_algorithm(compressed, b))
     # Padding sliced off; the copy keeps the output contiguous, as the op's fake promises.
     return out[:m, :n].contiguous() if out.shape != (m, n) else out
 
 
-_SPARSE_MM = {"cutlass": _cutlass_mm, "cusparselt": _cusparselt_mm}
+def _cusparselt_mm(a: Tensor, b: Tensor, select: bool, square: bool) -> Tensor:
+    from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
+
+    # One pass over `a` (a transposed view is read in place): select, square, pack.
+    return _cslt_mm(cslt_pack_triton(a, square=square), b, a.shape[0])
+
+
+def _cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool) -> Tensor:
+    # cuSPARSELt's own compress keeps whatever 2 of 4 it finds: an `a` that is not 2:4 yet (the
+    # token-wise selection of the weight gradient) is selected first.
+    m = a.shape[0]
+    if select:
+        a = sparse24_select_triton(a)
+    if square:
+        a = _squared(a)
+    a = torch.nn.functional.pad(a, (0, 0, 0, (-m) % 16)).contiguous()
+    return _cslt_mm(torch._cslt_compress(a), b, m)
+
+
+_SPARSE_MM = {"cutlass": _cutlass_mm, "cusparselt": _cusparselt_mm, "cusparselt-compress": _cusparselt_compress_mm}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,34 +527,42 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 
 
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
-def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True) -> Tensor:
-    """mask24(a) @ b for a (M, K) and a dense b (K, N).
+def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True,
+                square: bool = False) -> Tensor:
+    """mask24(a) @ b for a (M, K) and a dense b (K, N); with square=True, mask24(a)² @ b.
 
-    select=False is the caller's promise that `a` already is 2:4 along K (the forward's relu²,
-    the backward's dH): the op then skips the selection, a full pass over `a` (mask24(a) == a).
+    select=False is the caller's promise that `a` already is 2:4 along K (the forward's sparse relu,
+    the backward's dH); the emulation then skips the selection (mask24(a) == a). square=True lets
+    the forward pass the sparse relu r itself for relu(h)² = r², so that r² is never written out.
     """
     if _in_dense_warmup(schedule, dense_steps, count_step=False):
+        a = _squared(a) if square else a
         return (a @ b).contiguous()  # during the warm-up `a` is dense
     if sparse_mm_applies(a, b):
-        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select)
-    return ((sparse24_mask_reference(a) if select else a) @ b).contiguous()  # emulated
+        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select, square)
+    a = sparse24_mask_reference(a) if select else a
+    return ((_squared(a) if square else a) @ b).contiguous()  # emulated
 
 
 @sparse24_mm.register_fake
-def _(a, b, schedule="", dense_steps=0, select=True):
+def _(a, b, schedule="", dense_steps=0, select=True, square=False):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps, select = inputs
+    a, b, schedule, dense_steps, select, square = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
     keep = mask24(a.abs()) if select and not dense else torch.ones_like(a, dtype=torch.bool)
+    ctx.square = square
     ctx.save_for_backward(keep, torch.where(keep, a, 0), b)
 
 
 def _sparse24_mm_backward(ctx, grad):
     keep, a_kept, b = ctx.saved_tensors
-    return (grad @ b.t()) * keep, a_kept.t() @ grad, None, None, None
+    grad_a = (grad @ b.t()) * keep
+    if ctx.square:  # d(a²)/da = 2a
+        return 2 * a_kept * grad_a, _squared(a_kept).t() @ grad, None, None, None, None
+    return grad_a, a_kept.t() @ grad, None, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

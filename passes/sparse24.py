@@ -175,6 +175,30 @@ def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
     return found
 
 
+def _as_sparse_relu(graph: fx.Graph, operand: fx.Node, square: fx.Node, sparse: fx.Node,
+                    before: fx.Node) -> fx.Node | None:
+    """`operand` = views(casts(square(casts(r)))) for the sparse relu r: the same views of r itself,
+    inserted before `before`, so a sparse matmul can read r and square it as it packs (r² is then
+    never written out). None where that would change the numbers: r in another dtype than `operand`
+    (squaring in r's dtype would round differently)."""
+    views, cur = [], operand
+    while cur is not square:
+        if cur.op != "call_function" or cur.target not in CASTS | VIEWS:
+            return None
+        if cur.target in VIEWS:
+            views.append(cur)
+        cur = cur.args[0]
+    dtype = sparse.meta["val"].dtype
+    if any(n.meta["val"].dtype != dtype for n in [operand, *views]):
+        return None
+    r = sparse
+    with graph.inserting_before(before):
+        for view in reversed(views):
+            r = graph.call_function(view.target, (r, *view.args[1:]), dict(view.kwargs))
+            r.meta = dict(view.meta)
+    return r
+
+
 class Sparse24(GraphPass):
     name = "sparse24"
     hook = "joint"
@@ -305,13 +329,18 @@ class Sparse24(GraphPass):
         graph.erase_node(relu)
         done = ["relu -> sparse24_relu"]
         if training and self.sparse_weight_grad:
-            done += self._sparse_weight_grad(graph, m, key, dense_steps)
+            done += self._sparse_weight_grad(graph, m, sparse, key, dense_steps)
         if not use_mm:
             return "; ".join(done)
 
+        squared_in_kernel = 0
         for mm in m.matmuls:
-            self._to_sparse_mm(graph, mm, key, dense_steps)
-        done.append(f"{len(m.matmuls)} forward matmul(s) -> sparse24_mm")
+            operand = mm.args[0] if mm.target == aten.mm.default else mm.args[1]
+            r = _as_sparse_relu(graph, operand, m.square, sparse, mm)
+            squared_in_kernel += r is not None
+            self._to_sparse_mm(graph, mm, key, dense_steps, relu_of=r)
+        done.append(f"{len(m.matmuls)} forward matmul(s) -> sparse24_mm"
+                    + (" (reads r, squares as it packs)" if squared_in_kernel == len(m.matmuls) else ""))
         # Backward: dX = dH · W1, with dH = relu's gradient (2:4 along the hidden dim, K here).
         dx = []
         for dh in _relu_grad_nodes(sparse):
@@ -325,9 +354,10 @@ class Sparse24(GraphPass):
         return "; ".join(done)
 
     @staticmethod
-    def _sparse_weight_grad(graph: fx.Graph, m: Match, key: str, dense_steps: int) -> list[str]:
+    def _sparse_weight_grad(graph: fx.Graph, m: Match, sparse: fx.Node, key: str, dense_steps: int) -> list[str]:
         """dW2 = mm(permute(dY), A) -> permute(sparse24_mm(permute(A), dY)): A's transpose is
-        2:4-selected along its last dim, the tokens (the reduction dim of this matmul)."""
+        2:4-selected along its last dim, the tokens (the reduction dim of this matmul). Where A is
+        r² (r the sparse relu), the op reads r and squares as it packs: A is never written."""
         done = []
         for fwd in m.matmuls:
             a = fwd.args[0] if fwd.target == aten.mm.default else fwd.args[1]
@@ -336,28 +366,32 @@ class Sparse24(GraphPass):
                 if not (user.args[1:] == (a,) and grad_t is not None
                         and grad_t.target == aten.permute.default and list(grad_t.args[1]) == [1, 0]):
                     continue
+                r = _as_sparse_relu(graph, a, m.square, sparse, user)
                 with graph.inserting_before(user):
-                    a_t = graph.call_function(aten.permute.default, (a, [1, 0]))
-                    sparse = graph.call_function(fvc.sparse24_mm.default,
-                                                 (a_t, grad_t.args[0], key, dense_steps, True))
-                    d_w = graph.call_function(aten.permute.default, (sparse, [1, 0]))
+                    a_t = graph.call_function(aten.permute.default, (a if r is None else r, [1, 0]))
+                    sparse_mm = graph.call_function(fvc.sparse24_mm.default,
+                                                    (a_t, grad_t.args[0], key, dense_steps, True, r is not None))
+                    d_w = graph.call_function(aten.permute.default, (sparse_mm, [1, 0]))
                 for node, val in ((a_t, a.meta["val"].t()),
-                                  (sparse, user.meta["val"].t()), (d_w, user.meta["val"])):
+                                  (sparse_mm, user.meta["val"].t()), (d_w, user.meta["val"])):
                     node.meta = {**user.meta, "val": val}
                 user.replace_all_uses_with(d_w)
                 graph.erase_node(user)
-                done.append("dW2 matmul -> sparse24_mm (2:4 along tokens)")
+                done.append("dW2 matmul -> sparse24_mm (2:4 along tokens" + (", reads r)" if r is not None else ")"))
         return done
 
     @staticmethod
-    def _to_sparse_mm(graph: fx.Graph, mm: fx.Node, key: str, dense_steps: int) -> None:
+    def _to_sparse_mm(graph: fx.Graph, mm: fx.Node, key: str, dense_steps: int,
+                      relu_of: fx.Node | None = None) -> None:
+        """mm/addmm(a, b) -> sparse24_mm(a, b); with `relu_of` (r, where a = r²), sparse24_mm(r, b, square)."""
         if mm.target == aten.addmm.default:
             bias, a, b = mm.args
         else:
             (a, b), bias = mm.args, None
         with graph.inserting_before(mm):
             # `a` is 2:4 already (relu² of the sparse relu, or dH): no second selection.
-            new = graph.call_function(fvc.sparse24_mm.default, (a, b, key, dense_steps, False))
+            args = (a, b, key, dense_steps, False) if relu_of is None else (relu_of, b, key, dense_steps, False, True)
+            new = graph.call_function(fvc.sparse24_mm.default, args)
             new.meta = dict(mm.meta)
             if bias is not None:
                 new = graph.call_function(aten.add.Tensor, (new, bias))

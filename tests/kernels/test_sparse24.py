@@ -270,25 +270,39 @@ def test_sparse_mm_on_sparse_tensor_cores(dtype, m):
 
 @pytest.fixture
 def fake_sparse_matmuls(monkeypatch):
-    """Stand-ins with the real call signatures: the CUTLASS matmul unpacks our metadata, the
-    cuSPARSELt "compression" keeps the tensor as it is (so a missing selection would show)."""
+    """Stand-ins with the real call signatures: the CUTLASS matmul unpacks our CUTLASS metadata,
+    the cuSPARSELt matmul unpacks our cuSPARSELt layout, and cuSPARSELt's own "compression" keeps
+    the tensor as it is (so a missing selection would show)."""
+    from fvcompile.kernels.sparse24_cslt import cslt_unpack_reference
+
     def cutlass_mm(values, meta, b):
         return s24.unpack_reference(values, meta, values.shape[0]) @ b
 
+    def cslt_mm(c, b, **kwargs):
+        dense = c if c.shape[1] == b.shape[0] else cslt_unpack_reference(c, c.shape[0], b.shape[0])
+        return dense @ b
+
     monkeypatch.setattr(torch, "_sparse_semi_structured_mm", cutlass_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_compress", lambda a: a, raising=False)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda c, b, **kwargs: c @ b, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", cslt_mm, raising=False)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="stand-ins for the CUDA-only matmuls")
-@pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
-def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend):
+@pytest.mark.parametrize("backend", s24.BACKENDS)
+@pytest.mark.parametrize("square", [False, True])
+def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend, square):
     a = randn(50, 128, dtype=torch.float16)  # dense: the backend must select (select=True)
     b = randn(128, 20, dtype=torch.float16)  # N not a multiple of 8: padded, then sliced back
     masked = s24.sparse24_mask_reference(a)
-    expected = masked.float() @ b.float()
-    torch.testing.assert_close(s24._SPARSE_MM[backend](a, b, True).float(), expected, **MM_TOL[torch.float16])
-    out = s24._SPARSE_MM[backend](masked, b, False)
+    operand = (masked.float() ** 2).half() if square else masked
+    expected = operand.float() @ b.float()
+    torch.testing.assert_close(s24._SPARSE_MM[backend](a, b, True, square).float(), expected,
+                               **MM_TOL[torch.float16])
+    out = s24._SPARSE_MM[backend](masked, b, False, square)
     assert out.shape == (50, 20)
     torch.testing.assert_close(out.float(), expected, **MM_TOL[torch.float16])
+    # A transposed view (the weight gradient's operand) is read as it is.
+    at = randn(128, 50, dtype=torch.float16).t()
+    torch.testing.assert_close(s24._SPARSE_MM[backend](at, b, True, False).float(),
+                               s24.sparse24_mask_reference(at).float() @ b.float(), **MM_TOL[torch.float16])
     assert s24._probe(backend, torch.device("cpu"))

@@ -115,6 +115,8 @@ def test_sparse_matmul_rewrite_forward_and_dx(form):
     assert_step_close(got, run_step(lambda t: reference(model, t), model, x, grad_out))
     (site,) = sites(optimized)
     assert "1 forward matmul(s) -> sparse24_mm" in site.detail and "dX matmul -> sparse24_mm" in site.detail
+    # r² is never written: the matmul reads the sparse relu r and squares it as it packs.
+    assert "(reads r, squares as it packs)" in site.detail
 
 
 class TokenSparseLinear(torch.autograd.Function):
@@ -155,7 +157,7 @@ def test_sparse_weight_grad_selects_along_tokens(tokens, sparse_mm):
     for name in ("x", "w1.weight"):
         torch.testing.assert_close(got[1][name], exact[1][name], atol=1e-5, rtol=1e-4)
     (site,) = sites(optimized)
-    assert "dW2 matmul -> sparse24_mm (2:4 along tokens)" in site.detail
+    assert "dW2 matmul -> sparse24_mm (2:4 along tokens, reads r)" in site.detail
 
 
 def test_sparse_weight_grad_leaves_inference_alone():

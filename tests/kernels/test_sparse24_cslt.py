@@ -1,0 +1,94 @@
+"""Packing into cuSPARSELt's compressed format: the reference against bytes an H100 wrote, the
+Triton kernel (interpreter on CPU) against the reference, and, on a GPU, the matmul it feeds.
+
+tests/kernels/data/cslt_compress_h100.pt holds `torch._cslt_compress` outputs recorded on an H100
+(torch 2.11 + CUDA 13, bench/cslt_layout_probe.py) for random 2:4 bf16 inputs whose kept values
+are their column numbers.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from fvcompile.kernels import sparse24 as s24
+from fvcompile.kernels import sparse24_cslt as cslt
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FIXTURE = Path(__file__).parent / "data" / "cslt_compress_h100.pt"
+SHAPES = [(1, 64), (37, 128), (64, 32), (100, 192), (130, 256)]
+
+
+def randn(*shape, dtype, seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+def meta_codes(flat: torch.Tensor, meta_start: int, m_pad: int, k: int) -> torch.Tensor:
+    byte, nibble = cslt._meta_byte_offsets(m_pad, k, flat.device)
+    return (flat[meta_start:].to(torch.int64)[byte] >> (4 * nibble)) & 15
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_reference_writes_the_bytes_cusparselt_wrote(case):
+    recorded = torch.load(FIXTURE)["cases"][case]
+    dense, raw = recorded["dense"], recorded["raw"]
+    m, k = dense.shape
+    ours = cslt.cslt_pack_reference(dense).reshape(-1).view(torch.uint8)
+    if m % cslt.ALIGN_M == 0:  # the same shape: the same bytes
+        assert tuple(recorded["compressed_shape"].tolist()) == cslt.compressed_shape(m, k)
+        assert torch.equal(ours, raw)
+    else:  # cuSPARSELt does not pad the values (we do, with zero rows): compare what is there
+        m_pad = cslt.padded_rows(m)
+        assert torch.equal(ours[: m * k], raw[: m * k])
+        assert torch.equal(meta_codes(ours, m_pad * k, m_pad, k)[:m], meta_codes(raw, m * k, m_pad, k)[:m])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("square", [False, True])
+def test_reference_unpacks_to_the_masked_tensor(shape, dtype, square):
+    x = randn(*shape, dtype=dtype)
+    packed = cslt.cslt_pack_reference(x, square=square)
+    assert packed.shape == cslt.compressed_shape(*shape)
+    masked = s24.sparse24_mask_reference(x)
+    expected = (masked.float() ** 2).to(dtype) if square else masked
+    assert torch.equal(cslt.cslt_unpack_reference(packed, *shape), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_equals_reference(shape, dtype):
+    x = randn(*shape, dtype=dtype)
+    assert torch.equal(cslt.cslt_pack_triton(x).view(torch.int16), cslt.cslt_pack_reference(x).view(torch.int16))
+
+
+def test_kernel_squares_and_reads_transposed_views():
+    # fp16: the interpreter rounds fp32 -> bf16 by truncation, so the squared bf16 case is checked on GPUs.
+    x = randn(192, 100, dtype=torch.float16).t()  # (100, 192), strides (1, 100)
+    for square in (False, True):
+        got = cslt.cslt_pack_triton(x, square=square)
+        assert torch.equal(got.view(torch.int16), cslt.cslt_pack_reference(x.contiguous(), square=square).view(torch.int16))
+    ragged_blocks = randn(50, 96, dtype=torch.float16)  # K not a multiple of the block's 128 columns
+    assert torch.equal(cslt.cslt_pack_triton(ragged_blocks, block_m=16, block_k=64).view(torch.int16),
+                       cslt.cslt_pack_reference(ragged_blocks).view(torch.int16))
+
+
+def test_kernel_rejects_widths_it_cannot_pack():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cslt.cslt_pack_triton(randn(4, 48, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuSPARSELt needs a GPU")
+@pytest.mark.parametrize("m", [64, 100, 4096])
+def test_packed_operand_multiplies_like_the_dense_one_on_gpu(m):
+    if s24.sparse_mm_backend("cuda") != "cusparselt":
+        pytest.skip(f"this GPU's backend is {s24.sparse_mm_backend('cuda')}")
+    x = randn(m, 512, dtype=torch.bfloat16)
+    b = randn(512, 256, dtype=torch.bfloat16)
+    compressed = cslt.cslt_pack_triton(x)
+    assert torch.equal(compressed.view(torch.int16), cslt.cslt_pack_reference(x).view(torch.int16))
+    out = torch._cslt_sparse_mm(compressed, b)[:m]
+    expected = s24.sparse24_mask_reference(x).float() @ b.float()
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=2e-2)
