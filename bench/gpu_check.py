@@ -77,6 +77,8 @@ def kernels_sparse24():
             assert torch.equal(cslt.cslt_pack_triton(h).view(torch.int16), cslt.cslt_pack_reference(h).view(torch.int16))
             assert torch.equal(cslt.cslt_pack_triton(torch.relu(h), square=True).view(torch.int16),
                                cslt.cslt_pack_reference(torch.relu(h), square=True).view(torch.int16))
+            assert torch.equal(cslt.cslt_pack_triton(h, square=True, relu=True).view(torch.int16),
+                               cslt.cslt_pack_reference(h, square=True, relu=True).view(torch.int16))
             ht = h.t()  # the weight gradient's selection reads a transposed view in place
             torch.testing.assert_close(k24.sparse24_select_triton(ht), k24.sparse24_mask_reference(ht), atol=0, rtol=0)
             values, meta = k24.relu2_sparse24_pack_triton(h)

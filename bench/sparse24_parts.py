@@ -103,6 +103,8 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
            lambda: lambda: sparse_mm(a, w2.t(), select=False), flops=f)
     record("op   sparse24_mm(r, W2ᵀ, square=True) (square+pack + mm)",
            lambda: lambda: sparse_mm(r, w2.t(), select=False, square=True), flops=f)
+    record("op   sparse24_mm(h, W2ᵀ, square=True, relu=True) (relu+select+square+pack + mm)",
+           lambda: lambda: sparse_mm(h, w2.t(), select=False, square=True, relu=True), flops=f)
     record("op   sparse24_mm(dH, W1, select=False) (pack + mm)",
            lambda: lambda: sparse_mm(dh, w1, select=False), flops=f)
     record("op   sparse24_mm(Aᵀ, dY) (select along tokens + pack + mm)",

@@ -373,10 +373,13 @@ def _pad_cols(b: Tensor, multiple: int) -> Tensor:
 
 
 def _squared(x: Tensor) -> Tensor:
-    return (x.float() ** 2).to(x.dtype)  # squared in fp32, rounded once: as the kernels do
+    # Squared in (at least) fp32 and rounded once, as the kernels do.
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) ** 2).to(x.dtype)
 
 
-def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool) -> Tensor:
+def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False) -> Tensor:
+    if relu:
+        a = torch.relu(a)
     if square:
         a = _squared(a)  # selecting on a or a² keeps the same values
     values, meta = sparse24_pack_triton(a)  # selects by magnitude as it packs: no extra pass
@@ -406,18 +409,20 @@ def _cslt_mm(compressed: Tensor, b: Tensor, m: int) -> Tensor:
     return out[:m, :n].contiguous() if out.shape != (m, n) else out
 
 
-def _cusparselt_mm(a: Tensor, b: Tensor, select: bool, square: bool) -> Tensor:
+def _cusparselt_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False) -> Tensor:
     from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
 
-    # One pass over `a` (a transposed view is read in place): select, square, pack.
-    return _cslt_mm(cslt_pack_triton(a, square=square), b, a.shape[0])
+    # One pass over `a` (a transposed view is read in place): relu, select, square, pack.
+    return _cslt_mm(cslt_pack_triton(a, square=square, relu=relu), b, a.shape[0])
 
 
-def _cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool) -> Tensor:
+def _cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False) -> Tensor:
     # cuSPARSELt's own compress keeps whatever 2 of 4 it finds: an `a` that is not 2:4 yet (the
     # token-wise selection of the weight gradient) is selected first.
     m = a.shape[0]
-    if select:
+    if relu:
+        a = torch.relu(a)
+    if select or relu:
         a = sparse24_select_triton(a)
     if square:
         a = _squared(a)
@@ -528,41 +533,47 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
 def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True,
-                square: bool = False) -> Tensor:
+                square: bool = False, relu: bool = False) -> Tensor:
     """mask24(a) @ b for a (M, K) and a dense b (K, N); with square=True, mask24(a)² @ b.
 
     select=False is the caller's promise that `a` already is 2:4 along K (the forward's sparse relu,
     the backward's dH); the emulation then skips the selection (mask24(a) == a). square=True lets
-    the forward pass the sparse relu r itself for relu(h)² = r², so that r² is never written out.
+    the forward pass the sparse relu r itself for relu(h)² = r², so that r² is never written out;
+    relu=True takes h itself (mask24(relu(h))[²] @ b: relu, 2:4, square and pack in one pass).
     """
     if _in_dense_warmup(schedule, dense_steps, count_step=False):
-        a = _squared(a) if square else a
-        return (a @ b).contiguous()  # during the warm-up `a` is dense
+        a = torch.relu(a) if relu else a
+        return ((_squared(a) if square else a) @ b).contiguous()  # during the warm-up `a` is dense
     if sparse_mm_applies(a, b):
-        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select, square)
-    a = sparse24_mask_reference(a) if select else a
+        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select, square, relu)
+    if relu:
+        a = torch.relu(a)
+    a = sparse24_mask_reference(a) if select or relu else a
     return ((_squared(a) if square else a) @ b).contiguous()  # emulated
 
 
 @sparse24_mm.register_fake
-def _(a, b, schedule="", dense_steps=0, select=True, square=False):
+def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps, select, square = inputs
+    a, b, schedule, dense_steps, select, square, relu = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
-    keep = mask24(a.abs()) if select and not dense else torch.ones_like(a, dtype=torch.bool)
+    a_in = torch.relu(a) if relu else a
+    keep = mask24(a_in.abs()) if (select or relu) and not dense else torch.ones_like(a, dtype=torch.bool)
+    if relu:
+        keep = keep & (a > 0)  # relu's own gradient
     ctx.square = square
-    ctx.save_for_backward(keep, torch.where(keep, a, 0), b)
+    ctx.save_for_backward(keep, torch.where(keep, a_in, 0), b)
 
 
 def _sparse24_mm_backward(ctx, grad):
     keep, a_kept, b = ctx.saved_tensors
     grad_a = (grad @ b.t()) * keep
     if ctx.square:  # d(a²)/da = 2a
-        return 2 * a_kept * grad_a, _squared(a_kept).t() @ grad, None, None, None, None
-    return grad_a, a_kept.t() @ grad, None, None, None, None
+        grad_a, a_kept = 2 * a_kept * grad_a, _squared(a_kept)
+    return grad_a, a_kept.t() @ grad, None, None, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

@@ -3,8 +3,9 @@
 `torch._cslt_compress` turns a 2:4 tensor into the operand of `torch._cslt_sparse_mm`, but on an
 H100 it runs at ~80 GB/s: 6.7 ms for an 8192 x 21504 bf16 activation, 3.7x the sparse matmul it
 feeds (bench/results, 2026-11-26). This kernel selects (2 largest magnitudes of every 4 along the
-last dim, optionally squaring the kept values: relu² of a sparse relu) and writes the same bytes at
-memory speed, reading strided inputs (a transposed view) in place.
+last dim; optionally of relu(x), and optionally squaring the kept values: relu(h)² straight from h)
+and writes the same bytes at memory speed (0.20 ms there), reading strided inputs (a transposed
+view) in place.
 
 The format, as `torch._cslt_compress` writes it for 16-bit types on sm90 (measured with
 bench/cslt_layout_probe.py; the probe's outputs are the test fixture tests/kernels/data/):
@@ -49,9 +50,15 @@ def _meta_byte_offsets(m_pad: int, k: int, device) -> tuple[Tensor, Tensor]:
     return byte, (r % 16) // 8
 
 
-def cslt_pack_reference(x: Tensor, square: bool = False) -> Tensor:
-    """Plain PyTorch: keep the 2 largest |x| of every 4 (ties: lower index), pack like cuSPARSELt."""
+def cslt_pack_reference(x: Tensor, square: bool = False, relu: bool = False) -> Tensor:
+    """Plain PyTorch: keep the 2 largest |x| of every 4 (ties: lower index), pack like cuSPARSELt.
+
+    relu: relu(x) first (then "largest" and "largest magnitude" agree); square: pack the kept
+    values squared (squared in fp32, rounded once).
+    """
     m, k = x.shape
+    if relu:
+        x = torch.relu(x)
     m_pad = padded_rows(m)
     x = torch.nn.functional.pad(x, (0, 0, 0, m_pad - m))
     keep = mask24(x.abs()).view(m_pad, k // 4, 4)
@@ -88,7 +95,7 @@ if triton is not None:
     from fvcompile.kernels.sparse24 import _keep_top2, _pick, _split4
 
     @triton.jit
-    def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, M, M_pad, K, stride_xm, stride_xk,
+    def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, M, M_pad, K, stride_xm, stride_xk, RELU: tl.constexpr,
                           SQUARE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # One (BLOCK_M, BLOCK_K) tile: BLOCK_M a multiple of 16, BLOCK_K of 32 (whole metadata tiles).
         G: tl.constexpr = BLOCK_K // 4
@@ -97,6 +104,8 @@ if triton is not None:
         load_mask = (rows[:, None] < M) & (cols[None, :] < K)  # rows >= M: zero padding
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=load_mask, other=0.0)
         x = x.to(tl.float32)
+        if RELU:
+            x = tl.maximum(x, 0.0)
         x0, x1, x2, x3 = _split4(x, BLOCK_M, BLOCK_K)
         k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
         # Exactly 2 are kept: the first is at 0, 1 or 2, the second at 1, 2 or 3.
@@ -125,7 +134,8 @@ if triton is not None:
         tl.store(meta_ptr + offset, byte.to(tl.uint8), mask=(r < M_pad) & (g < K // 4))
 
 
-def cslt_pack_triton(x: Tensor, square: bool = False, block_m: int = 32, block_k: int = 128) -> Tensor:
+def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, block_m: int = 16,
+                     block_k: int = 256) -> Tensor:
     """The Triton kernel of `cslt_pack_reference` (x 2-D, fp16/bf16, any strides, K % 32 == 0)."""
     if triton is None:
         raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
@@ -138,5 +148,5 @@ def cslt_pack_triton(x: Tensor, square: bool = False, block_m: int = 32, block_k
     meta = flat[m_pad * k // 2:].view(torch.uint8)
     grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
     _cslt_pack_kernel[grid](x, flat, meta, m, m_pad, k, x.stride(0), x.stride(1),
-                            SQUARE=square, BLOCK_M=block_m, BLOCK_K=block_k)
+                            RELU=relu, SQUARE=square, BLOCK_M=block_m, BLOCK_K=block_k)
     return out

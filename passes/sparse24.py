@@ -175,12 +175,12 @@ def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _as_sparse_relu(graph: fx.Graph, operand: fx.Node, square: fx.Node, sparse: fx.Node,
-                    before: fx.Node) -> fx.Node | None:
-    """`operand` = views(casts(square(casts(r)))) for the sparse relu r: the same views of r itself,
-    inserted before `before`, so a sparse matmul can read r and square it as it packs (r² is then
-    never written out). None where that would change the numbers: r in another dtype than `operand`
-    (squaring in r's dtype would round differently)."""
+def _same_views(graph: fx.Graph, operand: fx.Node, square: fx.Node, base: fx.Node,
+                before: fx.Node) -> fx.Node | None:
+    """`operand` = views(casts(square(casts(r)))) for the sparse relu r: the same views of `base`
+    (r, or relu's input h) inserted before `before`, so that a sparse matmul can read `base` and
+    square as it packs (r² is then never written out). None where that would change the numbers:
+    `base` in another dtype than `operand` (squaring in that dtype would round differently)."""
     views, cur = [], operand
     while cur is not square:
         if cur.op != "call_function" or cur.target not in CASTS | VIEWS:
@@ -188,15 +188,26 @@ def _as_sparse_relu(graph: fx.Graph, operand: fx.Node, square: fx.Node, sparse: 
         if cur.target in VIEWS:
             views.append(cur)
         cur = cur.args[0]
-    dtype = sparse.meta["val"].dtype
+    dtype = base.meta["val"].dtype
     if any(n.meta["val"].dtype != dtype for n in [operand, *views]):
         return None
-    r = sparse
+    r = base
     with graph.inserting_before(before):
         for view in reversed(views):
             r = graph.call_function(view.target, (r, *view.args[1:]), dict(view.kwargs))
             r.meta = dict(view.meta)
     return r
+
+
+def _erase_unused(graph: fx.Graph, square: fx.Node, sparse: fx.Node) -> None:
+    """Erase the square, the casts before it and the sparse relu where nothing reads them anymore."""
+    node = square
+    while node.op == "call_function" and not node.users:
+        up = node.args[0]
+        graph.erase_node(node)
+        if node is sparse:
+            return
+        node = up
 
 
 class Sparse24(GraphPass):
@@ -333,14 +344,19 @@ class Sparse24(GraphPass):
         if not use_mm:
             return "; ".join(done)
 
-        squared_in_kernel = 0
+        # The forward matmul reads r and squares as it packs (r² never written); in an inference
+        # graph, where nothing else needs r, it reads h itself: relu, 2:4, square and pack in one pass.
+        base = sparse if training else sparse.args[0]
+        fused = 0
         for mm in m.matmuls:
             operand = mm.args[0] if mm.target == aten.mm.default else mm.args[1]
-            r = _as_sparse_relu(graph, operand, m.square, sparse, mm)
-            squared_in_kernel += r is not None
-            self._to_sparse_mm(graph, mm, key, dense_steps, relu_of=r)
-        done.append(f"{len(m.matmuls)} forward matmul(s) -> sparse24_mm"
-                    + (" (reads r, squares as it packs)" if squared_in_kernel == len(m.matmuls) else ""))
+            views = _same_views(graph, operand, m.square, base, mm)
+            fused += views is not None
+            self._to_sparse_mm(graph, mm, key, dense_steps, of_relu=views, from_h=not training)
+        if not training:
+            _erase_unused(graph, m.square, sparse)
+        how = " (reads r, squares as it packs)" if training else " (reads h: relu, 2:4, square, pack in one pass)"
+        done.append(f"{len(m.matmuls)} forward matmul(s) -> sparse24_mm" + (how if fused == len(m.matmuls) else ""))
         # Backward: dX = dH · W1, with dH = relu's gradient (2:4 along the hidden dim, K here).
         dx = []
         for dh in _relu_grad_nodes(sparse):
@@ -366,7 +382,7 @@ class Sparse24(GraphPass):
                 if not (user.args[1:] == (a,) and grad_t is not None
                         and grad_t.target == aten.permute.default and list(grad_t.args[1]) == [1, 0]):
                     continue
-                r = _as_sparse_relu(graph, a, m.square, sparse, user)
+                r = _same_views(graph, a, m.square, sparse, user)
                 with graph.inserting_before(user):
                     a_t = graph.call_function(aten.permute.default, (a if r is None else r, [1, 0]))
                     sparse_mm = graph.call_function(fvc.sparse24_mm.default,
@@ -382,15 +398,17 @@ class Sparse24(GraphPass):
 
     @staticmethod
     def _to_sparse_mm(graph: fx.Graph, mm: fx.Node, key: str, dense_steps: int,
-                      relu_of: fx.Node | None = None) -> None:
-        """mm/addmm(a, b) -> sparse24_mm(a, b); with `relu_of` (r, where a = r²), sparse24_mm(r, b, square)."""
+                      of_relu: fx.Node | None = None, from_h: bool = False) -> None:
+        """mm/addmm(a, b) -> sparse24_mm(a, b); given `of_relu` (r where a = r², or h where
+        a = relu(h)² and from_h), sparse24_mm(of_relu, b, square=True[, relu=True])."""
         if mm.target == aten.addmm.default:
             bias, a, b = mm.args
         else:
             (a, b), bias = mm.args, None
         with graph.inserting_before(mm):
             # `a` is 2:4 already (relu² of the sparse relu, or dH): no second selection.
-            args = (a, b, key, dense_steps, False) if relu_of is None else (relu_of, b, key, dense_steps, False, True)
+            args = (a, b, key, dense_steps, False) if of_relu is None else (
+                of_relu, b, key, dense_steps, False, True, from_h)
             new = graph.call_function(fvc.sparse24_mm.default, args)
             new.meta = dict(mm.meta)
             if bias is not None:

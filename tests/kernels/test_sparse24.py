@@ -179,6 +179,28 @@ def test_sparse24_mm_equals_masked_dense(dtype):
     torch.testing.assert_close(b1.grad, b2.grad, **MM_TOL[dtype])
 
 
+@pytest.mark.parametrize("square, relu", [(True, False), (True, True), (False, True)])
+def test_sparse24_mm_square_and_relu_prologues(square, relu):
+    """square: mask24(a)² @ b; relu: mask24(relu(a))[²] @ b; forward and autograd vs the formula."""
+    a, b = randn(40, 128, dtype=torch.float64), randn(128, 16, dtype=torch.float64)
+
+    def formula(a, b):
+        x = torch.relu(a) if relu else a
+        x = torch.where(s24.mask24(x.detach().abs()), x, 0)
+        return (x * x if square else x) @ b
+
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    g = randn(40, 16, dtype=torch.float64)
+    out = torch.ops.fvcompile.sparse24_mm(a1, b1, select=not relu, square=square, relu=relu)
+    expected = formula(a2, b2)
+    torch.testing.assert_close(out, expected)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad)
+    torch.testing.assert_close(b1.grad, b2.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_sparse24_mm_select(dtype):
     """select=True (default) applies the 2:4 selection; select=False trusts `a` to be 2:4."""
@@ -305,4 +327,9 @@ def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend, s
     at = randn(128, 50, dtype=torch.float16).t()
     torch.testing.assert_close(s24._SPARSE_MM[backend](at, b, True, False).float(),
                                s24.sparse24_mask_reference(at).float() @ b.float(), **MM_TOL[torch.float16])
+    # relu=True: h itself, relu'd before the selection.
+    relu_h = s24.sparse24_mask_reference(torch.relu(a))
+    torch.testing.assert_close(s24._SPARSE_MM[backend](a, b, False, square, True).float(),
+                               ((relu_h.float() ** 2).half() if square else relu_h).float() @ b.float(),
+                               **MM_TOL[torch.float16])
     assert s24._probe(backend, torch.device("cpu"))

@@ -48,11 +48,12 @@ def test_reference_writes_the_bytes_cusparselt_wrote(case):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("square", [False, True])
-def test_reference_unpacks_to_the_masked_tensor(shape, dtype, square):
+@pytest.mark.parametrize("relu", [False, True])
+def test_reference_unpacks_to_the_masked_tensor(shape, dtype, square, relu):
     x = randn(*shape, dtype=dtype)
-    packed = cslt.cslt_pack_reference(x, square=square)
+    packed = cslt.cslt_pack_reference(x, square=square, relu=relu)
     assert packed.shape == cslt.compressed_shape(*shape)
-    masked = s24.sparse24_mask_reference(x)
+    masked = s24.sparse24_mask_reference(torch.relu(x) if relu else x)
     expected = (masked.float() ** 2).to(dtype) if square else masked
     assert torch.equal(cslt.cslt_unpack_reference(packed, *shape), expected)
 
@@ -67,9 +68,10 @@ def test_kernel_equals_reference(shape, dtype):
 def test_kernel_squares_and_reads_transposed_views():
     # fp16: the interpreter rounds fp32 -> bf16 by truncation, so the squared bf16 case is checked on GPUs.
     x = randn(192, 100, dtype=torch.float16).t()  # (100, 192), strides (1, 100)
-    for square in (False, True):
-        got = cslt.cslt_pack_triton(x, square=square)
-        assert torch.equal(got.view(torch.int16), cslt.cslt_pack_reference(x.contiguous(), square=square).view(torch.int16))
+    for square, relu in ((False, False), (True, False), (True, True)):
+        got = cslt.cslt_pack_triton(x, square=square, relu=relu)
+        expected = cslt.cslt_pack_reference(x.contiguous(), square=square, relu=relu)
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
     ragged_blocks = randn(50, 96, dtype=torch.float16)  # K not a multiple of the block's 128 columns
     assert torch.equal(cslt.cslt_pack_triton(ragged_blocks, block_m=16, block_k=64).view(torch.int16),
                        cslt.cslt_pack_reference(ragged_blocks).view(torch.int16))

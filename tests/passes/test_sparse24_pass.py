@@ -189,6 +189,9 @@ def test_inference_graph_and_dynamic_token_counts():
             torch.testing.assert_close(optimized(x), reference(model, x), atol=1e-5, rtol=1e-4)
     report = optimized.fvcompile_report
     assert len(report.graphs) == 1 and report.pass_runs("sparse24")[0].graph_kind == "inference"
+    # Nothing else needs the sparse relu: the matmul reads h and does relu, 2:4, square and pack.
+    (site,) = sites(optimized)
+    assert "(reads h: relu, 2:4, square, pack in one pass)" in site.detail
 
 
 # ---- what must not match ----------------------------------------------------------------------
