@@ -192,7 +192,7 @@ def main() -> None:
     for c in CHECKS:
         print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}  ({c['s']:.1f} s)  {c['detail'][:150]}")
     for r in bench.get("sparse24", {}).get("ffn", []):
-        print(f"sparse24 FFN {r['tokens']} tokens: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
+        print(f"sparse24 FFN {r['tokens']} tokens{'' if r['valid'] else ' (INVALID: check failed)'}: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
               f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x vs relu2 dense; "
               f"fwd+bwd {r['speedup fwd+bwd vs swiglu dense']:.2f}x vs SwiGLU dense; "
               f"with sparse dW2 {r['speedup fwd+bwd of sparse24+dW2 vs relu2 dense']:.2f}x vs relu2 dense")

@@ -85,6 +85,9 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device) -
                                dict(passes=[Sparse24(sparse_weight_grad=True)])),
     }
     row = {"tokens": tokens, "dim": dim, "hidden_swiglu": hidden, "dtype": str(dtype)}
+    # A fresh Dynamo cache per token count: the modes' graphs stay below its per-function limit
+    # (past it Dynamo silently runs the module eagerly: a "sparse" row would time dense eager).
+    torch._dynamo.reset()
     steps = {}  # label -> (forward, forward_backward), all compiled and warmed up before any timing
     for label, (module, kwargs) in modes.items():
         module = module.to(device=device, dtype=dtype)
@@ -110,6 +113,7 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device) -
             row["sparse24 notes"] = sorted({n for r in compiled.fvcompile_report.pass_runs() for n in r.result.notes})
             # The same compiled graphs (same shapes: no recompile) against the reference.
             row["sparse24 check"] = check_against_reference(module, compiled, x, dtype)
+            sparse_module = (module, compiled)
     # Rounds over all modes, median per mode: clock and thermal drift hits every mode alike.
     rounds = 3 if device.type == "cuda" else 1
     times = {(label, phase): [] for label in modes for phase in ("fwd", "fwd+bwd")}
@@ -126,6 +130,9 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device) -
                 row[f"{label} profile"] = profile_table(steps[label][1])
             except Exception as e:
                 row[f"{label} profile"] = f"profiler failed: {type(e).__name__}: {e}"
+    # After the timings: had any mode fallen back to eager, its numbers would now fail the check.
+    row["sparse24 check after timing"] = check_against_reference(*sparse_module, x, dtype)
+    row["valid"] = row["sparse24 check"]["ok"] and row["sparse24 check after timing"]["ok"]
     for phase in ("fwd", "fwd+bwd"):
         row[f"speedup {phase} vs relu2 dense"] = row[f"relu2 dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
         row[f"speedup {phase} vs swiglu dense"] = row[f"swiglu dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
@@ -190,6 +197,8 @@ def main(argv=None) -> dict:
               f"{r['hidden_swiglu'] * 3 // 2} (relu²), {r['dtype']}")
         for label in ("swiglu dense", "relu2 dense", "relu2 sparse24", "relu2 sparse24+dW2"):
             print(f"  {label:19s} fwd {r[f'{label} fwd ms']:8.3f} ms   fwd+bwd {r[f'{label} fwd+bwd ms']:8.3f} ms")
+        if not r["valid"]:
+            print("  INVALID: the sparse24 module failed its check against the reference (see below)")
         print(f"  sparse24 vs relu2 dense: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
               f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x; with sparse dW2 "
               f"{r['speedup fwd+bwd of sparse24+dW2 vs relu2 dense']:.2f}x (paper: 1.3x fwd+bwd)")

@@ -16,7 +16,15 @@ Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
 - `sparse24_mm(a, b)`: mask24(a) @ b, the 2 largest magnitudes of every 4 of `a` (M, K) along K
   kept. On a GPU with 2:4 sparse tensor cores it selects, packs and runs the sparse matmul;
   elsewhere it runs the emulated path: a dense matmul of the masked tensor (same numbers up to
-  accumulation order). For an `a` that already is 2:4 the selection changes nothing.
+  accumulation order). For an `a` that already is 2:4 the selection changes nothing. Prologues
+  fused into the pack: `square` (mask24(a)² @ b: the forward passes the sparse relu r, so r² is
+  never written) and `relu` (h itself: relu, 2:4, square and pack in one pass).
+
+Sparse matmul backends (`sparse_mm_backend`, chosen per GPU by a probe matmul): on sm8x, our
+CUTLASS-layout pack + `torch._sparse_semi_structured_mm` (PyTorch's CUTLASS kernel runs on sm8x
+only); on Hopper, our cuSPARSELt-layout pack (`kernels/sparse24_cslt.py`) + `torch._cslt_sparse_mm`,
+the algorithm searched once per shape; as a last resort `torch._cslt_compress`, correct on every
+GPU but slow (6.7 ms where our pack takes 0.2 ms on an H100).
 
 Packed format (CUTLASS, fp16/bf16): `values` is (M_pad, K/2), the two kept values of each group
 in index order; `meta` is (M_pad, K/16) int16, one 4-bit code per group (2 bits per kept index,

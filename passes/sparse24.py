@@ -52,6 +52,9 @@ per sparse matmul: 6 / 5 = 1.2x); with it, 3 of 6 (6 / 4.5 = 1.33x).
 Devices. On a GPU where a one-time probe of the 2:4 sparse matmul succeeds
 (`fvcompile.kernels.sparse24.sparse_tensor_cores_available`) and the activation is fp16/bf16, the
 forward matmul consuming A and the backward matmul consuming dH become `fvcompile.sparse24_mm`.
+The forward one reads r and squares as it packs (A = r² is never written for it); in an inference
+graph it reads h itself and the sparse relu disappears: relu, 2:4 selection, square and packing
+are one memory pass before the sparse matmul.
 Elsewhere (CPU, older GPUs, fp32) the pass runs the emulated path: only the relu is replaced and
 the matmuls stay dense on the masked tensors (the same numbers, no speedup), and the result's
 notes say so; `Sparse24(emulate=False)` leaves such sites dense instead. `sparse_mm=True` forces
