@@ -78,12 +78,13 @@ def mask24(scores: Tensor) -> Tensor:
     if k % 4:
         padded = torch.nn.functional.pad(scores, (0, -k % 4), value=-torch.inf)
         return mask24(padded)[..., :k]
-    s = scores.unflatten(-1, (-1, 4))
-    s_i, s_j = s.unsqueeze(-1), s.unsqueeze(-2)  # compare every i (dim -2) with every j (dim -1)
-    idx = torch.arange(4, device=s.device)
-    j_lower = idx[None, :] < idx[:, None]  # [i, j]: j comes before i
-    beats = (s_j > s_i) | ((s_j == s_i) & j_lower)  # j beats i
-    return (beats.sum(-1) < 2).flatten(-2)
+    s = scores.unflatten(-1, (-1, 4)).unbind(-1)
+    beaten = [torch.zeros_like(s[0], dtype=torch.uint8) for _ in range(4)]  # how many others beat each
+    for i in range(4):
+        for j in range(i + 1, 4):  # i comes first: it wins a tie
+            beaten[i] += s[j] > s[i]
+            beaten[j] += s[i] >= s[j]
+    return torch.stack([b < 2 for b in beaten], -1).flatten(-2)
 
 
 def sparse24_relu_reference(h: Tensor) -> Tensor:

@@ -76,6 +76,16 @@ def test_relu_kernel_keeps_the_two_largest(dtype):
     assert (smallest_kept[has_kept] >= largest_dropped[has_kept]).all()
 
 
+@pytest.mark.parametrize("shape", [(64, 128), (3, 18)])  # 18: a short last group
+def test_mask24_equals_a_stable_sort(shape):
+    """The reference against an independent formulation: a stable descending sort of each group."""
+    for scores in (randn(*shape, dtype=torch.float32), torch.randint(-2, 3, shape).float()):  # many ties
+        padded = torch.nn.functional.pad(scores.cpu(), (0, -shape[-1] % 4), value=-torch.inf)
+        top2 = torch.sort(-padded.unflatten(-1, (-1, 4)), dim=-1, stable=True).indices[..., :2]
+        expected = torch.zeros(padded.unflatten(-1, (-1, 4)).shape, dtype=torch.bool).scatter_(-1, top2, True)
+        assert torch.equal(s24.mask24(scores).cpu(), expected.flatten(-2)[..., : shape[-1]])
+
+
 def test_ties_go_to_the_lower_index():
     h = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, -1.0, 3.0, -2.0, 3.0,
                        0.0, 0.0, 0.0, 5.0]], device=DEVICE)
