@@ -110,6 +110,26 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     record("op   sparse24_mm(Aᵀ, dY) (select along tokens + pack + mm)",
            lambda: lambda: sparse_mm(a.t(), dy), flops=f)
     record("op   sparse24_mm(rᵀ, dY, square=True)", lambda: lambda: sparse_mm(r.t(), dy, square=True), flops=f)
+    # Host time per call (launches only, no sync): the per-call cuSPARSELt plan is paid on the CPU,
+    # and a GPU that waits for the host loses the sparse matmul's gain.
+    def host_ms(fn, calls=20):
+        import time
+
+        fn()
+        torch.cuda.synchronize() if device == "cuda" else None
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = (time.perf_counter() - start) / calls * 1e3
+        torch.cuda.synchronize() if device == "cuda" else None
+        return elapsed
+
+    for name, fn in (("dense torch.mm", lambda: torch.mm(a, w2.t())),
+                     ("sparse24_mm(r, W2ᵀ, square=True)", lambda: sparse_mm(r, w2.t(), select=False, square=True))):
+        try:
+            rows.append({"part": f"host ms per call, {name}", "ms": host_ms(fn)})
+        except Exception as e:
+            rows.append({"part": f"host ms per call, {name}", "ms": None, "error": f"{type(e).__name__}: {e}"[:200]})
     record("e2e  relu(h)² W2ᵀ dense eager", lambda: lambda: torch.mm(torch.relu(h).square(), w2.t()), flops=f)
     record("e2e  sparse24_mm(sparse24_relu(h), W2ᵀ, square=True) eager",
            lambda: lambda: sparse_mm(torch.ops.fvcompile.sparse24_relu(h), w2.t(), select=False, square=True),
