@@ -1,0 +1,92 @@
+"""The sparse24 pass down the path a Hopper GPU takes, run on CPU.
+
+The device is told it has a cuSPARSELt backend, and `torch._cslt_sparse_mm` is replaced by a
+stand-in that unpacks our cuSPARSELt layout (the reference unpacker, itself checked against
+bytes an H100 wrote) and multiplies densely. Everything else is the real code: the pass's
+rewrites (the forward reading r or h, dX, the token-wise dW2), the op's padding and slicing, and
+the Triton pack kernel (in the interpreter, on the CPU tensors of a codegen=False graph).
+"""
+import copy
+
+import pytest
+import torch
+
+import fvcompile
+from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels.sparse24_cslt import cslt_unpack_reference
+from fvcompile.passes.sparse24 import Sparse24
+
+from test_sparse24_pass import SquaredReluFFN, reference, reference_token_sparse_weight_grad, run_step, sites
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real path")
+
+TOL = dict(atol=2e-2, rtol=2e-2)  # fp16 operands
+
+
+@pytest.fixture(autouse=True)
+def hopper_on_cpu(monkeypatch):
+    calls = []
+
+    def cslt_sparse_mm(compressed, b, alg_id=0, **kwargs):
+        calls.append(tuple(compressed.shape))
+        return cslt_unpack_reference(compressed, compressed.shape[0], b.shape[0]) @ b
+
+    def no_search(*args, **kwargs):
+        raise RuntimeError("no algorithm search in the stand-in")
+
+    monkeypatch.setattr(k24, "sparse_mm_backend", lambda device: "cusparselt")
+    monkeypatch.setattr(k24, "sparse_tensor_cores_available", lambda device: True)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", cslt_sparse_mm, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", no_search, raising=False)
+    torch._dynamo.reset()
+    yield calls
+    torch._dynamo.reset()
+
+
+def half_model(**kwargs):
+    """An fp16 FFN (what the sparse matmul packs) and an fp32 copy for the reference."""
+    torch.manual_seed(5)
+    model = SquaredReluFFN(dim=64, hidden=128, **kwargs).half()
+    return model, copy.deepcopy(model).float()
+
+
+def close(got, expected):
+    out, grads = got
+    out_ref, grads_ref = expected
+    torch.testing.assert_close(out.float(), out_ref.float(), **TOL)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name].float(), grads_ref[name].float(), **TOL)
+
+
+@pytest.mark.parametrize("tokens", [64, 37])  # 37: rows padded to 64 and sliced back
+def test_training_step_on_the_cusparselt_path(hopper_on_cpu, tokens):
+    model, ref = half_model(bias=True)
+    x, grad_out = torch.randn(1, tokens, 64).half(), torch.randn(1, tokens, 64).half()
+    optimized = fvcompile.optimize(model, passes=["sparse24"], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    close(got, run_step(lambda t: reference(ref, t), ref, x.float(), grad_out.float()))
+    (site,) = sites(optimized)
+    assert "(reads r, squares as it packs)" in site.detail and "dX matmul -> sparse24_mm" in site.detail
+    assert "emulated" not in site.detail
+    assert len(hopper_on_cpu) == 2  # the forward matmul and dX went through the sparse matmul
+
+
+def test_inference_reads_h_on_the_cusparselt_path(hopper_on_cpu):
+    model, ref = half_model()
+    optimized = fvcompile.optimize(model, passes=["sparse24"], codegen=False, dynamic=True)
+    with torch.no_grad():
+        for tokens in (10, 64):
+            x = torch.randn(2, tokens, 64).half()
+            torch.testing.assert_close(optimized(x).float(), reference(ref, x.float()), **TOL)
+    (site,) = sites(optimized)
+    assert "(reads h: relu, 2:4, square, pack in one pass)" in site.detail
+
+
+def test_token_sparse_weight_grad_on_the_cusparselt_path(hopper_on_cpu):
+    model, ref = half_model()
+    x, grad_out = torch.randn(2, 32, 64).half(), torch.randn(2, 32, 64).half()
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_weight_grad=True)], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    close(got, run_step(lambda t: reference_token_sparse_weight_grad(ref, t), ref, x.float(), grad_out.float()))
+    assert len(hopper_on_cpu) == 3  # forward, dX and dW2 (64 tokens: a multiple of the alignment)
