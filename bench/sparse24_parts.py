@@ -16,6 +16,7 @@ what to fix:
 A failure is recorded, not raised.
 
     python bench/sparse24_parts.py --tokens 8192
+    python bench/sparse24_parts.py --ceilings-of bench/results/gpu_check_h100_2026-11-26T1638.json
 """
 from __future__ import annotations
 
@@ -137,12 +138,52 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     return rows
 
 
+def ceilings(rows: list[dict]) -> dict:
+    """Upper bounds on the FFN's fwd+bwd speedup from the matmul parts alone (elementwise work and
+    launches left out, on both sides). The two matmuls that never go sparse (the first linear and
+    dA = dY W2) are taken at the time of the forward's dense second matmul (same FLOPs)."""
+    t = {r["part"]: r["ms"] for r in rows if r.get("ms") is not None}
+    try:
+        dense = {"fwd": t["fwd  Y = A W2ᵀ dense (cuBLAS, W2ᵀ a view)"], "dX": t["bwd  dX = dH W1 dense"],
+                 "dW2": t["bwd  dW2 = dYᵀ A dense"], "dW1": t["bwd  dW1 = dHᵀ X dense"]}
+        sparse_op = {"fwd": t["op   sparse24_mm(r, W2ᵀ, square=True) (square+pack + mm)"],
+                     "dX": t["op   sparse24_mm(dH, W1, select=False) (pack + mm)"],
+                     "dW2": t["op   sparse24_mm(rᵀ, dY, square=True)"]}
+        sparse_mm = {"fwd": t["fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ view, searched"],
+                     "dX": t["bwd  dX = dH W1 cuSPARSELt, searched"],
+                     "dW2": t["bwd  dW2ᵀ = S(Aᵀ) dY cuSPARSELt, searched"]}
+    except KeyError:
+        return {}
+    never = 2 * dense["fwd"]  # the first linear's forward and dA
+    total = never + sum(dense.values())
+
+    def speedup(replace):
+        return total / (never + sum(replace.get(k, v) for k, v in dense.items()))
+
+    best = min(sparse_mm.values())
+    return {
+        "sparse24 (fwd, dX sparse; with packing)": speedup({k: sparse_op[k] for k in ("fwd", "dX")}),
+        "sparse24 + sparse dW2 (with packing)": speedup(sparse_op),
+        "all four sparse-able matmuls, packing free (dW1 at the best sparse time)":
+            speedup({**sparse_mm, "dW1": best}),
+    }
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--dry-run", action="store_true", help="CPU, small shapes: checks this script")
+    parser.add_argument("--ceilings-of", default=None,
+                        help="print the ceilings of a recorded run (a gpu_check JSON) instead of timing")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.ceilings_of:
+        with open(args.ceilings_of) as f:
+            recorded = json.load(f)
+        print(f"{args.ceilings_of} ({recorded['env']['device']}, {recorded['env']['date']}):")
+        for name, value in ceilings(recorded["bench"]["sparse24_parts"]).items():
+            print(f"  {name:<74} {value:.2f}x")
+        return []
     if args.dry_run:
         rows = parts(64, 256, 64, torch.float16, "cpu")
         print("\ndry run (CPU, Triton interpreter, 64 x 256 x 64 fp16)")
@@ -155,6 +196,12 @@ def main(argv=None) -> list[dict]:
             continue
         rate = f"{r['GB/s']:8.0f} GB/s" if "GB/s" in r else f"{r['TFLOP/s']:8.0f} TFLOP/s" if "TFLOP/s" in r else ""
         print(f"  {r['part']:<66} {r['ms']:8.3f} ms {rate}")
+    bounds = ceilings(rows)
+    if bounds:
+        print("  fwd+bwd speedup ceilings from these matmul parts (elementwise work left out):")
+        for name, value in bounds.items():
+            print(f"    {name:<72} {value:.2f}x")
+        rows.append({"part": "fwd+bwd speedup ceilings", "ms": None, "ceilings": bounds})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
