@@ -74,7 +74,7 @@ def check_against_reference(ffn: SquaredReLU, optimized, x, dtype, approximated:
             "ok": all(e < tol for name, e in errors.items() if name not in approximated)}
 
 
-def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device) -> dict:
+def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, cuda_graphs: bool = False) -> dict:
     torch.manual_seed(0)
     x = torch.randn(1, tokens, dim, device=device, dtype=dtype)
     grad = torch.randn_like(x)
@@ -86,7 +86,7 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device) -
         "relu2 sparse24+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                dict(passes=[Sparse24(sparse_weight_grad=True)])),
     }
-    if device.type == "cuda":  # CUDA graphs take the host's per-call cost (cuSPARSELt plans) out
+    if cuda_graphs:  # CUDA graphs take the host's per-call cost (cuSPARSELt plans) out
         modes["relu2 dense, CUDA graphs"] = (SquaredReLU(dim, hidden * 3 // 2),
                                              dict(passes=[], mode="reduce-overhead"))
         modes["relu2 sparse24, CUDA graphs"] = (SquaredReLU(dim, hidden * 3 // 2),
@@ -195,6 +195,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts")
     parser.add_argument("--out", default=None, help="directory for the JSON results")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time dense and sparse24 with CUDA graphs (mode='reduce-overhead')")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -210,7 +212,7 @@ def main(argv=None) -> dict:
     if not cores:
         print("no 2:4 sparse tensor cores: sparse24 runs emulated (masked dense), so this measures "
               "correctness and the emulation's cost; speed needs an sm80+ GPU")
-    rows = [bench_ffn(t, dim, hidden, dtype, device) for t in tokens]
+    rows = [bench_ffn(t, dim, hidden, dtype, device, args.cuda_graphs) for t in tokens]
     pack_rows = [bench_pack(t, hidden * 3 // 2, torch.float16 if device.type == "cpu" else dtype, device)
                  for t in tokens[:1]] if device.type == "cuda" else []
     for r in rows:
@@ -235,7 +237,8 @@ def main(argv=None) -> dict:
     result = {"device": name, "sparse_tensor_cores": cores, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "ffn": rows, "pack": pack_rows}
     if args.out:
-        out = Path(args.out) / f"sparse24_{'gpu' if device.type == 'cuda' else 'cpu'}_{time.strftime('%Y-%m-%d')}.json"
+        name = f"sparse24_{'gpu' if device.type == 'cuda' else 'cpu'}{'_cudagraphs' if args.cuda_graphs else ''}"
+        out = Path(args.out) / f"{name}_{time.strftime('%Y-%m-%d')}.json"
         out.write_text(json.dumps(result, indent=1, default=str))
         print(f"wrote {out}")
     return result
