@@ -138,20 +138,20 @@ def sparse24_llama():
     return report.summary() + " | " + "; ".join(sorted({n for r in report.pass_runs() for n in r.result.notes}))
 
 
-def run_cuda_graph_bench(out: Path, tokens: str) -> dict:
+def run_in_subprocess(cmd: list[str], timeout: int) -> dict:
+    """Run cmd with the checkout importable (the shim of import_fvcompile); a crash stays there."""
     import os
     import subprocess
 
-    shim = "/tmp/fvcompile_shim"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([shim, str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", "cuda", "--tokens", tokens,
-           "--cuda-graphs", "--out", str(out)]
+    path = os.pathsep.join(["/tmp/fvcompile_shim", str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": "timed out after 240 s"}
+        return {"cmd": cmd[1:], "error": f"timed out after {timeout} s"}
     print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
-    return {"returncode": proc.returncode, "stdout_tail": proc.stdout[-3000:], "stderr_tail": proc.stderr[-2000:]}
+    return {"cmd": cmd[1:], "returncode": proc.returncode, "stdout_tail": proc.stdout[-3000:],
+            "stderr_tail": proc.stderr[-2000:]}
 
 
 def main() -> None:
@@ -202,16 +202,27 @@ def main() -> None:
         run()
         print(CHECKS[-1], flush=True)
         save(bench)
+    if DEVICE == "cuda":  # the kernel tests, on CUDA tensors this time (CPU runs use the interpreter)
+        bench["kernel tests on CUDA"] = run_in_subprocess(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "kernels")], 180)
+        save(bench)
     if DEVICE == "cuda" and not args.skip_bench:
         # CUDA graphs around cuSPARSELt are untried: a process of their own, so that a broken
         # capture cannot take the results above with it.
-        bench["sparse24 CUDA graphs"] = run_cuda_graph_bench(out, args.tokens.split(",")[0])
+        bench["sparse24 CUDA graphs"] = run_in_subprocess(
+            [sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", "cuda", "--tokens",
+             args.tokens.split(",")[0], "--cuda-graphs", "--out", str(out)], 240)
         save(bench)
     print("\n== gpu_check summary ==")
     print(f"{env['device']} (sm{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "
           f"triton {env['triton']}")
     for c in CHECKS:
         print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}  ({c['s']:.1f} s)  {c['detail'][:150]}")
+    for name in ("kernel tests on CUDA", "sparse24 CUDA graphs"):
+        if name in bench:
+            result = bench[name]
+            print(f"{name}: return code {result.get('returncode')} {result.get('error', '')} "
+                  f"{result.get('stdout_tail', '').strip().splitlines()[-1:] }")
     for r in bench.get("sparse24", {}).get("ffn", []):
         print(f"sparse24 FFN {r['tokens']} tokens{'' if r['valid'] else ' (INVALID: check failed)'}: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
               f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x vs relu2 dense; "
