@@ -111,6 +111,8 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     record("op   sparse24_mm(Aᵀ, dY) (select along tokens + pack + mm)",
            lambda: lambda: sparse_mm(a.t(), dy), flops=f)
     record("op   sparse24_mm(rᵀ, dY, square=True)", lambda: lambda: sparse_mm(r.t(), dy, square=True), flops=f)
+    record("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True) (dW2 in its own layout)",
+           lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True), flops=f)
     # Host time per call (launches only, no sync): the per-call cuSPARSELt plan is paid on the CPU,
     # and a GPU that waits for the host loses the sparse matmul's gain.
     def host_ms(fn, calls=20):
@@ -148,7 +150,8 @@ def ceilings(rows: list[dict]) -> dict:
                  "dW2": t["bwd  dW2 = dYᵀ A dense"], "dW1": t["bwd  dW1 = dHᵀ X dense"]}
         sparse_op = {"fwd": t["op   sparse24_mm(r, W2ᵀ, square=True) (square+pack + mm)"],
                      "dX": t["op   sparse24_mm(dH, W1, select=False) (pack + mm)"],
-                     "dW2": t["op   sparse24_mm(rᵀ, dY, square=True)"]}
+                     "dW2": t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True) (dW2 in its own layout)",
+                                  t["op   sparse24_mm(rᵀ, dY, square=True)"])}
         sparse_mm = {"fwd": t["fwd  Y = A W2ᵀ cuSPARSELt, W2ᵀ view, searched"],
                      "dX": t["bwd  dX = dH W1 cuSPARSELt, searched"],
                      "dW2": t["bwd  dW2ᵀ = S(Aᵀ) dY cuSPARSELt, searched"]}

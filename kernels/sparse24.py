@@ -331,9 +331,11 @@ def _probe(backend: str, device: torch.device) -> bool:
     b = torch.randn(128, 64, device=device, dtype=torch.float16, generator=gen)
     a = sparse24_mask_reference(a)
     out = _SPARSE_MM[backend](a, b, False, False)
+    transposed = _SPARSE_MM[backend](a, b, False, False, False, True)  # the weight gradient's layout
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return bool(torch.allclose(out.float(), a.float() @ b.float(), atol=0.1, rtol=1e-2))
+    expected = a.float() @ b.float()
+    return all(bool(torch.allclose(x.float(), expected, atol=0.1, rtol=1e-2)) for x in (out, transposed.t()))
 
 
 BACKENDS = ("cutlass", "cusparselt", "cusparselt-compress")  # in order of preference
@@ -386,46 +388,53 @@ def _squared(x: Tensor) -> Tensor:
     return (x.to(torch.promote_types(x.dtype, torch.float32)) ** 2).to(x.dtype)
 
 
-def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False) -> Tensor:
+def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
+                transpose_out: bool = False) -> Tensor:
     if relu:
         a = torch.relu(a)
     if square:
         a = _squared(a)  # selecting on a or a² keeps the same values
     values, meta = sparse24_pack_triton(a)  # selects by magnitude as it packs: no extra pass
-    out = torch._sparse_semi_structured_mm(values, meta, _pad_cols(b, 8))
-    return out[: a.shape[0], : b.shape[1]].contiguous()
+    out = torch._sparse_semi_structured_mm(values, meta, _pad_cols(b, 8))[: a.shape[0], : b.shape[1]]
+    return (out.t() if transpose_out else out).contiguous()
 
 
-_CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device) -> cuSPARSELt algorithm id
+_CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device, transposed) -> algorithm id
 
 
-def _cslt_algorithm(compressed: Tensor, b: Tensor) -> int:
+def _cslt_algorithm(compressed: Tensor, b: Tensor, transpose_out: bool) -> int:
     """cuSPARSELt's fastest algorithm for this problem, searched once per shape (0 if no search)."""
-    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device)
+    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, transpose_out)
     if key not in _CSLT_ALGORITHMS:
         try:
-            _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b))
+            _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b, transpose_result=transpose_out))
         except (RuntimeError, AttributeError):  # no search in this build: the default algorithm
             _CSLT_ALGORITHMS[key] = 0
     return _CSLT_ALGORITHMS[key]
 
 
-def _cslt_mm(compressed: Tensor, b: Tensor, m: int) -> Tensor:
+def _cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool) -> Tensor:
+    """compressed (m_pad rows) @ b, sliced to m rows; transpose_out: its transpose, (n, m),
+    written in that layout by cuSPARSELt itself (the weight gradient's layout: no copy)."""
     n = b.shape[1]
     b = _pad_cols(b, 8)
-    out = torch._cslt_sparse_mm(compressed, b, alg_id=_cslt_algorithm(compressed, b))
+    out = torch._cslt_sparse_mm(compressed, b, alg_id=_cslt_algorithm(compressed, b, transpose_out),
+                                transpose_result=transpose_out)
     # Padding sliced off; the copy keeps the output contiguous, as the op's fake promises.
-    return out[:m, :n].contiguous() if out.shape != (m, n) else out
+    out = out[:n, :m] if transpose_out else out[:m, :n]
+    return out if out.is_contiguous() else out.contiguous()
 
 
-def _cusparselt_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False) -> Tensor:
+def _cusparselt_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
+                   transpose_out: bool = False) -> Tensor:
     from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
 
     # One pass over `a` (a transposed view is read in place): relu, select, square, pack.
-    return _cslt_mm(cslt_pack_triton(a, square=square, relu=relu), b, a.shape[0])
+    return _cslt_mm(cslt_pack_triton(a, square=square, relu=relu), b, a.shape[0], transpose_out)
 
 
-def _cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False) -> Tensor:
+def _cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
+                            transpose_out: bool = False) -> Tensor:
     # cuSPARSELt's own compress keeps whatever 2 of 4 it finds: an `a` that is not 2:4 yet (the
     # token-wise selection of the weight gradient) is selected first.
     m = a.shape[0]
@@ -436,7 +445,7 @@ def _cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool, re
     if square:
         a = _squared(a)
     a = torch.nn.functional.pad(a, (0, 0, 0, (-m) % 16)).contiguous()
-    return _cslt_mm(torch._cslt_compress(a), b, m)
+    return _cslt_mm(torch._cslt_compress(a), b, m, transpose_out)
 
 
 _SPARSE_MM = {"cutlass": _cutlass_mm, "cusparselt": _cusparselt_mm, "cusparselt-compress": _cusparselt_compress_mm}
@@ -542,47 +551,58 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
 def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True,
-                square: bool = False, relu: bool = False) -> Tensor:
+                square: bool = False, relu: bool = False, transpose_out: bool = False) -> Tensor:
     """mask24(a) @ b for a (M, K) and a dense b (K, N); with square=True, mask24(a)² @ b.
 
     select=False is the caller's promise that `a` already is 2:4 along K (the forward's sparse relu,
     the backward's dH); the emulation then skips the selection (mask24(a) == a). square=True lets
     the forward pass the sparse relu r itself for relu(h)² = r², so that r² is never written out;
     relu=True takes h itself (mask24(relu(h))[²] @ b: relu, 2:4, square and pack in one pass).
+    transpose_out=True returns the product transposed, (N, M) and contiguous: a weight gradient
+    computed as (Aᵀ-side sparse) @ dY comes out in the weight's own layout, with no transposing copy.
     """
+    out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out)
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out) -> Tensor:
     if _in_dense_warmup(schedule, dense_steps, count_step=False):
         a = torch.relu(a) if relu else a
-        return ((_squared(a) if square else a) @ b).contiguous()  # during the warm-up `a` is dense
+        out = (_squared(a) if square else a) @ b  # during the warm-up `a` is dense
+        return out.t() if transpose_out else out
     if sparse_mm_applies(a, b):
-        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select, square, relu)
+        return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select, square, relu, transpose_out)
     if relu:
         a = torch.relu(a)
     a = sparse24_mask_reference(a) if select or relu else a
-    return ((_squared(a) if square else a) @ b).contiguous()  # emulated
+    out = (_squared(a) if square else a) @ b  # emulated
+    return out.t() if transpose_out else out
 
 
 @sparse24_mm.register_fake
-def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False):
-    return a.new_empty((a.shape[0], b.shape[1]))
+def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False, transpose_out=False):
+    return a.new_empty((b.shape[1], a.shape[0]) if transpose_out else (a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps, select, square, relu = inputs
+    a, b, schedule, dense_steps, select, square, relu, transpose_out = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
     a_in = torch.relu(a) if relu else a
     keep = mask24(a_in.abs()) if (select or relu) and not dense else torch.ones_like(a, dtype=torch.bool)
     if relu:
         keep = keep & (a > 0)  # relu's own gradient
-    ctx.square = square
+    ctx.square, ctx.transpose_out = square, transpose_out
     ctx.save_for_backward(keep, torch.where(keep, a_in, 0), b)
 
 
 def _sparse24_mm_backward(ctx, grad):
     keep, a_kept, b = ctx.saved_tensors
+    if ctx.transpose_out:
+        grad = grad.t()
     grad_a = (grad @ b.t()) * keep
     if ctx.square:  # d(a²)/da = 2a
         grad_a, a_kept = 2 * a_kept * grad_a, _squared(a_kept)
-    return grad_a, a_kept.t() @ grad, None, None, None, None, None
+    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

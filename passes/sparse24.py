@@ -374,8 +374,8 @@ class Sparse24(GraphPass):
 
     @staticmethod
     def _sparse_weight_grad(graph: fx.Graph, m: Match, sparse: fx.Node, key: str, dense_steps: int) -> list[str]:
-        """dW2 = mm(permute(dY), A) -> permute(sparse24_mm(permute(A), dY)): A's transpose is
-        2:4-selected along its last dim, the tokens (the reduction dim of this matmul). Where A is
+        """dW2 = mm(permute(dY), A) -> sparse24_mm(permute(A), dY, transpose_out=True): A's transpose
+        is 2:4-selected along its last dim, the tokens (the reduction dim of this matmul). Where A is
         r² (r the sparse relu), the op reads r and squares as it packs: A is never written."""
         done = []
         for fwd in m.matmuls:
@@ -388,12 +388,11 @@ class Sparse24(GraphPass):
                 r = _same_views(graph, a, m.square, sparse, user)
                 with graph.inserting_before(user):
                     a_t = graph.call_function(aten.permute.default, (a if r is None else r, [1, 0]))
-                    sparse_mm = graph.call_function(fvc.sparse24_mm.default,
-                                                    (a_t, grad_t.args[0], key, dense_steps, True, r is not None))
-                    d_w = graph.call_function(aten.permute.default, (sparse_mm, [1, 0]))
-                for node, val in ((a_t, a.meta["val"].t()),
-                                  (sparse_mm, user.meta["val"].t()), (d_w, user.meta["val"])):
-                    node.meta = {**user.meta, "val": val}
+                    # transpose_out: (Aᵀ @ dY)ᵀ comes out as dW2 in the weight's own layout.
+                    d_w = graph.call_function(fvc.sparse24_mm.default,
+                                              (a_t, grad_t.args[0], key, dense_steps, True, r is not None, False, True))
+                a_t.meta = {**user.meta, "val": a.meta["val"].t()}
+                d_w.meta = dict(user.meta)
                 user.replace_all_uses_with(d_w)
                 graph.erase_node(user)
                 done.append("dW2 matmul -> sparse24_mm (2:4 along tokens" + (", reads r)" if r is not None else ")"))

@@ -189,20 +189,25 @@ def test_sparse24_mm_equals_masked_dense(dtype):
     torch.testing.assert_close(b1.grad, b2.grad, **MM_TOL[dtype])
 
 
-@pytest.mark.parametrize("square, relu", [(True, False), (True, True), (False, True)])
-def test_sparse24_mm_square_and_relu_prologues(square, relu):
-    """square: mask24(a)² @ b; relu: mask24(relu(a))[²] @ b; forward and autograd vs the formula."""
+@pytest.mark.parametrize("square, relu, transpose_out", [(True, False, False), (True, True, False),
+                                                          (False, True, False), (True, False, True)])
+def test_sparse24_mm_square_and_relu_prologues(square, relu, transpose_out):
+    """square: mask24(a)² @ b; relu: mask24(relu(a))[²] @ b; transpose_out: (...)ᵀ, contiguous;
+    forward and autograd vs the formula."""
     a, b = randn(40, 128, dtype=torch.float64), randn(128, 16, dtype=torch.float64)
 
     def formula(a, b):
         x = torch.relu(a) if relu else a
         x = torch.where(s24.mask24(x.detach().abs()), x, 0)
-        return (x * x if square else x) @ b
+        out = (x * x if square else x) @ b
+        return out.t() if transpose_out else out
 
     a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
     a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
-    g = randn(40, 16, dtype=torch.float64)
-    out = torch.ops.fvcompile.sparse24_mm(a1, b1, select=not relu, square=square, relu=relu)
+    g = randn(*((16, 40) if transpose_out else (40, 16)), dtype=torch.float64)
+    out = torch.ops.fvcompile.sparse24_mm(a1, b1, select=not relu, square=square, relu=relu,
+                                          transpose_out=transpose_out)
+    assert out.is_contiguous()
     expected = formula(a2, b2)
     torch.testing.assert_close(out, expected)
     (out * g).sum().backward()
@@ -310,9 +315,9 @@ def fake_sparse_matmuls(monkeypatch):
     def cutlass_mm(values, meta, b):
         return s24.unpack_reference(values, meta, values.shape[0]) @ b
 
-    def cslt_mm(c, b, **kwargs):
+    def cslt_mm(c, b, transpose_result=False, **kwargs):
         dense = c if c.shape[1] == b.shape[0] else cslt_unpack_reference(c, c.shape[0], b.shape[0])
-        return dense @ b
+        return (dense @ b).t().contiguous() if transpose_result else dense @ b
 
     monkeypatch.setattr(torch, "_sparse_semi_structured_mm", cutlass_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_compress", lambda a: a, raising=False)
@@ -337,6 +342,10 @@ def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend, s
     at = randn(128, 50, dtype=torch.float16).t()
     torch.testing.assert_close(s24._SPARSE_MM[backend](at, b, True, False).float(),
                                s24.sparse24_mask_reference(at).float() @ b.float(), **MM_TOL[torch.float16])
+    # transpose_out=True: the product transposed, contiguous (the weight gradient's layout).
+    transposed = s24._SPARSE_MM[backend](masked, b, False, square, False, True)
+    assert transposed.shape == (20, 50) and transposed.is_contiguous()
+    torch.testing.assert_close(transposed.float(), expected.t(), **MM_TOL[torch.float16])
     # relu=True: h itself, relu'd before the selection.
     relu_h = s24.sparse24_mask_reference(torch.relu(a))
     torch.testing.assert_close(s24._SPARSE_MM[backend](a, b, False, square, True).float(),

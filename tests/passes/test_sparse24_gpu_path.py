@@ -28,9 +28,10 @@ TOL = dict(atol=2e-2, rtol=2e-2)  # fp16 operands
 def hopper_on_cpu(monkeypatch):
     calls = []
 
-    def cslt_sparse_mm(compressed, b, alg_id=0, **kwargs):
-        calls.append(tuple(compressed.shape))
-        return cslt_unpack_reference(compressed, compressed.shape[0], b.shape[0]) @ b
+    def cslt_sparse_mm(compressed, b, alg_id=0, transpose_result=False):
+        calls.append((tuple(compressed.shape), transpose_result))
+        out = cslt_unpack_reference(compressed, compressed.shape[0], b.shape[0]) @ b
+        return out.t().contiguous() if transpose_result else out
 
     def no_search(*args, **kwargs):
         raise RuntimeError("no algorithm search in the stand-in")
@@ -90,3 +91,5 @@ def test_token_sparse_weight_grad_on_the_cusparselt_path(hopper_on_cpu):
     got = run_step(optimized, model, x, grad_out)
     close(got, run_step(lambda t: reference_token_sparse_weight_grad(ref, t), ref, x.float(), grad_out.float()))
     assert len(hopper_on_cpu) == 3  # forward, dX and dW2 (64 tokens: a multiple of the alignment)
+    # dW2 comes out of the sparse matmul in the weight's layout: (Aᵀ dY)ᵀ, no transposing copy.
+    assert sorted(t for _, t in hopper_on_cpu) == [False, False, True]
