@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
 from typing import Any
 
 import torch
@@ -60,6 +62,7 @@ def optimize(
         optimized = copy.copy(model)
         _share_training_flag(optimized, model)
         optimized.compile(backend=backend, **compile_kwargs)
+        optimized._compiled_call_impl = _report_eager_fallback(optimized._compiled_call_impl, report)
         if verify:
             optimized._compiled_call_impl = verify_first_call(model, optimized._compiled_call_impl)
         optimized.fvcompile_report = report
@@ -70,6 +73,38 @@ def optimize(
         compiled = verify_first_call(model, compiled)
     compiled.fvcompile_report = report
     return compiled
+
+
+def _recompile_limit_hits() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason)
+
+
+def _report_eager_fallback(call, report: OptimizeReport):
+    """Say it when Dynamo runs the model eagerly because its recompile limit is reached.
+
+    Dynamo keeps a bounded number of compiled versions per function (8 by default); each
+    `optimize()` has a backend of its own, so the 9th model of one class optimized in a process
+    gets none and runs uncompiled, with no error: the report and a warning say so instead.
+    """
+    @functools.wraps(call)
+    def checked(*args, **kwargs):
+        if report.graphs or report.ran_eagerly:
+            return call(*args, **kwargs)
+        out = call(*args, **kwargs)
+        # Dynamo counts the limit once per function, then skips that function for good.
+        if not report.graphs and _recompile_limit_hits():
+            from torch._dynamo import config
+
+            limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", "?")
+            report.ran_eagerly = (f"Dynamo's recompile limit ({limit} compiled versions of this forward) is "
+                                  "reached, so no pass applies: optimize fewer models of this class in one "
+                                  "process, call torch._dynamo.reset(), or raise torch._dynamo.config.recompile_limit")
+            warnings.warn(f"fvcompile: this model runs eagerly: {report.ran_eagerly}", stacklevel=2)
+        return out
+
+    return checked
 
 
 def _share_training_flag(optimized: nn.Module, model: nn.Module) -> None:

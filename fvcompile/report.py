@@ -40,6 +40,7 @@ class OptimizeReport:
     passes: list[str] = field(default_factory=list)
     graphs: list[GraphReport] = field(default_factory=list)
     graph_breaks: dict[str, int] = field(default_factory=dict)  # reason -> count
+    ran_eagerly: str = ""  # why Dynamo ran the model without compiling it (no pass could apply)
 
     @property
     def recompilations(self) -> list[GraphReport]:
@@ -59,6 +60,8 @@ class OptimizeReport:
 
     def summary(self) -> str:
         """One line per pass: what it did over all graphs (for the bench table)."""
+        if self.ran_eagerly and not self.graphs:
+            return f"ran eagerly: {self.ran_eagerly}"
         if not self.passes:
             return "no passes"
         if self.graphs and all(g.cache_hit for g in self.graphs):

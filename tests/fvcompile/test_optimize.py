@@ -401,3 +401,19 @@ def test_pass_options_must_be_json_values():
 def test_passes_none_is_a_clear_error():
     with pytest.raises(TypeError, match="passes= takes 'auto'"):
         fvcompile.optimize(Mlp(), passes=None)
+
+
+def test_a_model_dynamo_runs_eagerly_is_reported_not_silent():
+    """Past Dynamo's recompile limit a model runs uncompiled: the report and a warning say so."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 16)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiled = [fvcompile.optimize(Mlp(), passes=[ReluToClampPass()], codegen=False) for _ in range(3)]
+        for optimized in compiled[:2]:
+            optimized(x)
+            assert optimized.fvcompile_report.graphs and not optimized.fvcompile_report.ran_eagerly
+        with pytest.warns(UserWarning, match="runs eagerly: Dynamo's recompile limit"):
+            compiled[2](x)
+    report = compiled[2].fvcompile_report
+    assert not report.graphs and report.summary().startswith("ran eagerly: Dynamo's recompile limit (2")
+    torch._dynamo.reset()
