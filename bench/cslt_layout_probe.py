@@ -18,39 +18,44 @@ PATTERNS = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0],
                         dtype=torch.bool)
 
 
-def probe(m: int, k: int, trials: int, gen: torch.Generator) -> dict:
+def probe(m: int, k: int, trials: int, gen: torch.Generator, dtype=torch.bfloat16) -> dict:
     cases = []
+    exact = 256 if dtype == torch.bfloat16 else 16  # integers a dtype holds exactly (e4m3: 16)
     for t in range(trials):
         pattern = PATTERNS[torch.randint(0, 6, (m, k // 4), generator=gen)].reshape(m, k)
-        cols = (torch.arange(k) % 256 + 1).float().expand(m, k)  # exact in bf16
-        rows = (torch.arange(m) % 256 + 1).float()[:, None].expand(m, k)
+        cols = (torch.arange(k) % exact + 1).float().expand(m, k)
+        rows = (torch.arange(m) % exact + 1).float()[:, None].expand(m, k)
         for name, value in (("col", cols), ("row", rows)):
-            dense = torch.where(pattern, value, 0.0).to(torch.bfloat16).cuda()
+            dense = torch.where(pattern, value, 0.0).to(dtype).cuda()
             out = torch._cslt_compress(dense)
-            cases.append({"m": m, "k": k, "trial": t, "value": name, "dense": dense.cpu(),
+            cases.append({"m": m, "k": k, "trial": t, "value": name, "dtype": str(dtype), "dense": dense.cpu(),
                           "compressed_shape": tuple(out.shape), "compressed_dtype": str(out.dtype),
                           "raw": out.contiguous().reshape(-1).view(torch.uint8).cpu()})
     return cases
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     cases = []
-    for m, k in ((128, 128), (64, 64), (256, 384), (96, 256)):
-        try:
-            cases += probe(m, k, 4, gen)
-        except Exception as e:  # an unsupported size is information too
-            cases.append({"m": m, "k": k, "error": f"{type(e).__name__}: {e}"[:300]})
-            print(m, k, cases[-1]["error"])
+    # bf16 (recorded 2026-11-26, the fixture of tests/kernels) and FP8 e4m3 (for an FP8 path).
+    dtypes = [torch.bfloat16] + ([torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else [])
+    for dtype in dtypes:
+        for m, k in ((128, 128), (64, 64), (256, 384), (96, 256)):
+            try:
+                cases += probe(m, k, 4, gen, dtype)
+            except Exception as e:  # an unsupported size or dtype is information too
+                cases.append({"m": m, "k": k, "dtype": str(dtype), "error": f"{type(e).__name__}: {e}"[:300]})
+                print(m, k, dtype, cases[-1]["error"])
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": cases}
     out = Path(args.out) / "cslt_layout_probe.pt"
     torch.save(meta, out)
     for c in cases:
         if "error" not in c:
-            print(c["m"], c["k"], c["trial"], c["value"], c["compressed_shape"], c["compressed_dtype"], c["raw"].numel())
+            print(c["dtype"], c["m"], c["k"], c["trial"], c["value"], c["compressed_shape"], c["compressed_dtype"],
+                  c["raw"].numel())
     print("saved", out)
 
 

@@ -184,6 +184,14 @@ def main() -> None:
         import sparse24 as sparse24_bench
         import sparse24_parts
 
+        if DEVICE == "cuda":  # cuSPARSELt's compressed layouts (bf16, FP8): seconds, kept as files
+            import cslt_layout_probe
+
+            try:
+                cslt_layout_probe.main(["--out", str(out)])
+            except Exception as e:
+                traceback.print_exc()
+                bench["cslt_layout_probe"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         if DEVICE == "cuda":  # first: the diagnosis of the sparse path, piece by piece
             try:
                 bench["sparse24_parts"] = sparse24_parts.main(["--tokens", args.tokens.split(",")[0]])
