@@ -145,7 +145,9 @@ def run_in_subprocess(cmd: list[str], timeout: int) -> dict:
 
     path = os.pathsep.join(["/tmp/fvcompile_shim", str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
     try:
-        proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, cwd=ROOT, capture_output=True,
+        # cwd elsewhere: `python -m pytest` puts cwd first on sys.path, and the checkout's bare
+        # fvcompile/ folder (without its mapped subpackages) would shadow the shim.
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, cwd="/tmp", capture_output=True,
                               text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"cmd": cmd[1:], "error": f"timed out after {timeout} s"}
@@ -180,25 +182,9 @@ def main() -> None:
     save({})
 
     bench = {}
-    if not args.skip_bench:
+    if not args.skip_bench:  # first the FFN numbers, the ones that matter most if time runs out
         import sparse24 as sparse24_bench
-        import sparse24_parts
 
-        if DEVICE == "cuda":  # cuSPARSELt's compressed layouts (bf16, FP8): seconds, kept as files
-            import cslt_layout_probe
-
-            try:
-                cslt_layout_probe.main(["--out", str(out)])
-            except Exception as e:
-                traceback.print_exc()
-                bench["cslt_layout_probe"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        if DEVICE == "cuda":  # first: the diagnosis of the sparse path, piece by piece
-            try:
-                bench["sparse24_parts"] = sparse24_parts.main(["--tokens", args.tokens.split(",")[0]])
-            except Exception as e:
-                traceback.print_exc()
-                bench["sparse24_parts"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            save(bench)
         try:
             bench["sparse24"] = sparse24_bench.main(["--device", DEVICE, "--tokens", args.tokens,
                                                      "--out", str(out)])
@@ -206,20 +192,34 @@ def main() -> None:
             traceback.print_exc()
             bench["sparse24"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         save(bench)
-    for run in (sparse24_llama, llama_parity):  # last: the speed numbers matter more if time runs out
+    for run in (sparse24_llama, llama_parity):
         run()
         print(CHECKS[-1], flush=True)
         save(bench)
-    if DEVICE == "cuda":  # the kernel tests, on CUDA tensors this time (CPU runs use the interpreter)
-        bench["kernel tests on CUDA"] = run_in_subprocess(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "kernels")], 180)
-        save(bench)
+    if DEVICE == "cuda" and not args.skip_bench:
+        # Then the pieces: FP8 calls into cuSPARSELt are untried here, and a failing one can break
+        # the CUDA context (bench/cslt_diag.py), so they come after the numbers above.
+        import cslt_layout_probe
+        import sparse24_parts
+
+        for name, call in (("sparse24_parts", lambda: sparse24_parts.main(["--tokens", args.tokens.split(",")[0]])),
+                           ("cslt_layout_probe", lambda: cslt_layout_probe.main(["--out", str(out)]))):
+            try:
+                bench[name] = call()
+            except Exception as e:
+                traceback.print_exc()
+                bench[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            save(bench)
     if DEVICE == "cuda" and not args.skip_bench:
         # CUDA graphs around cuSPARSELt are untried: a process of their own, so that a broken
         # capture cannot take the results above with it.
         bench["sparse24 CUDA graphs"] = run_in_subprocess(
             [sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", "cuda", "--tokens",
              args.tokens.split(",")[0], "--cuda-graphs", "--out", str(out)], 240)
+        save(bench)
+    if DEVICE == "cuda":  # the kernel tests, on CUDA tensors this time (CPU runs use the interpreter)
+        bench["kernel tests on CUDA"] = run_in_subprocess(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "kernels")], 180)
         save(bench)
     print("\n== gpu_check summary ==")
     print(f"{env['device']} (sm{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "

@@ -55,6 +55,7 @@ def check_against_reference(ffn: SquaredReLU, optimized, x, dtype, approximated:
     (`approximated`: gradients that the mode approximates on purpose, reported but not judged)."""
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
     ffn.zero_grad(set_to_none=True)
+    torch.compiler.cudagraph_mark_step_begin()  # for the CUDA-graph modes; a no-op elsewhere
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     w1 = ffn.w1.weight.detach().clone().requires_grad_()
     w2 = ffn.w2.weight.detach().clone().requires_grad_()
@@ -105,12 +106,19 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
         compiled = fvcompile.optimize(module, dynamic=False, **kwargs)
         xg = x.clone().requires_grad_()
 
-        def forward(compiled=compiled):
+        # A CUDA-graph step reuses the previous step's output memory: say where a new step starts.
+        new_step = torch.compiler.cudagraph_mark_step_begin if "CUDA graphs" in label else (lambda: None)
+
+        def forward(compiled=compiled, new_step=new_step):
+            new_step()
             with torch.no_grad():
                 compiled(x)
 
-        def forward_backward(compiled=compiled, module=module, xg=xg):
+        def forward_backward(compiled=compiled, module=module, xg=xg, new_step=new_step):
+            new_step()
             module.zero_grad(set_to_none=True)
+            # Not accumulated: under CUDA graphs the last step's x.grad is graph memory, since reused.
+            xg.grad = None
             compiled(xg).backward(grad)
 
         try:

@@ -399,15 +399,22 @@ def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = F
     return (out.t() if transpose_out else out).contiguous()
 
 
-_CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device, transposed) -> algorithm id
+_CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device) -> algorithm id
 
 
 def _cslt_algorithm(compressed: Tensor, b: Tensor, transpose_out: bool) -> int:
-    """cuSPARSELt's fastest algorithm for this problem, searched once per shape (0 if no search)."""
-    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, transpose_out)
+    """cuSPARSELt's fastest algorithm for this problem, searched once per shape (0 if no search).
+
+    A transposed result takes the default algorithm: on an H200 (torch 2.11+cu130, cuSPARSELt 0.8,
+    2026-11-26) the search with transpose_result=True fails with "internal error" and leaves the
+    CUDA context broken (illegal instruction at the next kernel), while the matmul itself is right
+    (bench/cslt_diag.py)."""
+    if transpose_out:
+        return 0
+    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device)
     if key not in _CSLT_ALGORITHMS:
         try:
-            _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b, transpose_result=transpose_out))
+            _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b))
         except (RuntimeError, AttributeError):  # no search in this build: the default algorithm
             _CSLT_ALGORITHMS[key] = 0
     return _CSLT_ALGORITHMS[key]
