@@ -20,7 +20,8 @@ Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
   fused into the pack: `square` (mask24(a)² @ b: the forward passes the sparse relu r, so r² is
   never written) and `relu` (h itself: relu, 2:4, square and pack in one pass).
 
-Sparse matmul backends (`sparse_mm_backend`, chosen per GPU by a probe matmul): on sm8x, our
+Sparse matmul backends (`sparse_mm_backend`, chosen per GPU by a probe matmul in a child process,
+since a failing sparse matmul can break the CUDA context of the process it runs in): on sm8x, our
 CUTLASS-layout pack + `torch._sparse_semi_structured_mm` (PyTorch's CUTLASS kernel runs on sm8x
 only); on Hopper, our cuSPARSELt-layout pack (`kernels/sparse24_cslt.py`) + `torch._cslt_sparse_mm`,
 the algorithm searched once per shape; as a last resort `torch._cslt_compress`, correct on every
@@ -323,6 +324,7 @@ def _use_triton(t: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 _BACKENDS: dict[int, str | None] = {}  # CUDA device index -> "cutlass", "cusparselt" or None
+_NO_BACKEND_REASONS: dict[int, str] = {}  # CUDA device index -> why the probe found no backend
 
 
 def _probe(backend: str, device: torch.device) -> bool:
@@ -341,6 +343,43 @@ def _probe(backend: str, device: torch.device) -> bool:
 BACKENDS = ("cutlass", "cusparselt", "cusparselt-compress")  # in order of preference
 
 
+def first_working_backend(device) -> str | None:
+    """The first of BACKENDS whose probe matmul equals the dense product here, in this process."""
+    for backend in BACKENDS:
+        try:
+            if _probe(backend, torch.device(device)):
+                return backend
+        except Exception:  # noqa: BLE001 - any failure means "not on this device"
+            continue
+    return None
+
+
+_PROBE_CHILD = "from fvcompile.kernels.sparse24 import first_working_backend as f; print('backend:', f({device!r}))"
+
+
+def _probe_in_child(device: str) -> tuple[str | None, str]:
+    """Probe in a process of its own: a sparse matmul that fails can leave the CUDA context broken,
+    which no exception handler can undo (on an H200 on 2026-11-26 a failing cuSPARSELt search was
+    followed by an illegal instruction at every later kernel). Returns (backend, why not)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # import what we import
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD.format(device=device)], env=env,
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return None, "the probe process timed out"
+    found = [line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("backend:")]
+    if proc.returncode == 0 and found and found[-1] in BACKENDS:
+        return found[-1], ""
+    if proc.returncode == 0 and found:
+        return None, f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe"
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return None, f"the probe process failed (exit code {proc.returncode}): {last[:200]}"
+
+
 def sparse_mm_backend(device) -> str | None:
     """The 2:4 sparse matmul this device runs, or None:
 
@@ -350,27 +389,30 @@ def sparse_mm_backend(device) -> str | None:
       for a GPU whose cuSPARSELt layout differs from the one our pack writes).
 
     Needs a CUDA GPU of compute capability 8.0 or newer, and a one-time probe (a small sparse
-    matmul checked against the dense product) to succeed; cached per device.
+    matmul of each backend checked against the dense product, in a child process) to succeed;
+    cached per device. `no_sparse_mm_reason` says why not.
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _BACKENDS:
-        found = None
         if torch.cuda.get_device_capability(index) >= (8, 0):
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-            with unset_fake_temporarily():  # passes may ask while a fake mode is active
-                for backend in BACKENDS:
-                    try:
-                        if _probe(backend, torch.device("cuda", index)):
-                            found = backend
-                            break
-                    except Exception:  # noqa: BLE001 - any failure means "not on this device"
-                        continue
-        _BACKENDS[index] = found
+            _BACKENDS[index], _NO_BACKEND_REASONS[index] = _probe_in_child(f"cuda:{index}")
+        else:
+            _BACKENDS[index], _NO_BACKEND_REASONS[index] = None, "2:4 sparse tensor cores need sm80 or newer"
     return _BACKENDS[index]
+
+
+def no_sparse_mm_reason(device) -> str:
+    """Why `device` runs no 2:4 sparse matmul ("" where it does), for the pass's report."""
+    device = torch.device(device)
+    if sparse_mm_backend(device) is not None:
+        return ""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"{device} has no 2:4 sparse tensor cores"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"{torch.cuda.get_device_name(index)}: {_NO_BACKEND_REASONS[index]}"
 
 
 def sparse_tensor_cores_available(device) -> bool:

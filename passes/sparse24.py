@@ -47,8 +47,8 @@ instead: a second 2:4 selection of A along the tokens (the 2 largest of every 4 
 hidden unit) makes dW2 = dYᵀ · S_tokens(A) a sparse matmul too, an approximation of that one
 gradient (its reference: the same formula in plain PyTorch). Without it, at most 2 of the FFN's
 6 matmuls are sparse, so fwd+bwd cannot reach the paper's 1.3x even with perfect kernels (at 2x
-per sparse matmul: 6 / 5 = 1.2x); with it, 3 of 6 (6 / 4.5 = 1.33x). On an H100 in bf16 the 2:4
-matmul is ~1.45x faster than the dense one, not 2x: the bounds are 1.07x and 1.12x
+per sparse matmul: 6 / 5 = 1.2x); with it, 3 of 6 (6 / 4.5 = 1.33x). On an H100 or H200 in bf16
+the 2:4 matmul is ~1.5x faster than the dense one, not 2x: the bounds are 1.07x-1.08x and 1.12x
 (bench/README.md). A token-wise sparse dW1 as well was tried and cost 10.7% training loss.
 
 Devices. On a GPU where a one-time probe of the 2:4 sparse matmul succeeds
@@ -308,7 +308,7 @@ class Sparse24(GraphPass):
             on_cores = has_cores and dtype in k24.PACK_DTYPES
             if not on_cores and not self.emulate:
                 why = (f"{dtype} has no 2:4 sparse matmul (needs fp16/bf16)" if has_cores
-                       else f"no 2:4 sparse tensor cores on {ctx.device}")
+                       else k24.no_sparse_mm_reason(ctx.device))
                 result.skipped.append(Site(relu.name, module, f"{why} and emulate=False: left dense"))
                 continue
             emulated += not on_cores
@@ -325,8 +325,7 @@ class Sparse24(GraphPass):
 
         self._report_other_squares(graph, grad, matched_squares, result)
         if emulated:
-            where = (f"{ctx.device} has no 2:4 sparse tensor cores" if not has_cores
-                     else "the activations are not fp16/bf16")
+            where = k24.no_sparse_mm_reason(ctx.device) if not has_cores else "the activations are not fp16/bf16"
             result.notes.append(f"emulated: {where}; {emulated} site(s) run the 2:4 masked-dense "
                                 "path (same numerics as the sparse matmul, no speedup)")
         if self.warmup_steps and result.rewritten:

@@ -275,7 +275,7 @@ def test_emulate_false_leaves_cpu_sites_dense():
     optimized = fvcompile.optimize(model, passes=[Sparse24(emulate=False)], codegen=False)
     assert_step_close(run_step(optimized, model, x, grad_out), run_step(model, model, x, grad_out))
     (skipped,) = sites(optimized, "skipped")
-    assert skipped.detail == "no 2:4 sparse tensor cores on cpu and emulate=False: left dense"
+    assert skipped.detail == "cpu has no 2:4 sparse tensor cores and emulate=False: left dense"
     assert sites(optimized) == []
 
 
