@@ -148,24 +148,6 @@ if triton is not None:
         return k0, k1, k2, k3
 
     @triton.jit
-    def _load_and_select(p, mask, RELU: tl.constexpr):
-        # One group of 4 per lane, in fp32 (exact for every input dtype, and the interpreter has no
-        # bf16 arithmetic), and which 2 to keep: the largest of relu(x) when RELU, else by magnitude.
-        x0 = tl.load(p + 0, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(p + 1, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(p + 2, mask=mask, other=0.0).to(tl.float32)
-        x3 = tl.load(p + 3, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            x0 = tl.maximum(x0, 0.0)
-            x1 = tl.maximum(x1, 0.0)
-            x2 = tl.maximum(x2, 0.0)
-            x3 = tl.maximum(x3, 0.0)
-            k0, k1, k2, k3 = _keep_top2(x0, x1, x2, x3)
-        else:
-            k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
-        return x0, x1, x2, x3, k0, k1, k2, k3
-
-    @triton.jit
     def _split4(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # (BLOCK_M, BLOCK_K) -> the 4 members of each group of 4 columns, each (BLOCK_M, BLOCK_K/4, 1).
         # [g, i, j] of the reshape is column 4g + 2i + j.
@@ -232,37 +214,43 @@ if triton is not None:
         return (dst_col // 2) * m_pad * 2 + dst_row * 2 + dst_col % 2
 
     @triton.jit
-    def _pack24_kernel(x_ptr, values_ptr, meta_ptr, M, M_pad, K, stride_x,
-                       RELU_SQUARE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        # One program: BLOCK_M rows x BLOCK_C metadata words (16 input columns, 4 groups, each).
+    def _pack24_kernel(x_ptr, values_ptr, meta_ptr, M, M_pad, K, stride_xm, stride_xk,
+                       RELU_SQUARE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One coalesced (BLOCK_M, BLOCK_K) tile (BLOCK_K a multiple of 16: whole metadata words),
+        # split into groups in registers, as in kernels/sparse24_cslt.py. x may be a strided view.
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-        load_mask = (rows[:, None] < M) & (cols[None, :] < K // 16)  # rows >= M are padding: zeros
-        store_mask = (rows[:, None] < M_pad) & (cols[None, :] < K // 16)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        load_mask = (rows[:, None] < M) & (cols[None, :] < K)  # rows >= M are padding: zeros
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=load_mask, other=0.0)
+        x = x.to(tl.float32)  # exact for fp16/bf16; the interpreter has no bf16 arithmetic
+        if RELU_SQUARE:
+            x = tl.maximum(x, 0.0)  # selected on relu(x); squaring keeps the order
+        x0, x1, x2, x3 = _split4(x, BLOCK_M, BLOCK_K)
+        k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
+        if RELU_SQUARE:
+            x0 = x0 * x0
+            x1 = x1 * x1
+            x2 = x2 * x2
+            x3 = x3 * x3
+        # The kept values as stored (rounded once to the output dtype), and which are nonzero:
+        # CUTLASS's indices depend on the nonzeros (a group may keep fewer than 2).
         out_ty = values_ptr.dtype.element_ty
-        word = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
-        for q in tl.static_range(4):  # the 4 groups of one metadata word
-            x = x_ptr + rows[:, None] * stride_x + cols[None, :] * 16 + q * 4
-            x0, x1, x2, x3, k0, k1, k2, k3 = _load_and_select(x, load_mask, RELU_SQUARE)
-            if RELU_SQUARE:
-                # Selected on relu(x) (squaring keeps the order); keep relu(x)^2, rounded once below.
-                x0 = x0 * x0
-                x1 = x1 * x1
-                x2 = x2 * x2
-                x3 = x3 * x3
-            # The kept values as stored (rounded to the output dtype), and which of them are nonzero.
-            w0 = tl.where(k0, x0, 0.0).to(out_ty).to(tl.float32)
-            w1 = tl.where(k1, x1, 0.0).to(out_ty).to(tl.float32)
-            w2 = tl.where(k2, x2, 0.0).to(out_ty).to(tl.float32)
-            w3 = tl.where(k3, x3, 0.0).to(out_ty).to(tl.float32)
-            idx0, idx1 = _cutlass_indices((w0 != 0).to(tl.int32), (w1 != 0).to(tl.int32),
-                                          (w3 != 0).to(tl.int32))
-            values = values_ptr + rows[:, None] * (K // 2) + cols[None, :] * 8 + q * 2
-            tl.store(values + 0, _pick(idx0, w0, w1, w2, w3).to(out_ty), mask=store_mask)
-            tl.store(values + 1, _pick(idx1, w0, w1, w2, w3).to(out_ty), mask=store_mask)
-            word = word | ((idx0 | (idx1 << 2)) << (4 * q))
-        offsets = _cutlass_meta_offset(rows, cols, M_pad)
-        tl.store(meta_ptr + offsets, word.to(tl.int16), mask=store_mask)
+        w0 = tl.where(k0, x0, 0.0).to(out_ty).to(tl.float32)
+        w1 = tl.where(k1, x1, 0.0).to(out_ty).to(tl.float32)
+        w2 = tl.where(k2, x2, 0.0).to(out_ty).to(tl.float32)
+        w3 = tl.where(k3, x3, 0.0).to(out_ty).to(tl.float32)
+        idx0, idx1 = _cutlass_indices((w0 != 0).to(tl.int32), (w1 != 0).to(tl.int32), (w3 != 0).to(tl.int32))
+        values = tl.reshape(tl.join(_pick(idx0, w0, w1, w2, w3), _pick(idx1, w0, w1, w2, w3)),
+                            (BLOCK_M, BLOCK_K // 2)).to(out_ty)
+        half_cols = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        tl.store(values_ptr + rows[:, None] * (K // 2) + half_cols[None, :], values,
+                 mask=(rows[:, None] < M_pad) & (half_cols[None, :] < K // 2))
+        # One int16 word per 4 groups (16 columns), lowest group in the lowest nibble.
+        codes = tl.reshape(idx0 | (idx1 << 2), (BLOCK_M, BLOCK_K // 16, 4))
+        word = tl.sum(codes << (tl.arange(0, 4) * 4)[None, None, :], axis=2)
+        words = (tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)).to(tl.int64)
+        tl.store(meta_ptr + _cutlass_meta_offset(rows, words, M_pad), word.to(tl.int16),
+                 mask=(rows[:, None] < M_pad) & (words[None, :] < K // 16))
 
 
 def _need_triton() -> None:
@@ -293,17 +281,17 @@ def sparse24_select_triton(x: Tensor, block_m: int = 16, block_k: int = 256) -> 
     return _select_triton(x, False, block_m, block_k)
 
 
-def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 32, block_c: int = 8) -> tuple[Tensor, Tensor]:
+def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 16, block_k: int = 256) -> tuple[Tensor, Tensor]:
     _need_triton()
     _check_packable(x)
-    x = _as_rows(x)
+    x = x.reshape(-1, x.shape[-1])  # a 2-D view stays a view, transposed or not
     m, k = x.shape
     m_pad = padded_rows(m)
     values = torch.empty((m_pad, k // 2), dtype=x.dtype, device=x.device)
     meta = torch.empty((m_pad, k // 16), dtype=torch.int16, device=x.device)
-    grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k // 16, block_c))
-    _pack24_kernel[grid](x, values, meta, m, m_pad, k, x.stride(0),
-                         RELU_SQUARE=relu_square, BLOCK_M=block_m, BLOCK_C=block_c)
+    grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
+    _pack24_kernel[grid](x, values, meta, m, m_pad, k, x.stride(0), x.stride(1),
+                         RELU_SQUARE=relu_square, BLOCK_M=block_m, BLOCK_K=block_k)
     return values, meta
 
 

@@ -142,6 +142,17 @@ def test_magnitude_pack(shape, dtype):
     assert torch.equal(s24.unpack_reference(v2.cpu(), m2.cpu(), shape[0]), masked.cpu())
 
 
+@pytest.mark.parametrize("dtype", PACK_DTYPES)
+def test_pack_reads_strided_views_and_ragged_tiles(dtype):
+    # K = 544: two 256-wide tiles and a part; a transposed view is read in place.
+    xt = randn(544, 40, dtype=dtype).t()
+    padded = torch.nn.functional.pad(s24.sparse24_mask_reference(xt), (0, 0, 0, 24))
+    ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(padded)
+    for blocks in ({}, dict(block_m=32, block_k=64)):
+        values, meta = s24.sparse24_pack_triton(xt, **blocks)
+        assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta), blocks
+
+
 def test_pack_rejects_what_cutlass_cannot_hold():
     with pytest.raises(ValueError, match="fp16 or bf16"):
         s24.sparse24_pack_triton(torch.randn(32, 64, device=DEVICE))
