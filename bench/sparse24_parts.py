@@ -112,6 +112,9 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
             alg = int(torch._cslt_sparse_mm_search(compressed, w8.t(), out_dtype=torch.bfloat16)) if search else 0
             return lambda: torch._cslt_sparse_mm(compressed, w8.t(), out_dtype=torch.bfloat16, alg_id=alg)
 
+        scale = a.abs().amax(1).float().clamp_min(1e-12) / 448
+        record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, row scale",
+               lambda: lambda: cslt.cslt_pack_triton(a, out_dtype=fp8, scale=scale), m * k * elem + m * k * 5 // 8)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, alg 0", lambda: fp8_sparse(False), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched", lambda: fp8_sparse(True), flops=f)
     rows.append({"part": f"  (sparse matmul backend: {k24.sparse_mm_backend(a.device)})", "ms": None})

@@ -18,6 +18,13 @@ bench/cslt_layout_probe.py; the probe's outputs are the test fixture tests/kerne
   ((r % 64) // 16) * 64. In a tile, row i (0..15) and group j (0..7) are the nibble
   (i // 8) of byte 8 * (i % 8) + 2 * (j % 4) + j // 4.
 
+For 8-bit types (FP8 e4m3; recorded on an H200 the same way) the values come first the same
+way, and the metadata, still M_pad * K / 8 bytes in bands of 64 rows, comes in 128-byte tiles of
+16 rows x 64 columns (16 groups; the 8-bit sparse MMA reads 64 columns): tile (r, c) starts at
+byte (r // 64) * 8K + (c // 64) * 512 + ((r % 64) // 16) * 128. In a tile, row i and group j are
+the nibble j % 2 of byte 16 * (i % 8) + i // 8 + 2 * bit3(j) + 4 * bit1(j) + 8 * bit2(j). The
+tensor is (M_pad, K/2 + K/8) of the 8-bit type, and K must be a multiple of 64.
+
 That is cuSPARSELt's layout on Hopper (with the cuSPARSELt of torch 2.11 + CUDA 13); other GPUs
 may differ, which is why `sparse24.sparse_mm_backend` uses it only after a probe matmul through it
 matches the dense product, and falls back to `torch._cslt_compress` otherwise.
@@ -36,56 +43,86 @@ def padded_rows(m):
     return (m + ALIGN_M - 1) // ALIGN_M * ALIGN_M
 
 
-def compressed_shape(m, k) -> tuple:
-    return (padded_rows(m), k // 2 + k // 16)
+def compressed_shape(m, k, element_size: int = 2) -> tuple:
+    """(rows, columns) of the compressed tensor, in elements of `element_size` bytes."""
+    return (padded_rows(m), k // 2 + k // (8 * element_size))
 
 
-def _meta_byte_offsets(m_pad: int, k: int, device) -> tuple[Tensor, Tensor]:
+def align_k(element_size: int) -> int:
+    """The multiple of K a layout's metadata tiles need: 32 for 16-bit types, 64 for 8-bit."""
+    return 32 if element_size == 2 else 64
+
+
+def _meta_byte_offsets(m_pad: int, k: int, device, element_size: int = 2) -> tuple[Tensor, Tensor]:
     """For every group (row, group index): its metadata byte (from the metadata's start) and nibble."""
     r = torch.arange(m_pad, device=device)[:, None]
     g = torch.arange(k // 4, device=device)[None, :]
+    if element_size == 1:
+        byte = ((r // 64) * 8 * k + (g // 16) * 512 + ((r % 64) // 16) * 128 + 16 * (r % 8) + (r % 16) // 8
+                + 2 * ((g >> 3) & 1) + 4 * ((g >> 1) & 1) + 8 * ((g >> 2) & 1))
+        return byte, (g & 1).expand_as(byte)
     j = g % 8
     byte = ((r // 64) * 8 * k + (g // 8) * 256 + ((r % 64) // 16) * 64
             + 8 * (r % 8) + 2 * (j % 4) + j // 4)
     return byte, (r % 16) // 8
 
 
-def cslt_pack_reference(x: Tensor, square: bool = False, relu: bool = False) -> Tensor:
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def _to_out_dtype(values: Tensor, out_dtype: torch.dtype, scale: Tensor | None) -> Tensor:
+    """fp32 values as stored: divided by the per-row `scale` for 8-bit types (saturated at the
+    type's largest finite value), else rounded once."""
+    if out_dtype.itemsize == 1:
+        if scale is not None:
+            values = values / scale.float().reshape(-1, *([1] * (values.dim() - 1)))
+        return values.clamp(-FP8_MAX, FP8_MAX).to(out_dtype)
+    return values.to(out_dtype)
+
+
+def cslt_pack_reference(x: Tensor, square: bool = False, relu: bool = False, out_dtype: torch.dtype | None = None,
+                        scale: Tensor | None = None) -> Tensor:
     """Plain PyTorch: keep the 2 largest |x| of every 4 (ties: lower index), pack like cuSPARSELt.
 
     relu: relu(x) first (then "largest" and "largest magnitude" agree); square: pack the kept
-    values squared (squared in fp32, rounded once).
+    values squared (squared in fp32, rounded once). out_dtype: the packed type (x's by default);
+    an 8-bit type (float8_e4m3fn) stores value / scale[row] (scale: (M,) fp32, or None for 1).
     """
     m, k = x.shape
+    out_dtype = out_dtype or x.dtype
     if relu:
         x = torch.relu(x)
     m_pad = padded_rows(m)
     x = torch.nn.functional.pad(x, (0, 0, 0, m_pad - m))
+    if scale is not None:
+        scale = torch.nn.functional.pad(scale.float().reshape(-1), (0, m_pad - m), value=1.0)
     keep = mask24(x.abs()).view(m_pad, k // 4, 4)
     order = torch.where(keep, torch.arange(4, device=x.device), 4).sort(-1).values[..., :2]  # the 2 kept
-    values = x.view(m_pad, k // 4, 4).gather(-1, order)
-    if square:
-        values = (values.float() ** 2).to(x.dtype)
+    values = x.view(m_pad, k // 4, 4).gather(-1, order).float()
+    values = _to_out_dtype(values ** 2 if square else values, out_dtype, scale)
     codes = order[..., 0] | (order[..., 1] << 2)
-    byte, nibble = _meta_byte_offsets(m_pad, k, x.device)
+    byte, nibble = _meta_byte_offsets(m_pad, k, x.device, out_dtype.itemsize)
     meta = torch.zeros(m_pad * k // 8, dtype=torch.int64, device=x.device)
     meta.index_put_((byte.expand_as(codes).reshape(-1),), (codes << (4 * nibble)).reshape(-1), accumulate=True)
-    out = torch.empty(compressed_shape(m, k), dtype=x.dtype, device=x.device)
+    out = torch.empty(compressed_shape(m, k, out_dtype.itemsize), dtype=out_dtype, device=x.device)
     flat = out.view(-1).view(torch.uint8)
-    flat[: m_pad * k] = values.reshape(-1).view(torch.uint8)
-    flat[m_pad * k:] = meta.to(torch.uint8)
+    values_bytes = m_pad * k // 2 * out_dtype.itemsize
+    flat[:values_bytes] = values.reshape(-1).view(torch.uint8)
+    flat[values_bytes:] = meta.to(torch.uint8)
     return out
 
 
 def cslt_unpack_reference(compressed: Tensor, rows: int, k: int) -> Tensor:
     """The dense (rows, k) tensor a compressed operand stands for (for tests)."""
     m_pad = padded_rows(rows)
+    size = compressed.element_size()
     flat = compressed.reshape(-1).view(torch.uint8)
-    values = flat[: m_pad * k].view(compressed.dtype).view(m_pad, k // 4, 2)
-    byte, nibble = _meta_byte_offsets(m_pad, k, compressed.device)
-    codes = (flat[m_pad * k:].to(torch.int64)[byte] >> (4 * nibble)) & 15
+    values = flat[: m_pad * k // 2 * size].view(compressed.dtype).view(m_pad, k // 4, 2)
+    byte, nibble = _meta_byte_offsets(m_pad, k, compressed.device, size)
+    codes = (flat[m_pad * k // 2 * size:].to(torch.int64)[byte] >> (4 * nibble)) & 15
     dense = torch.zeros(m_pad, k // 4, 4, dtype=compressed.dtype, device=compressed.device)
-    dense.scatter_(-1, torch.stack([codes & 3, codes >> 2], -1), values)
+    dense.view(torch.uint8 if size == 1 else torch.int16).scatter_(
+        -1, torch.stack([codes & 3, codes >> 2], -1), values.view(torch.uint8 if size == 1 else torch.int16))
     return dense.view(m_pad, k)[:rows]
 
 
@@ -95,9 +132,11 @@ if triton is not None:
     from fvcompile.kernels.sparse24 import _keep_top2, _pick, _split4
 
     @triton.jit
-    def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, M, M_pad, K, stride_xm, stride_xk, RELU: tl.constexpr,
-                          SQUARE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # One (BLOCK_M, BLOCK_K) tile: BLOCK_M a multiple of 16, BLOCK_K of 32 (whole metadata tiles).
+    def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, scale_ptr, M, M_pad, K, stride_xm, stride_xk,
+                          RELU: tl.constexpr, SQUARE: tl.constexpr, OUT8: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One (BLOCK_M, BLOCK_K) tile: BLOCK_M a multiple of 16, BLOCK_K of 32 (16-bit output) or
+        # 64 (8-bit output): whole metadata tiles.
         G: tl.constexpr = BLOCK_K // 4
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -116,37 +155,58 @@ if triton is not None:
         if SQUARE:
             v0 = v0 * v0
             v1 = v1 * v1
-        values = tl.reshape(tl.join(v0, v1), (BLOCK_M, BLOCK_K // 2)).to(values_ptr.dtype.element_ty)
+        values = tl.reshape(tl.join(v0, v1), (BLOCK_M, BLOCK_K // 2))
+        if OUT8:  # value / scale[row], saturated: float8_e4m3fn has no infinity
+            if HAS_SCALE:
+                # IEEE division (a plain / is approximate on GPUs): the bytes equal the reference's.
+                scale = tl.load(scale_ptr + rows, mask=rows < M, other=1.0)
+                values = tl.math.div_rn(values, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K // 2)))
+            values = tl.minimum(tl.maximum(values, -448.0), 448.0)
+        values = values.to(values_ptr.dtype.element_ty)
         half_cols = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         tl.store(values_ptr + rows[:, None] * (K // 2) + half_cols[None, :], values,
                  mask=(rows[:, None] < M_pad) & (half_cols[None, :] < K // 2))
 
-        # Metadata: rows i and i + 8 of each 16-row tile share a byte (low and high nibble).
-        codes = tl.reshape(idx0 | (idx1 << 2), (BLOCK_M // 16, 2, 8, G))
-        shift = (tl.arange(0, 2) * 4)[None, :, None, None]
-        byte = tl.sum(codes << shift, axis=1)  # (BLOCK_M // 16, 8, G)
-        r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M // 16)[:, None, None] * 16
-             + tl.arange(0, 8)[None, :, None]).to(tl.int64)
-        g = tl.program_id(1) * G + tl.arange(0, G)[None, None, :]
-        j = g % 8
-        offset = ((r // 64) * 8 * K + (g // 8) * 256 + ((r % 64) // 16) * 64
-                  + 8 * (r % 8) + 2 * (j % 4) + j // 4)
-        tl.store(meta_ptr + offset, byte.to(tl.uint8), mask=(r < M_pad) & (g < K // 4))
+        codes = idx0 | (idx1 << 2)
+        if OUT8:  # groups 2j and 2j + 1 of a row share a byte (low and high nibble)
+            pairs = tl.reshape(codes, (BLOCK_M, G // 2, 2))
+            byte = tl.sum(pairs << (tl.arange(0, 2) * 4)[None, None, :], axis=2)  # (BLOCK_M, G // 2)
+            r = rows[:, None]
+            g = tl.program_id(1) * G + tl.arange(0, G // 2)[None, :] * 2
+            offset = ((r // 64) * 8 * K + (g // 16) * 512 + ((r % 64) // 16) * 128 + 16 * (r % 8)
+                      + (r % 16) // 8 + 2 * ((g >> 3) & 1) + 4 * ((g >> 1) & 1) + 8 * ((g >> 2) & 1))
+            tl.store(meta_ptr + offset, byte.to(tl.uint8), mask=(r < M_pad) & (g < K // 4))
+        else:  # rows i and i + 8 of each 16-row tile share a byte (low and high nibble)
+            quads = tl.reshape(codes, (BLOCK_M // 16, 2, 8, G))
+            byte = tl.sum(quads << (tl.arange(0, 2) * 4)[None, :, None, None], axis=1)  # (BLOCK_M // 16, 8, G)
+            r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M // 16)[:, None, None] * 16
+                 + tl.arange(0, 8)[None, :, None]).to(tl.int64)
+            g = tl.program_id(1) * G + tl.arange(0, G)[None, None, :]
+            j = g % 8
+            offset = ((r // 64) * 8 * K + (g // 8) * 256 + ((r % 64) // 16) * 64
+                      + 8 * (r % 8) + 2 * (j % 4) + j // 4)
+            tl.store(meta_ptr + offset, byte.to(tl.uint8), mask=(r < M_pad) & (g < K // 4))
 
 
-def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, block_m: int = 16,
-                     block_k: int = 256) -> Tensor:
-    """The Triton kernel of `cslt_pack_reference` (x 2-D, fp16/bf16, any strides, K % 32 == 0)."""
+def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, out_dtype: torch.dtype | None = None,
+                     scale: Tensor | None = None, block_m: int = 16, block_k: int = 256) -> Tensor:
+    """The Triton kernel of `cslt_pack_reference` (x 2-D, fp16/bf16, any strides; K a multiple of
+    32, or of 64 for an 8-bit out_dtype)."""
     if triton is None:
         raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
     m, k = x.shape
-    if k % 32:
-        raise ValueError(f"cuSPARSELt packing needs the last dim to be a multiple of 32, got {k}")
-    out = torch.empty(compressed_shape(m, k), dtype=x.dtype, device=x.device)
+    out_dtype = out_dtype or x.dtype
+    size = out_dtype.itemsize
+    if k % align_k(size):
+        raise ValueError(f"cuSPARSELt packing into {out_dtype} needs the last dim to be a multiple of "
+                         f"{align_k(size)}, got {k}")
+    out = torch.empty(compressed_shape(m, k, size), dtype=out_dtype, device=x.device)
     flat = out.view(-1)
     m_pad = out.shape[0]
     meta = flat[m_pad * k // 2:].view(torch.uint8)
+    scale_arg = scale.float().contiguous() if scale is not None else flat  # flat: a placeholder pointer
     grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
-    _cslt_pack_kernel[grid](x, flat, meta, m, m_pad, k, x.stride(0), x.stride(1),
-                            RELU=relu, SQUARE=square, BLOCK_M=block_m, BLOCK_K=block_k)
+    _cslt_pack_kernel[grid](x, flat, meta, scale_arg, m, m_pad, k, x.stride(0), x.stride(1),
+                            RELU=relu, SQUARE=square, OUT8=size == 1, HAS_SCALE=scale is not None,
+                            BLOCK_M=block_m, BLOCK_K=block_k)
     return out

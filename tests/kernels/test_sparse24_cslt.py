@@ -17,6 +17,8 @@ pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIXTURE = Path(__file__).parent / "data" / "cslt_compress_h100.pt"
+FIXTURE_FP8 = Path(__file__).parent / "data" / "cslt_compress_fp8_h200.pt"  # float8_e4m3fn, an H200
+FP8 = torch.float8_e4m3fn
 SHAPES = [(1, 64), (37, 128), (64, 32), (100, 192), (130, 256)]
 
 
@@ -25,8 +27,8 @@ def randn(*shape, dtype, seed=None):
     return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
 
 
-def meta_codes(flat: torch.Tensor, meta_start: int, m_pad: int, k: int) -> torch.Tensor:
-    byte, nibble = cslt._meta_byte_offsets(m_pad, k, flat.device)
+def meta_codes(flat: torch.Tensor, meta_start: int, m_pad: int, k: int, element_size: int = 2) -> torch.Tensor:
+    byte, nibble = cslt._meta_byte_offsets(m_pad, k, flat.device, element_size)
     return (flat[meta_start:].to(torch.int64)[byte] >> (4 * nibble)) & 15
 
 
@@ -43,6 +45,60 @@ def test_reference_writes_the_bytes_cusparselt_wrote(case):
         m_pad = cslt.padded_rows(m)
         assert torch.equal(ours[: m * k], raw[: m * k])
         assert torch.equal(meta_codes(ours, m_pad * k, m_pad, k)[:m], meta_codes(raw, m * k, m_pad, k)[:m])
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_reference_writes_the_fp8_bytes_cusparselt_wrote(case):
+    recorded = torch.load(FIXTURE_FP8)["cases"][case]
+    dense, raw = recorded["dense"], recorded["raw"]  # kept values 1..16: exact in e4m3 and bf16
+    m, k = dense.shape
+    ours = cslt.cslt_pack_reference(dense.to(torch.bfloat16), out_dtype=FP8).reshape(-1).view(torch.uint8)
+    m_pad = cslt.padded_rows(m)
+    if m % cslt.ALIGN_M == 0:
+        assert tuple(recorded["compressed_shape"].tolist()) == cslt.compressed_shape(m, k, 1)
+        assert torch.equal(ours, raw)
+    else:  # values unpadded there, padded here: compare what is there
+        assert torch.equal(ours[: m * k // 2], raw[: m * k // 2])
+        assert torch.equal(meta_codes(ours, m_pad * k // 2, m_pad, k, 1)[:m],
+                           meta_codes(raw, m * k // 2, m_pad, k, 1)[:m])
+
+
+def fp8_exact_inputs(m, k, seed):
+    """bf16 inputs v * scale[row], v an e4m3 value and scale a power of 2, a few beyond e4m3's
+    range: dividing by the scale is exact, so the packed FP8 values need no rounding (the
+    interpreter rounds fp32 -> fp8 its own way; a GPU's rounding is checked by gpu_check)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = (torch.randn(m, k, generator=gen) * 64).to(FP8).float()
+    v[torch.rand(m, k, generator=gen) < 0.02] = 1024.0  # saturates at 448
+    scale = 2.0 ** torch.randint(-3, 4, (m,), generator=gen).float()
+    return (v * scale[:, None]).to(torch.bfloat16).to(DEVICE), scale.to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 128), (100, 320)])
+@pytest.mark.parametrize("square", [False, True])
+def test_fp8_reference_unpacks_to_the_masked_tensor_scaled(shape, square):
+    x, scale = fp8_exact_inputs(*shape, seed=shape[0])
+    if square:
+        x = x.abs().sqrt().to(torch.bfloat16)  # not exact any more: only the reference's own contract
+    packed = cslt.cslt_pack_reference(x, square=square, out_dtype=FP8, scale=scale)
+    assert packed.dtype == FP8 and packed.shape == cslt.compressed_shape(*shape, 1)
+    masked = s24.sparse24_mask_reference(x).float()
+    expected = ((masked ** 2 if square else masked) / scale[:, None]).clamp(-448, 448).to(FP8)
+    assert torch.equal(cslt.cslt_unpack_reference(packed, *shape).view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 128), (100, 320)])
+def test_fp8_kernel_equals_reference(shape):
+    x, scale = fp8_exact_inputs(*shape, seed=1)
+    for s in (scale, None):
+        got = cslt.cslt_pack_triton(x, out_dtype=FP8, scale=s)
+        expected = cslt.cslt_pack_reference(x, out_dtype=FP8, scale=s)
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    xt = x.t().contiguous().t()  # a transposed view, read in place; blocks smaller than K
+    assert torch.equal(cslt.cslt_pack_triton(xt, out_dtype=FP8, scale=scale, block_m=32, block_k=64).view(torch.uint8),
+                       cslt.cslt_pack_reference(x, out_dtype=FP8, scale=scale).view(torch.uint8))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cslt.cslt_pack_triton(x[:, :32], out_dtype=FP8)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -94,3 +150,18 @@ def test_packed_operand_multiplies_like_the_dense_one_on_gpu(m):
     out = torch._cslt_sparse_mm(compressed, b)[:m]
     expected = s24.sparse24_mask_reference(x).float() @ b.float()
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuSPARSELt needs a GPU")
+@pytest.mark.parametrize("m", [64, 100, 4096])
+def test_fp8_packed_operand_multiplies_like_the_dense_one_on_gpu(m):
+    if s24.sparse_mm_backend("cuda") != "cusparselt":
+        pytest.skip(f"this GPU's backend is {s24.sparse_mm_backend('cuda')}")
+    x = randn(m, 512, dtype=torch.bfloat16)
+    scale = x.abs().amax(1).float().clamp_min(1e-12) / 448  # per row: the largest value maps to 448
+    compressed = cslt.cslt_pack_triton(x, out_dtype=FP8, scale=scale)
+    assert torch.equal(compressed.view(torch.uint8), cslt.cslt_pack_reference(x, out_dtype=FP8, scale=scale).view(torch.uint8))
+    w = randn(256, 512, dtype=torch.bfloat16).to(FP8)  # (N, K) row-major: wᵀ is the column-major B FP8 wants
+    out = torch._cslt_sparse_mm(compressed, w.t(), out_dtype=torch.bfloat16)[:m].float() * scale[:, None]
+    expected = s24.sparse24_mask_reference(x).float() @ w.float().t()
+    assert ((out - expected).norm() / expected.norm()).item() < 0.05  # e4m3 keeps 3 mantissa bits
