@@ -100,11 +100,27 @@ def kernels_sparse24():
             torch.testing.assert_close(out.float(), k24.sparse24_mask_reference(h.t()).float() @ bt.float(),
                                        atol=0.5, rtol=5e-2)
             done += 1
+    fp8 = "FP8 not checked (CPU)"
+    if DEVICE == "cuda":  # FP8: our pack equals the reference at full size, and the FP8 matmul its formula
+        from fvcompile.kernels import sparse24_fp8 as f8
+
+        h = torch.randn(4096, 21504, device=DEVICE, dtype=torch.bfloat16)
+        scale = f8.row_scale(h, False, False)
+        assert torch.equal(cslt.cslt_pack_triton(h, out_dtype=f8.FP8, scale=scale).view(torch.uint8),
+                           cslt.cslt_pack_reference(h, out_dtype=f8.FP8, scale=scale).view(torch.uint8))
+        fp8 = "FP8 pack equal; no FP8 2:4 matmul here"
+        if k24.fp8_sparse_mm_available(DEVICE):
+            b = torch.randn(21504, 256, device=DEVICE, dtype=torch.bfloat16)
+            for flags in ((True, False, False), (False, True, True)):
+                got = f8.fp8_mm_cusparselt(h, b, *flags, False).float()
+                expected = f8.fp8_mm_reference(h, b, *flags, False).float()
+                assert ((got - expected).norm() / expected.norm()).item() < 1e-2, flags
+            fp8 = "FP8 pack equal; FP8 2:4 matmul equals its formula"
     h = torch.randn(256, 512, device=DEVICE, dtype=torch.float16, requires_grad=True)
     out = torch.ops.fvcompile.sparse24_relu(h)
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(h.grad, (k24.sparse24_relu_reference(h.detach()) > 0).half())
-    return (f"{done} shape/dtype cases equal; sparse tensor cores: "
+    return (f"{done} shape/dtype cases equal; {fp8}; sparse tensor cores: "
             f"{k24.sparse_tensor_cores_available(torch.device(DEVICE))} ({k24.sparse_mm_backend(torch.device(DEVICE))})")
 
 
@@ -235,7 +251,9 @@ def main() -> None:
         print(f"sparse24 FFN {r['tokens']} tokens{'' if r['valid'] else ' (INVALID: check failed)'}: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
               f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x vs relu2 dense; "
               f"fwd+bwd {r['speedup fwd+bwd vs swiglu dense']:.2f}x vs SwiGLU dense; "
-              f"with sparse dW2 {r['speedup fwd+bwd of sparse24+dW2 vs relu2 dense']:.2f}x vs relu2 dense"
+              f"with sparse dW2 {r['speedup fwd+bwd of sparse24+dW2 vs relu2 dense']:.2f}x vs relu2 dense; "
+              f"FP8 sparse matmuls {r['speedup fwd+bwd of sparse24-fp8 vs relu2 dense']:.2f}x, +dW2 "
+              f"{r['speedup fwd+bwd of sparse24-fp8+dW2 vs relu2 dense']:.2f}x"
               + (f"; both with CUDA graphs: fwd {r['speedup fwd, both with CUDA graphs']:.2f}x, fwd+bwd "
                  f"{r['speedup fwd+bwd, both with CUDA graphs']:.2f}x" if "speedup fwd, both with CUDA graphs" in r else ""))
 

@@ -111,7 +111,10 @@ def main() -> None:
 
     runs = {}
     variants = (("dense", []), ("sparse24", [Sparse24()]),
-                ("sparse24+dW2", [Sparse24(sparse_weight_grad=True)]))  # the paper's dW2 selection
+                ("sparse24+dW2", [Sparse24(sparse_weight_grad=True)]),  # the paper's dW2 selection
+                # The sparse matmuls in FP8 e4m3 (emulated here: the same numbers as the GPU's).
+                ("sparse24-fp8", [Sparse24(fp8=True)]),
+                ("sparse24-fp8+dW2", [Sparse24(fp8=True, sparse_weight_grad=True)]))
     for label, passes in variants:
         print(f"training {label} for {args.steps} steps ...", flush=True)
         runs[label] = train(passes, args, train_data, val_tokens)
@@ -121,14 +124,15 @@ def main() -> None:
     gaps = {label: (runs[label]["val_loss"][-1] - dense_final) / dense_final for label in runs}
     print(f"\ncorpus: {len(corpus):,} bytes of Python stdlib source; llama-tiny-relu2, {args.steps} steps, "
           f"batch {args.batch}x{args.seq}, CPU")
-    print(f"{'step':>6} {'dense val':>10} {'sparse val':>11} {'+dW2 val':>9}   "
+    print(f"{'step':>6} {'dense val':>10} {'sparse val':>11} {'+dW2 val':>9} {'fp8 val':>8}   "
           "zeros per layer (sparse run)   mass dropped by 2:4")
     for i, step in enumerate(runs["sparse24"]["stats_step"]):
         layers = runs["sparse24"]["layers"][i]
         zeros = " ".join(f"{s['zero_fraction']:.3f}" for s in layers)
         dropped = " ".join(f"{s['mass_dropped']:.4f}" for s in layers)
         print(f"{step:>6} {runs['dense']['val_loss'][i]:>10.4f} {runs['sparse24']['val_loss'][i]:>11.4f} "
-              f"{runs['sparse24+dW2']['val_loss'][i]:>9.4f}   {zeros:<30} {dropped}")
+              f"{runs['sparse24+dW2']['val_loss'][i]:>9.4f} {runs['sparse24-fp8']['val_loss'][i]:>8.4f}   "
+              f"{zeros:<30} {dropped}")
     print(f"\nfinal held-out loss: dense {dense_final:.4f}; " + ", ".join(
         f"{label} {runs[label]['val_loss'][-1]:.4f} ({gaps[label] * 100:+.2f}%)" for label in runs if label != "dense")
         + " (the bar is within 2%)")

@@ -18,7 +18,8 @@ Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
   elsewhere it runs the emulated path: a dense matmul of the masked tensor (same numbers up to
   accumulation order). For an `a` that already is 2:4 the selection changes nothing. Prologues
   fused into the pack: `square` (mask24(a)² @ b: the forward passes the sparse relu r, so r² is
-  never written) and `relu` (h itself: relu, 2:4, square and pack in one pass).
+  never written) and `relu` (h itself: relu, 2:4, square and pack in one pass). `fp8=True`
+  multiplies in float8_e4m3fn (kernels/sparse24_fp8.py).
 
 Sparse matmul backends (`sparse_mm_backend`, chosen per GPU by a probe matmul in a child process,
 since a failing sparse matmul can break the CUDA context of the process it runs in): on sm8x, our
@@ -313,6 +314,7 @@ def _use_triton(t: Tensor) -> bool:
 
 _BACKENDS: dict[int, str | None] = {}  # CUDA device index -> "cutlass", "cusparselt" or None
 _NO_BACKEND_REASONS: dict[int, str] = {}  # CUDA device index -> why the probe found no backend
+_FP8_PROBED: dict[str, bool] = {}  # "cuda:<index>" -> whether the FP8 2:4 matmul passed its probe
 
 
 def _probe(backend: str, device: torch.device) -> bool:
@@ -342,7 +344,26 @@ def first_working_backend(device) -> str | None:
     return None
 
 
-_PROBE_CHILD = "from fvcompile.kernels.sparse24 import first_working_backend as f; print('backend:', f({device!r}))"
+_PROBE_CHILD = ("from fvcompile.kernels.sparse24 import first_working_backend as f, fp8_probe as p; "
+                "b = f({device!r}); print('backend:', b); print('fp8:', p({device!r}) if b == 'cusparselt' else False)")
+
+
+def fp8_probe(device) -> bool:
+    """Whether the FP8 2:4 matmul (our FP8 pack + cuSPARSELt) matches its reference here."""
+    from fvcompile.kernels.sparse24_fp8 import fp8_mm_cusparselt, fp8_mm_reference
+
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(96, 128, device=device, dtype=torch.bfloat16, generator=gen)
+        b = torch.randn(128, 64, device=device, dtype=torch.bfloat16, generator=gen)
+        for transpose_out in (False, True):
+            got = fp8_mm_cusparselt(a, b, True, False, False, transpose_out).float()
+            expected = fp8_mm_reference(a, b, True, False, False, transpose_out).float()
+            if not torch.allclose(got, expected, atol=0.1, rtol=2e-2):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no FP8 sparse matmul here"
+        return False
 
 
 def _probe_in_child(device: str) -> tuple[str | None, str]:
@@ -361,6 +382,7 @@ def _probe_in_child(device: str) -> tuple[str | None, str]:
         return None, "the probe process timed out"
     found = [line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("backend:")]
     if proc.returncode == 0 and found and found[-1] in BACKENDS:
+        _FP8_PROBED[device] = any(line.strip() == "fp8: True" for line in proc.stdout.splitlines())
         return found[-1], ""
     if proc.returncode == 0 and found:
         return None, f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe"
@@ -403,6 +425,15 @@ def no_sparse_mm_reason(device) -> str:
     return f"{torch.cuda.get_device_name(index)}: {_NO_BACKEND_REASONS[index]}"
 
 
+def fp8_sparse_mm_available(device) -> bool:
+    """Whether `device` runs FP8 2:4 matmuls (cuSPARSELt on Hopper; one-time probe, cached)."""
+    if sparse_mm_backend(device) != "cusparselt":
+        return False
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _FP8_PROBED.get(f"cuda:{index}", False)
+
+
 def sparse_tensor_cores_available(device) -> bool:
     """Whether `device` runs 2:4 sparse matmuls on sparse tensor cores (one-time probe, cached)."""
     return sparse_mm_backend(device) is not None
@@ -429,10 +460,10 @@ def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = F
     return (out.t() if transpose_out else out).contiguous()
 
 
-_CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device) -> algorithm id
+_CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device, out dtype) -> algorithm id
 
 
-def _cslt_algorithm(compressed: Tensor, b: Tensor, transpose_out: bool) -> int:
+def _cslt_algorithm(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None) -> int:
     """cuSPARSELt's fastest algorithm for this problem, searched once per shape (0 if no search).
 
     A transposed result takes the default algorithm: on an H200 (torch 2.11+cu130, cuSPARSELt 0.8,
@@ -441,22 +472,22 @@ def _cslt_algorithm(compressed: Tensor, b: Tensor, transpose_out: bool) -> int:
     (bench/cslt_diag.py)."""
     if transpose_out:
         return 0
-    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device)
+    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, out_dtype)
     if key not in _CSLT_ALGORITHMS:
         try:
-            _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b))
+            _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b, out_dtype=out_dtype))
         except (RuntimeError, AttributeError):  # no search in this build: the default algorithm
             _CSLT_ALGORITHMS[key] = 0
     return _CSLT_ALGORITHMS[key]
 
 
-def _cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool) -> Tensor:
+def _cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool, out_dtype=None) -> Tensor:
     """compressed (m_pad rows) @ b, sliced to m rows; transpose_out: its transpose, (n, m),
     written in that layout by cuSPARSELt itself (the weight gradient's layout: no copy)."""
     n = b.shape[1]
     b = _pad_cols(b, 8)
-    out = torch._cslt_sparse_mm(compressed, b, alg_id=_cslt_algorithm(compressed, b, transpose_out),
-                                transpose_result=transpose_out)
+    out = torch._cslt_sparse_mm(compressed, b, out_dtype=out_dtype, transpose_result=transpose_out,
+                                alg_id=_cslt_algorithm(compressed, b, transpose_out, out_dtype))
     # Padding sliced off; the copy keeps the output contiguous, as the op's fake promises.
     out = out[:n, :m] if transpose_out else out[:m, :n]
     return out if out.is_contiguous() else out.contiguous()
@@ -588,7 +619,7 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
 def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True,
-                square: bool = False, relu: bool = False, transpose_out: bool = False) -> Tensor:
+                square: bool = False, relu: bool = False, transpose_out: bool = False, fp8: bool = False) -> Tensor:
     """mask24(a) @ b for a (M, K) and a dense b (K, N); with square=True, mask24(a)² @ b.
 
     select=False is the caller's promise that `a` already is 2:4 along K (the forward's sparse relu,
@@ -597,16 +628,23 @@ def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, 
     relu=True takes h itself (mask24(relu(h))[²] @ b: relu, 2:4, square and pack in one pass).
     transpose_out=True returns the product transposed, (N, M) and contiguous: a weight gradient
     computed as (Aᵀ-side sparse) @ dY comes out in the weight's own layout, with no transposing copy.
+    fp8=True multiplies in float8_e4m3fn, `a` scaled per row and b per tensor (kernels/sparse24_fp8.py).
     """
-    out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out)
+    out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8)
     return out if out.is_contiguous() else out.contiguous()
 
 
-def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out) -> Tensor:
+def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8) -> Tensor:
     if _in_dense_warmup(schedule, dense_steps, count_step=False):
         a = torch.relu(a) if relu else a
         out = (_squared(a) if square else a) @ b  # during the warm-up `a` is dense
         return out.t() if transpose_out else out
+    if fp8:
+        from fvcompile.kernels import sparse24_fp8
+
+        if sparse_mm_applies(a, b) and fp8_sparse_mm_available(a.device):
+            return sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out)
+        return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out)  # emulated
     if sparse_mm_applies(a, b):
         return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select, square, relu, transpose_out)
     if relu:
@@ -617,12 +655,12 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
 
 
 @sparse24_mm.register_fake
-def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False, transpose_out=False):
+def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False, transpose_out=False, fp8=False):
     return a.new_empty((b.shape[1], a.shape[0]) if transpose_out else (a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps, select, square, relu, transpose_out = inputs
+    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8 = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
     a_in = torch.relu(a) if relu else a
     keep = mask24(a_in.abs()) if (select or relu) and not dense else torch.ones_like(a, dtype=torch.bool)
@@ -639,7 +677,7 @@ def _sparse24_mm_backward(ctx, grad):
     grad_a = (grad @ b.t()) * keep
     if ctx.square:  # d(a²)/da = 2a
         grad_a, a_kept = 2 * a_kept * grad_a, _squared(a_kept)
-    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None
+    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

@@ -65,6 +65,15 @@ testing the full rewrite on CPU. The hidden width must be a multiple of 64 (the 
 alignment) on every device, so that the emulation never makes a site sparse that the GPU could
 not; token counts are free (dynamic shapes work; the kernels pad rows).
 
+FP8 (`fp8=True`), the paper's path. The sparse matmuls (forward, dX, and dW2 with
+`sparse_weight_grad`) run in float8_e4m3fn: the sparse operand scaled per row, the dense one per
+tensor, the product rescaled (`kernels/sparse24_fp8.py` defines the formula, which is also the
+reference and the emulation); the dense matmuls and every other op keep the model's dtype, and
+gradients pass straight through the quantization. This is quantization on top of sparsity, so it
+is measured against both: the training study's loss, and speed against the bf16 dense FFN while
+the parts bench shows what FP8 dense matmuls alone would give. The FP8 matmul needs Hopper
+(cuSPARSELt; a probe checks it); elsewhere the rewritten matmuls emulate the FP8 numbers.
+
 Dense warm-up (`warmup_steps=N`). The rewritten ops get a schedule: a key per site (this pass
 object's token, the module path and the site's index in it), N, and whether the op counts a step.
 In a training (joint) graph the site's `sparse24_relu` counts one step per forward call; the
@@ -221,7 +230,7 @@ class Sparse24(GraphPass):
     exact = False
 
     def __init__(self, emulate: bool = True, warmup_steps: int = 0, sparse_mm: bool | None = None,
-                 sparse_weight_grad: bool = False):
+                 sparse_weight_grad: bool = False, fp8: bool = False):
         """emulate: on devices without 2:4 sparse tensor cores run the masked-dense emulation
             (True) or leave the sites dense (False).
         warmup_steps: training steps to run dense before switching to 2:4.
@@ -229,6 +238,9 @@ class Sparse24(GraphPass):
             tensor cores; True everywhere (emulated at run time); False nowhere.
         sparse_weight_grad: also make dW2 = dYᵀ·A a 2:4 matmul, with a second selection of A
             along the token dim (the paper's approximation of that gradient; off: exact).
+        fp8: run the sparse matmuls in float8_e4m3fn, the sparse operand scaled per row and the
+            dense one per tensor (the paper's FP8 path; kernels/sparse24_fp8.py). The matmuls are
+            then rewritten on every device, emulated where there is no FP8 2:4 matmul.
         """
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -236,11 +248,12 @@ class Sparse24(GraphPass):
         self.warmup_steps = int(warmup_steps)
         self.sparse_mm = sparse_mm
         self.sparse_weight_grad = sparse_weight_grad
+        self.fp8 = fp8
         self.schedule_token = uuidlib.uuid4().hex[:12] if self.warmup_steps else ""
 
     def options(self) -> dict[str, Any]:
         opts = {"emulate": self.emulate, "warmup_steps": self.warmup_steps, "sparse_mm": self.sparse_mm,
-                "sparse_weight_grad": self.sparse_weight_grad}
+                "sparse_weight_grad": self.sparse_weight_grad, "fp8": self.fp8}
         if self.warmup_steps:
             opts["schedule_token"] = self.schedule_token
         return opts
@@ -287,6 +300,7 @@ class Sparse24(GraphPass):
         result = PassResult()
         grad = gradient_only_nodes(graph)
         has_cores = k24.sparse_tensor_cores_available(ctx.device)
+        has_fp8 = self.fp8 and k24.fp8_sparse_mm_available(ctx.device)
         training = ctx.graph_kind == "joint"
         matched_squares: set[fx.Node] = set()
         sites_per_module: dict[str, int] = {}
@@ -305,10 +319,11 @@ class Sparse24(GraphPass):
                 result.skipped.append(Site(relu.name, module, "excluded by module filter"))
                 continue
             dtype = found.matmuls[0].meta["val"].dtype  # what the matmul would pack
-            on_cores = has_cores and dtype in k24.PACK_DTYPES
+            on_cores = has_cores and dtype in k24.PACK_DTYPES and (not self.fp8 or has_fp8)
             if not on_cores and not self.emulate:
-                why = (f"{dtype} has no 2:4 sparse matmul (needs fp16/bf16)" if has_cores
-                       else k24.no_sparse_mm_reason(ctx.device))
+                why = (k24.no_sparse_mm_reason(ctx.device) if not has_cores
+                       else f"{dtype} has no 2:4 sparse matmul (needs fp16/bf16)" if dtype not in k24.PACK_DTYPES
+                       else f"no FP8 2:4 sparse matmul on {ctx.device}")
                 result.skipped.append(Site(relu.name, module, f"{why} and emulate=False: left dense"))
                 continue
             emulated += not on_cores
@@ -318,14 +333,18 @@ class Sparse24(GraphPass):
             schedule = (f"{self.schedule_token}:{module or relu.name}#{index}", self.warmup_steps) \
                 if self.warmup_steps else ("", 0)
             detail = self._rewrite(graph, found, schedule, training,
-                                   use_mm=self.sparse_mm or (self.sparse_mm is None and on_cores))
+                                   use_mm=self.sparse_mm or (self.sparse_mm is None and (on_cores or self.fp8)))
+            if self.fp8:
+                detail += "; matmuls in FP8 e4m3 (rows of the sparse operand scaled, the dense one per tensor)"
             if not on_cores:
                 detail += f" (emulated on {ctx.device.type}: dense matmuls of the masked tensors)"
             result.rewritten.append(Site(found.relu.name, module, detail))
 
         self._report_other_squares(graph, grad, matched_squares, result)
         if emulated:
-            where = k24.no_sparse_mm_reason(ctx.device) if not has_cores else "the activations are not fp16/bf16"
+            where = (k24.no_sparse_mm_reason(ctx.device) if not has_cores
+                     else f"no FP8 2:4 sparse matmul on {ctx.device}" if self.fp8 and not has_fp8
+                     else "the activations are not fp16/bf16")
             result.notes.append(f"emulated: {where}; {emulated} site(s) run the 2:4 masked-dense "
                                 "path (same numerics as the sparse matmul, no speedup)")
         if self.warmup_steps and result.rewritten:
@@ -344,7 +363,7 @@ class Sparse24(GraphPass):
         graph.erase_node(relu)
         done = ["relu -> sparse24_relu"]
         if training and self.sparse_weight_grad:
-            done += self._sparse_weight_grad(graph, m, sparse, key, dense_steps)
+            done += self._sparse_weight_grad(graph, m, sparse, key, dense_steps, self.fp8)
         if not use_mm:
             return "; ".join(done)
 
@@ -356,7 +375,7 @@ class Sparse24(GraphPass):
             operand = mm.args[0] if mm.target == aten.mm.default else mm.args[1]
             views = _same_views(graph, operand, m.square, base, mm)
             fused += views is not None
-            self._to_sparse_mm(graph, mm, key, dense_steps, of_relu=views, from_h=not training)
+            self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8, of_relu=views, from_h=not training)
         if not training:
             _erase_unused(graph, m.square, sparse)
         how = " (reads r, squares as it packs)" if training else " (reads h: relu, 2:4, square, pack in one pass)"
@@ -368,13 +387,14 @@ class Sparse24(GraphPass):
             dx += [u for u, src in users
                    if u.target == aten.mm.default and u.args[0] is src and u.args[1] is not src]
         for mm in dx:
-            self._to_sparse_mm(graph, mm, key, dense_steps)
+            self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8)
         if dx:
             done.append("dX matmul -> sparse24_mm")
         return "; ".join(done)
 
     @staticmethod
-    def _sparse_weight_grad(graph: fx.Graph, m: Match, sparse: fx.Node, key: str, dense_steps: int) -> list[str]:
+    def _sparse_weight_grad(graph: fx.Graph, m: Match, sparse: fx.Node, key: str, dense_steps: int,
+                            fp8: bool) -> list[str]:
         """dW2 = mm(permute(dY), A) -> sparse24_mm(permute(A), dY, transpose_out=True): A's transpose
         is 2:4-selected along its last dim, the tokens (the reduction dim of this matmul). Where A is
         r² (r the sparse relu), the op reads r and squares as it packs: A is never written."""
@@ -391,7 +411,8 @@ class Sparse24(GraphPass):
                     a_t = graph.call_function(aten.permute.default, (a if r is None else r, [1, 0]))
                     # transpose_out: (Aᵀ @ dY)ᵀ comes out as dW2 in the weight's own layout.
                     d_w = graph.call_function(fvc.sparse24_mm.default,
-                                              (a_t, grad_t.args[0], key, dense_steps, True, r is not None, False, True))
+                                              (a_t, grad_t.args[0], key, dense_steps, True, r is not None, False, True),
+                                              {"fp8": fp8})
                 a_t.meta = {**user.meta, "val": a.meta["val"].t()}
                 d_w.meta = dict(user.meta)
                 user.replace_all_uses_with(d_w)
@@ -400,7 +421,7 @@ class Sparse24(GraphPass):
         return done
 
     @staticmethod
-    def _to_sparse_mm(graph: fx.Graph, mm: fx.Node, key: str, dense_steps: int,
+    def _to_sparse_mm(graph: fx.Graph, mm: fx.Node, key: str, dense_steps: int, fp8: bool,
                       of_relu: fx.Node | None = None, from_h: bool = False) -> None:
         """mm/addmm(a, b) -> sparse24_mm(a, b); given `of_relu` (r where a = r², or h where
         a = relu(h)² and from_h), sparse24_mm(of_relu, b, square=True[, relu=True])."""
@@ -412,7 +433,7 @@ class Sparse24(GraphPass):
             # `a` is 2:4 already (relu² of the sparse relu, or dH): no second selection.
             args = (a, b, key, dense_steps, False) if of_relu is None else (
                 of_relu, b, key, dense_steps, False, True, from_h)
-            new = graph.call_function(fvc.sparse24_mm.default, args)
+            new = graph.call_function(fvc.sparse24_mm.default, args, {"fp8": fp8})
             new.meta = dict(mm.meta)
             if bias is not None:
                 new = graph.call_function(aten.add.Tensor, (new, bias))

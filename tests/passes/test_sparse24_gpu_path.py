@@ -28,9 +28,10 @@ TOL = dict(atol=2e-2, rtol=2e-2)  # fp16 operands
 def hopper_on_cpu(monkeypatch):
     calls = []
 
-    def cslt_sparse_mm(compressed, b, alg_id=0, transpose_result=False):
+    def cslt_sparse_mm(compressed, b, out_dtype=None, transpose_result=False, alg_id=0):
         calls.append((tuple(compressed.shape), transpose_result))
-        out = cslt_unpack_reference(compressed, compressed.shape[0], b.shape[0]) @ b
+        dense = cslt_unpack_reference(compressed, compressed.shape[0], b.shape[0])
+        out = (dense.float() @ b.float()).to(out_dtype or b.dtype)  # FP8 operands: out_dtype given
         return out.t().contiguous() if transpose_result else out
 
     def no_search(*args, **kwargs):

@@ -11,6 +11,7 @@ from torch import nn
 
 import fvcompile
 from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels.sparse24_fp8 import fp8_mm_reference
 from fvcompile.models import get
 from fvcompile.passes.sparse24 import Sparse24
 
@@ -117,6 +118,58 @@ def test_sparse_matmul_rewrite_forward_and_dx(form):
     assert "1 forward matmul(s) -> sparse24_mm" in site.detail and "dX matmul -> sparse24_mm" in site.detail
     # r² is never written: the matmul reads the sparse relu r and squares it as it packs.
     assert "(reads r, squares as it packs)" in site.detail
+
+
+class Fp8SecondLinear(torch.autograd.Function):
+    """y = r² W2ᵀ as the FP8 formula of kernels/sparse24_fp8.py; gradients straight through."""
+
+    @staticmethod
+    def forward(ctx, r, w2):
+        ctx.save_for_backward(r, w2)
+        return fp8_mm_reference(r, w2.t(), False, True, False, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, w2 = ctx.saved_tensors
+        return (grad @ w2) * 2 * r, grad.t() @ (r * r)
+
+
+class Fp8FirstLinear(torch.autograd.Function):
+    """h = x W1ᵀ, dense; its input gradient dX = dH W1 as the FP8 formula (dH is 2:4 already)."""
+
+    @staticmethod
+    def forward(ctx, x, w1):
+        ctx.save_for_backward(x, w1)
+        return x @ w1.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1 = ctx.saved_tensors
+        return fp8_mm_reference(grad, w1, False, False, False, False), grad.t() @ x
+
+
+def reference_fp8(model: SquaredReluFFN, x):
+    x2d = x.reshape(-1, x.shape[-1])
+    r = masked_relu(Fp8FirstLinear.apply(x2d, model.w1.weight))
+    return Fp8SecondLinear.apply(r, model.w2.weight).reshape(*x.shape[:-1], -1)
+
+
+def test_fp8_matmuls_forward_and_dx():
+    """Sparse24(fp8=True): the forward matmul and dX run the FP8 formula (emulated on CPU); the
+    dense gradients (dA, dW1, dW2) stay exact."""
+    torch.manual_seed(3)
+    model = SquaredReluFFN(hidden=256)
+    x, grad_out = torch.randn(2, 24, 32), torch.randn(2, 24, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(fp8=True)], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    assert_step_close(got, run_step(lambda t: reference_fp8(model, t), model, x, grad_out))
+    exact = run_step(lambda t: reference(model, t), model, x, grad_out)
+    assert not torch.allclose(got[0], exact[0], atol=1e-3)  # quantized: not the bf16/fp32 sparse FFN
+    torch.testing.assert_close(got[0], exact[0], atol=0.05, rtol=0.1)  # but close to it
+    (site,) = sites(optimized)
+    assert "FP8 e4m3" in site.detail and "dX matmul -> sparse24_mm" in site.detail
+    assert any("cpu has no 2:4 sparse tensor cores" in n for r in optimized.fvcompile_report.pass_runs()
+               for n in r.result.notes)
 
 
 class TokenSparseLinear(torch.autograd.Function):

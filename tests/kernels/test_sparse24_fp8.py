@@ -1,0 +1,94 @@
+"""FP8 2:4 matmuls (kernels/sparse24_fp8.py): the reference formula, the op, and the Hopper path on
+CPU (our FP8 pack in the Triton interpreter + a stand-in for `torch._cslt_sparse_mm` that unpacks
+cuSPARSELt's FP8 layout, itself checked against bytes an H200 wrote)."""
+import pytest
+import torch
+
+from fvcompile.kernels import sparse24 as s24
+from fvcompile.kernels import sparse24_fp8 as f8
+from fvcompile.kernels.sparse24_cslt import cslt_unpack_reference
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FLAGS = [dict(select=True, square=False, relu=False), dict(select=False, square=True, relu=False),
+         dict(select=False, square=True, relu=True)]
+
+
+def exact_operands(m, k, n, seed):
+    """bf16 a, b whose FP8 scales are powers of 2 and whose values are e4m3 numbers times them
+    (each row of a and all of b reach ±448 exactly): quantizing them is exact, so the FP8 product
+    must equal the exact product of the 2:4 operand, rounded once."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def e4m3(*shape):
+        return (torch.randn(*shape, generator=gen) * 32).to(f8.FP8).float()
+
+    a = e4m3(m, k)
+    a[:, 0] = 448.0  # the row maximum (kept: the largest of its group)
+    a = a * 2.0 ** torch.randint(-4, 4, (m, 1), generator=gen).float()
+    b = e4m3(k, n)
+    b[0, 0] = -448.0
+    return a.to(torch.bfloat16).to(DEVICE), (b * 0.25).to(torch.bfloat16).to(DEVICE)
+
+
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_reference_is_exact_where_quantizing_is(transpose_out):
+    a, b = exact_operands(40, 128, 24, seed=0)
+    out = f8.fp8_mm_reference(a, b, True, False, False, transpose_out)
+    expected = (s24.sparse24_mask_reference(a).double() @ b.double()).to(torch.bfloat16)
+    torch.testing.assert_close(out, expected.t() if transpose_out else expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_reference_is_the_sparse_product_within_fp8_error(flags):
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(64, 256, generator=gen).to(DEVICE)
+    b = torch.randn(256, 48, generator=gen).to(DEVICE)
+    out = f8.fp8_mm_reference(a, b, transpose_out=False, **flags)
+    operand = torch.relu(a) if flags["relu"] else a
+    operand = s24.sparse24_mask_reference(operand) if flags["select"] or flags["relu"] else operand
+    exact = (operand ** 2 if flags["square"] else operand) @ b
+    error = ((out - exact).norm() / exact.norm()).item()
+    assert 1e-4 < error < 0.05, error  # quantized (not exact), within e4m3's 3 mantissa bits
+
+
+def test_scales_map_each_row_maximum_to_448():
+    a = torch.tensor([[1.0, -8.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(f8.row_scale(a, square=False, relu=False), torch.tensor([8 / 448, 1e-12 / 448]))
+    torch.testing.assert_close(f8.row_scale(a, square=True, relu=True)[0], torch.tensor(4 / 448))
+    torch.testing.assert_close(f8.tensor_scale(a), torch.tensor(8 / 448))
+
+
+def test_op_emulates_the_reference_and_its_gradient_passes_straight_through():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(32, 128, generator=gen).requires_grad_()
+    b = torch.randn(128, 16, generator=gen).requires_grad_()
+    out = torch.ops.fvcompile.sparse24_mm(a, b, fp8=True)
+    assert torch.equal(out, f8.fp8_mm_reference(a.detach(), b.detach(), True, False, False, False))
+    out.backward(torch.ones_like(out))
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    torch.ops.fvcompile.sparse24_mm(a2, b2).backward(torch.ones_like(out))
+    assert torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
+
+
+@pytest.fixture
+def cusparselt_fp8_on_cpu(monkeypatch):
+    def cslt_sparse_mm(compressed, b, out_dtype=None, transpose_result=False, alg_id=0):
+        assert compressed.dtype == f8.FP8 and b.dtype == f8.FP8 and b.stride(0) == 1  # B column-major
+        dense = cslt_unpack_reference(compressed, compressed.shape[0], b.shape[0])
+        out = (dense.float() @ b.float()).to(out_dtype)
+        return out.t().contiguous() if transpose_result else out
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", cslt_sparse_mm, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 0, raising=False)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
+@pytest.mark.parametrize("transpose_out", [False, True])
+@pytest.mark.parametrize("m", [64, 37])
+def test_hopper_path_equals_the_reference(cusparselt_fp8_on_cpu, transpose_out, m):
+    a, b = exact_operands(m, 128, 24, seed=m)  # 24 columns: padded to 16s for FP8, sliced back
+    got = f8.fp8_mm_cusparselt(a, b, True, False, False, transpose_out)
+    expected = f8.fp8_mm_reference(a, b, True, False, False, transpose_out)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
