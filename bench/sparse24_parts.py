@@ -115,6 +115,14 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         scale = a.abs().amax(1).float().clamp_min(1e-12) / 448
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, row scale",
                lambda: lambda: cslt.cslt_pack_triton(a, out_dtype=fp8, scale=scale), m * k * elem + m * k * 5 // 8)
+        from fvcompile.kernels import sparse24_fp8 as f8
+
+        sw = f8.tensor_scale(w1)
+        record("fp8  quantize W1 (K, N) column-major, eager PyTorch",
+               lambda: lambda: f8.quantize(w1.t(), sw).contiguous().t(), w1.numel() * (elem + 1))
+        record("fp8  quantize W1 (K, N) column-major, triton",
+               lambda: lambda: f8.quantize_column_major_triton(w1, sw), w1.numel() * (elem + 1))
+        record("fp8  row scales of A (amax per row)", lambda: lambda: f8.row_scale(a, False, False), m * k * elem)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, alg 0", lambda: fp8_sparse(False), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched", lambda: fp8_sparse(True), flops=f)
     rows.append({"part": f"  (sparse matmul backend: {k24.sparse_mm_backend(a.device)})", "ms": None})
@@ -132,6 +140,13 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     record("op   sparse24_mm(rᵀ, dY, square=True)", lambda: lambda: sparse_mm(r.t(), dy, square=True), flops=f)
     record("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True) (dW2 in its own layout)",
            lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True), flops=f)
+    # FP8: scales, pack, B quantized column-major, the FP8 2:4 matmul and the rescale, all in.
+    record("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)",
+           lambda: lambda: sparse_mm(r, w2.t(), select=False, square=True, fp8=True), flops=f)
+    record("op   sparse24_mm(dH, W1, select=False, fp8=True)",
+           lambda: lambda: sparse_mm(dh, w1, select=False, fp8=True), flops=f)
+    record("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, fp8=True)",
+           lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True, fp8=True), flops=f)
     # Host time per call (launches only, no sync): the per-call cuSPARSELt plan is paid on the CPU,
     # and a GPU that waits for the host loses the sparse matmul's gain.
     def host_ms(fn, calls=20):
@@ -183,12 +198,20 @@ def ceilings(rows: list[dict]) -> dict:
         return total / (never + sum(replace.get(k, v) for k, v in dense.items()))
 
     best = min(sparse_mm.values())
-    return {
+    bounds = {
         "sparse24 (fwd, dX sparse; with packing)": speedup({k: sparse_op[k] for k in ("fwd", "dX")}),
         "sparse24 + sparse dW2 (with packing)": speedup(sparse_op),
         "all four sparse-able matmuls, packing free (dW1 at the best sparse time)":
             speedup({**sparse_mm, "dW1": best}),
     }
+    fp8_op = {"fwd": t.get("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)"),
+              "dX": t.get("op   sparse24_mm(dH, W1, select=False, fp8=True)"),
+              "dW2": t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, fp8=True)")}
+    if all(fp8_op.values()):  # FP8 sparse matmuls (scales, casts and packing in) against bf16 dense
+        bounds["sparse24 fp8 (fwd, dX FP8 sparse; all in) vs bf16 dense"] = speedup(
+            {k: fp8_op[k] for k in ("fwd", "dX")})
+        bounds["sparse24 fp8 + sparse dW2 (all in) vs bf16 dense"] = speedup(fp8_op)
+    return bounds
 
 
 def main(argv=None) -> list[dict]:

@@ -71,6 +71,19 @@ def test_op_emulates_the_reference_and_its_gradient_passes_straight_through():
     assert torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_quantize_column_major_kernel(transposed):
+    a, b = exact_operands(8, 72, 200, seed=4)  # b (72, 200): blocks of 64 leave ragged edges
+    b = b.t().contiguous().t() if transposed else b  # a column-major input is read in place
+    scale = torch.tensor(0.25, device=DEVICE)  # exact: b's values are e4m3 numbers / 4
+    got = f8.quantize_column_major_triton(b, scale)
+    assert got.shape == b.shape and got.stride() == (1, 72) and got.dtype == f8.FP8
+    assert torch.equal(got.view(torch.uint8), f8.quantize(b, scale).view(torch.uint8))
+    big = torch.full((64, 16), 1000.0, device=DEVICE, dtype=torch.bfloat16)  # saturates at 448
+    assert torch.equal(f8.quantize_column_major_triton(big, torch.tensor(1.0, device=DEVICE)).float(),
+                       torch.full((64, 16), 448.0, device=DEVICE))
+
+
 @pytest.fixture
 def cusparselt_fp8_on_cpu(monkeypatch):
     def cslt_sparse_mm(compressed, b, out_dtype=None, transpose_result=False, alg_id=0):
