@@ -101,7 +101,8 @@ def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bo
     sa, sb = row_scale(a, square, relu), tensor_scale(b)
     compressed = cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa)
     n = b.shape[1]
-    b = torch.nn.functional.pad(b, (0, (-n) % 16))
+    if n % 16:  # FP8 wants N in 16s; padding copies, so only where needed
+        b = torch.nn.functional.pad(b, (0, (-n) % 16))
     b8 = quantize_column_major_triton(b, sb)
     product = _cslt_mm(compressed, b8, a.shape[0], transpose_out, out_dtype=a.dtype)
     product = product[:n] if transpose_out else product[:, :n]
