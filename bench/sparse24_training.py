@@ -63,10 +63,13 @@ def activation_stats(model, tokens) -> list[dict]:
     return stats
 
 
-def train(passes, args, train_data, val_tokens) -> dict:
+def train(passes, args, train_data, val_tokens, prepare=None) -> dict:
+    """prepare(model), if given, changes the model before it is optimized (a module swap)."""
     spec = get("llama-tiny-relu2")
     torch.manual_seed(args.seed)
     model = spec.build()
+    if prepare is not None:
+        prepare(model)
     optimized = fvcompile.optimize(model, passes=passes, codegen=False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
