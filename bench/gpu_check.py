@@ -99,6 +99,11 @@ def kernels_sparse24():
             out = torch.ops.fvcompile.sparse24_mm(h.t(), bt)
             torch.testing.assert_close(out.float(), k24.sparse24_mask_reference(h.t()).float() @ bt.float(),
                                        atol=0.5, rtol=5e-2)
+            if m % 64 == 0:  # tokens grouped strided (the sparse dW2), read in place by the pack
+                order = cslt.strided_order(m, DEVICE)
+                out = torch.ops.fvcompile.sparse24_mm(h.t(), bt, strided_k=True)
+                expected = k24.sparse24_mask_reference(h.t()[:, order]).float() @ bt[order].float()
+                torch.testing.assert_close(out.float(), expected, atol=0.5, rtol=5e-2)
             done += 1
     fp8 = "FP8 not checked (CPU)"
     if DEVICE == "cuda":  # FP8: our pack equals the reference at full size, and the FP8 matmul its formula

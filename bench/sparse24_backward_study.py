@@ -62,10 +62,10 @@ class AllSparseFFN(torch.autograd.Function):
     dW2 = dYᵀ·S_tok(A) and dW1 = S_tok(dH)ᵀ·X with token-wise 2:4 operands."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, dense_fraction, permute):
+    def forward(ctx, x, w1, w2, dense_fraction, permute, sparse_dw1=True):
         r = sparse24_relu_reference(x @ w1.t())
         ctx.save_for_backward(x, w1, w2, r)
-        ctx.dense_fraction, ctx.permute = dense_fraction, permute
+        ctx.dense_fraction, ctx.permute, ctx.sparse_dw1 = dense_fraction, permute, sparse_dw1
         return (r * r) @ w2.t()
 
     @staticmethod
@@ -74,21 +74,21 @@ class AllSparseFFN(torch.autograd.Function):
         d_h = (dy @ w2) * 2 * r  # zero wherever the sparse relu is
         perm = token_order(x.shape[0], ctx.permute)
         d_w2 = dy.t() @ token_sparse(r * r, ctx.dense_fraction, perm)
-        d_w1 = token_sparse(d_h, ctx.dense_fraction, perm).t() @ x
-        return d_h @ w1, d_w1, d_w2, None, None
+        d_w1 = (token_sparse(d_h, ctx.dense_fraction, perm) if ctx.sparse_dw1 else d_h).t() @ x
+        return d_h @ w1, d_w1, d_w2, None, None, None
 
 
 class SwappedFFN(nn.Module):
     """Holds the original FFN's weights; runs AllSparseFFN on them."""
 
-    def __init__(self, ffn: nn.Module, dense_fraction: float, permute: bool):
+    def __init__(self, ffn: nn.Module, dense_fraction: float, permute, sparse_dw1: bool = True):
         super().__init__()
         self.w1, self.w2 = ffn.w1, ffn.w2
-        self.dense_fraction, self.permute = dense_fraction, permute
+        self.dense_fraction, self.permute, self.sparse_dw1 = dense_fraction, permute, sparse_dw1
 
     def forward(self, x):
         y = AllSparseFFN.apply(x.reshape(-1, x.shape[-1]), self.w1.weight, self.w2.weight,
-                               self.dense_fraction, self.permute)
+                               self.dense_fraction, self.permute, self.sparse_dw1)
         return y.reshape(*x.shape[:-1], -1)
 
 
@@ -109,7 +109,9 @@ def main() -> None:
     val_tokens = next(batches(corpus[split:], 64, args.seq, torch.Generator().manual_seed(1234)))
     variants = {"dense": None, "all four sparse": (0.0, False), "+ 5% densest features dense": (0.05, False),
                 "+ tokens permuted": (0.0, "random"), "+ both": (0.05, "random"),
-                "+ tokens strided": (0.0, "strided"), "+ strided, 5% dense": (0.05, "strided")}
+                "+ tokens strided": (0.0, "strided"), "+ strided, 5% dense": (0.05, "strided"),
+                # Only dW2 token-wise sparse (sparse24's sparse_weight_grad), tokens as they come or strided.
+                "dW2 only": (0.0, False, False), "dW2 only, strided": (0.0, "strided", False)}
     runs = {}
     for label, tricks in variants.items():
         print(f"training {label} for {args.steps} steps ...", flush=True)

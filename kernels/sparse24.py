@@ -494,11 +494,11 @@ def _cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool, out_dty
 
 
 def _cusparselt_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
-                   transpose_out: bool = False) -> Tensor:
+                   transpose_out: bool = False, strided_k: bool = False) -> Tensor:
     from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
 
     # One pass over `a` (a transposed view is read in place): relu, select, square, pack.
-    return _cslt_mm(cslt_pack_triton(a, square=square, relu=relu), b, a.shape[0], transpose_out)
+    return _cslt_mm(cslt_pack_triton(a, square=square, relu=relu, strided_k=strided_k), b, a.shape[0], transpose_out)
 
 
 def _cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
@@ -619,7 +619,8 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
 def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True,
-                square: bool = False, relu: bool = False, transpose_out: bool = False, fp8: bool = False) -> Tensor:
+                square: bool = False, relu: bool = False, transpose_out: bool = False, fp8: bool = False,
+                strided_k: bool = False) -> Tensor:
     """mask24(a) @ b for a (M, K) and a dense b (K, N); with square=True, mask24(a)² @ b.
 
     select=False is the caller's promise that `a` already is 2:4 along K (the forward's sparse relu,
@@ -629,22 +630,36 @@ def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, 
     transpose_out=True returns the product transposed, (N, M) and contiguous: a weight gradient
     computed as (Aᵀ-side sparse) @ dY comes out in the weight's own layout, with no transposing copy.
     fp8=True multiplies in float8_e4m3fn, `a` scaled per row and b per tensor (kernels/sparse24_fp8.py).
+    strided_k=True groups K in fours strided, not consecutively (`sparse24_cslt.strided_order`): for
+    a weight gradient, whose K is the tokens, neighbouring tokens then do not compete.
     """
-    out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8)
+    out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k)
     return out if out.is_contiguous() else out.contiguous()
 
 
-def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8) -> Tensor:
+def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k) -> Tensor:
     if _in_dense_warmup(schedule, dense_steps, count_step=False):
         a = torch.relu(a) if relu else a
         out = (_squared(a) if square else a) @ b  # during the warm-up `a` is dense
         return out.t() if transpose_out else out
+    cslt_pack = sparse_mm_applies(a, b) and sparse_mm_backend(a.device) == "cusparselt"
+    if strided_k:  # K reordered on both sides leaves the product as it is
+        from fvcompile.kernels.sparse24_cslt import strided_order
+
+        order = strided_order(a.shape[1], a.device)
+        b = b[order]  # a gather of the dense operand's rows
+        if not cslt_pack:  # elsewhere `a` is copied in that order; our cuSPARSELt pack reads it in place
+            a, strided_k = a[:, order], False
     if fp8:
         from fvcompile.kernels import sparse24_fp8
 
-        if sparse_mm_applies(a, b) and fp8_sparse_mm_available(a.device):
-            return sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out)
+        if cslt_pack and fp8_sparse_mm_available(a.device):
+            return sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out, strided_k)
+        if strided_k:
+            a = a[:, order]
         return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out)  # emulated
+    if cslt_pack:
+        return _cusparselt_mm(a, b, select, square, relu, transpose_out, strided_k)
     if sparse_mm_applies(a, b):
         return _SPARSE_MM[sparse_mm_backend(a.device)](a, b, select, square, relu, transpose_out)
     if relu:
@@ -655,15 +670,24 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
 
 
 @sparse24_mm.register_fake
-def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False, transpose_out=False, fp8=False):
+def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False, transpose_out=False, fp8=False,
+      strided_k=False):
     return a.new_empty((b.shape[1], a.shape[0]) if transpose_out else (a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8 = inputs
+    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
     a_in = torch.relu(a) if relu else a
-    keep = mask24(a_in.abs()) if (select or relu) and not dense else torch.ones_like(a, dtype=torch.bool)
+    keep = torch.ones_like(a, dtype=torch.bool)
+    if (select or relu) and not dense:
+        if strided_k:  # selected in the strided order, put back in a's
+            from fvcompile.kernels.sparse24_cslt import strided_order
+
+            order = strided_order(a.shape[1], a.device)
+            keep[:, order] = mask24(a_in[:, order].abs())
+        else:
+            keep = mask24(a_in.abs())
     if relu:
         keep = keep & (a > 0)  # relu's own gradient
     ctx.square, ctx.transpose_out = square, transpose_out
@@ -677,7 +701,7 @@ def _sparse24_mm_backward(ctx, grad):
     grad_a = (grad @ b.t()) * keep
     if ctx.square:  # d(a²)/da = 2a
         grad_a, a_kept = 2 * a_kept * grad_a, _squared(a_kept)
-    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None
+    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

@@ -80,16 +80,28 @@ def _to_out_dtype(values: Tensor, out_dtype: torch.dtype, scale: Tensor | None) 
     return values.to(out_dtype)
 
 
+def strided_order(k: int, device=None) -> Tensor:
+    """The K order of a strided 2:4 grouping: group g holds columns g, g + K/4, g + K/2, g + 3K/4
+    (for a weight gradient, whose K is the tokens: tokens from different sequences, not
+    neighbours, compete; bench/sparse24_backward_study.py). Position i holds column order[i]."""
+    quarter = -(-k // 4)  # a K that is not a multiple of 4 (emulation only) leaves the last group short
+    order = torch.arange(4 * quarter, device=device).view(4, quarter).t().reshape(-1)
+    return order[order < k] if k % 4 else order
+
+
 def cslt_pack_reference(x: Tensor, square: bool = False, relu: bool = False, out_dtype: torch.dtype | None = None,
-                        scale: Tensor | None = None) -> Tensor:
+                        scale: Tensor | None = None, strided_k: bool = False) -> Tensor:
     """Plain PyTorch: keep the 2 largest |x| of every 4 (ties: lower index), pack like cuSPARSELt.
 
     relu: relu(x) first (then "largest" and "largest magnitude" agree); square: pack the kept
     values squared (squared in fp32, rounded once). out_dtype: the packed type (x's by default);
     an 8-bit type (float8_e4m3fn) stores value / scale[row] (scale: (M,) fp32, or None for 1).
+    strided_k: select and pack x[:, strided_order(K)] (the dense operand's rows go in that order too).
     """
     m, k = x.shape
     out_dtype = out_dtype or x.dtype
+    if strided_k:
+        x = x[:, strided_order(k, x.device)]
     if relu:
         x = torch.relu(x)
     m_pad = padded_rows(m)
@@ -134,14 +146,15 @@ if triton is not None:
     @triton.jit
     def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, scale_ptr, M, M_pad, K, stride_xm, stride_xk,
                           RELU: tl.constexpr, SQUARE: tl.constexpr, OUT8: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                          STRIDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # One (BLOCK_M, BLOCK_K) tile: BLOCK_M a multiple of 16, BLOCK_K of 32 (16-bit output) or
         # 64 (8-bit output): whole metadata tiles.
         G: tl.constexpr = BLOCK_K // 4
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         load_mask = (rows[:, None] < M) & (cols[None, :] < K)  # rows >= M: zero padding
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=load_mask, other=0.0)
+        src = (cols % 4) * (K // 4) + cols // 4 if STRIDED_K else cols  # see strided_order
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :] * stride_xk, mask=load_mask, other=0.0)
         x = x.to(tl.float32)
         if RELU:
             x = tl.maximum(x, 0.0)
@@ -189,7 +202,8 @@ if triton is not None:
 
 
 def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, out_dtype: torch.dtype | None = None,
-                     scale: Tensor | None = None, block_m: int = 16, block_k: int = 256) -> Tensor:
+                     scale: Tensor | None = None, strided_k: bool = False, block_m: int = 16,
+                     block_k: int = 256) -> Tensor:
     """The Triton kernel of `cslt_pack_reference` (x 2-D, fp16/bf16, any strides; K a multiple of
     32, or of 64 for an 8-bit out_dtype)."""
     if triton is None:
@@ -207,6 +221,6 @@ def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, out_dt
     scale_arg = scale.float().contiguous() if scale is not None else flat  # flat: a placeholder pointer
     grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
     _cslt_pack_kernel[grid](x, flat, meta, scale_arg, m, m_pad, k, x.stride(0), x.stride(1),
-                            RELU=relu, SQUARE=square, OUT8=size == 1, HAS_SCALE=scale is not None,
+                            RELU=relu, SQUARE=square, OUT8=size == 1, HAS_SCALE=scale is not None, STRIDED_K=strided_k,
                             BLOCK_M=block_m, BLOCK_K=block_k)
     return out

@@ -93,13 +93,13 @@ def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: boo
 
 
 def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool,
-                      transpose_out: bool) -> Tensor:
+                      transpose_out: bool, strided_k: bool = False) -> Tensor:
     """The same on Hopper: our pack into cuSPARSELt's FP8 layout + `torch._cslt_sparse_mm`."""
     from fvcompile.kernels.sparse24 import _cslt_mm
     from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
 
     sa, sb = row_scale(a, square, relu), tensor_scale(b)
-    compressed = cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa)
+    compressed = cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa, strided_k=strided_k)
     n = b.shape[1]
     if n % 16:  # FP8 wants N in 16s; padding copies, so only where needed
         b = torch.nn.functional.pad(b, (0, (-n) % 16))

@@ -45,11 +45,17 @@ gradient here the exact gradient of the sparse forward (the reference the tests 
 at the price of that matmul's speedup. `Sparse24(sparse_weight_grad=True)` follows the paper
 instead: a second 2:4 selection of A along the tokens (the 2 largest of every 4 tokens, per
 hidden unit) makes dW2 = dYᵀ · S_tokens(A) a sparse matmul too, an approximation of that one
-gradient (its reference: the same formula in plain PyTorch). Without it, at most 2 of the FFN's
+gradient (its reference: the same formula in plain PyTorch). The tokens are grouped strided, t with
+t + T/4, t + T/2 and t + 3T/4 (`sparse24_mm(strided_k=True)`; the pack kernel reads them in place),
+not as neighbours: neighbouring tokens are alike, and dropping 2 of 4 alike tokens loses more. In
+the CPU study that took the sparse dW2 from +0.67% to -0.13% held-out loss
+(bench/results/sparse24_backward_study_cpu_2026-11-27.json), as the paper's token permutation does. Without it, at most 2 of the FFN's
 6 matmuls are sparse, so fwd+bwd cannot reach the paper's 1.3x even with perfect kernels (at 2x
 per sparse matmul: 6 / 5 = 1.2x); with it, 3 of 6 (6 / 4.5 = 1.33x). On an H100 or H200 in bf16
 the 2:4 matmul is ~1.5x faster than the dense one, not 2x: the bounds are 1.07x-1.08x and 1.12x
-(bench/README.md). A token-wise sparse dW1 as well was tried and cost 10.7% training loss.
+(bench/README.md). A token-wise sparse dW1 as well cost 10.7% training loss with neighbouring
+tokens grouped, and 2.1% strided (1.5%-1.7% with the 5% densest features left dense): not built
+yet; see bench/sparse24_backward_study.py.
 
 Devices. On a GPU where a one-time probe of the 2:4 sparse matmul succeeds
 (`fvcompile.kernels.sparse24.sparse_tensor_cores_available`) and the activation is fp16/bf16, the
@@ -237,7 +243,8 @@ class Sparse24(GraphPass):
         sparse_mm: None rewrites the matmuls into `sparse24_mm` where the device has sparse
             tensor cores; True everywhere (emulated at run time); False nowhere.
         sparse_weight_grad: also make dW2 = dYᵀ·A a 2:4 matmul, with a second selection of A
-            along the token dim (the paper's approximation of that gradient; off: exact).
+            along the token dim, tokens grouped strided (the paper's approximation of that
+            gradient; off: exact).
         fp8: run the sparse matmuls in float8_e4m3fn, the sparse operand scaled per row and the
             dense one per tensor (the paper's FP8 path; kernels/sparse24_fp8.py). The matmuls are
             then rewritten on every device, emulated where there is no FP8 2:4 matmul.
@@ -412,7 +419,7 @@ class Sparse24(GraphPass):
                     # transpose_out: (Aᵀ @ dY)ᵀ comes out as dW2 in the weight's own layout.
                     d_w = graph.call_function(fvc.sparse24_mm.default,
                                               (a_t, grad_t.args[0], key, dense_steps, True, r is not None, False, True),
-                                              {"fp8": fp8})
+                                              {"fp8": fp8, "strided_k": True})
                 a_t.meta = {**user.meta, "val": a.meta["val"].t()}
                 d_w.meta = dict(user.meta)
                 user.replace_all_uses_with(d_w)

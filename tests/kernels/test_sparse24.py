@@ -377,3 +377,22 @@ def test_probe_in_child_survives_a_crash(monkeypatch):
     monkeypatch.setattr(s24, "_PROBE_CHILD", "import os; os.abort()  # {device}")
     backend, why = s24._probe_in_child("cuda:0")
     assert backend is None and "the probe process failed (exit code -6)" in why, why
+
+
+@pytest.mark.parametrize("k", [64, 18])  # 18: the emulation's last group is short
+def test_sparse_mm_strided_k_selects_in_the_strided_order(k):
+    from fvcompile.kernels.sparse24_cslt import strided_order
+
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(12, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(k, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.fvcompile.sparse24_mm(a, b, strided_k=True)
+    order = strided_order(k)
+    keep = torch.zeros_like(a, dtype=torch.bool)
+    keep[:, order] = s24.mask24(a.detach()[:, order].abs())
+    expected = torch.where(keep, a.detach(), 0) @ b.detach()
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, torch.ops.fvcompile.sparse24_mm(a, b))  # the grouping matters
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(a.grad, (torch.ones_like(out) @ b.detach().t()) * keep)
+    torch.testing.assert_close(b.grad, torch.where(keep, a.detach(), 0).t() @ torch.ones_like(out))

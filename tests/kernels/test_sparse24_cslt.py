@@ -157,3 +157,21 @@ def test_packed_operand_multiplies_like_the_dense_one_on_gpu(m, fp8):
     out = out * scale[:, None] if fp8 else out
     expected = s24.sparse24_mask_reference(x).float() @ w.float().t()
     assert ((out - expected).norm() / expected.norm()).item() < (0.05 if fp8 else 1e-2)
+
+
+def test_strided_order_groups_columns_a_quarter_apart():
+    assert cslt.strided_order(8).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert cslt.strided_order(6).tolist() == [0, 2, 4, 1, 3, 5]  # ragged (emulation only): a permutation still
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kernel_packs_in_the_strided_order(fp8):
+    x, scale = randn(192, 100, dtype=torch.float16).t(), None  # a transposed view, as a weight gradient's
+    if fp8:  # inputs FP8 can hold exactly (the interpreter rounds to FP8 its own way)
+        x, scale = fp8_exact_inputs(100, 256, seed=3)
+    out_dtype = FP8 if fp8 else None
+    got = cslt.cslt_pack_triton(x, out_dtype=out_dtype, scale=scale, strided_k=True, block_k=64)
+    expected = cslt.cslt_pack_reference(x.contiguous(), out_dtype=out_dtype, scale=scale, strided_k=True)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    consecutive = cslt.cslt_pack_reference(x.contiguous(), out_dtype=out_dtype, scale=scale)
+    assert not torch.equal(expected.view(torch.uint8), consecutive.view(torch.uint8))

@@ -11,6 +11,7 @@ from torch import nn
 
 import fvcompile
 from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels.sparse24_cslt import strided_order
 from fvcompile.kernels.sparse24_fp8 import fp8_mm_reference
 from fvcompile.models import get
 from fvcompile.passes.sparse24 import Sparse24
@@ -173,7 +174,8 @@ def test_fp8_matmuls_forward_and_dx():
 
 
 class TokenSparseLinear(torch.autograd.Function):
-    """y = a @ wᵀ whose weight gradient keeps only the 2 largest of every 4 tokens of a."""
+    """y = a @ wᵀ whose weight gradient keeps only the 2 largest of every 4 tokens of a, the tokens
+    grouped strided (t, t + T/4, t + T/2, t + 3T/4: `strided_order`)."""
 
     @staticmethod
     def forward(ctx, a, w):
@@ -183,7 +185,10 @@ class TokenSparseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, w = ctx.saved_tensors
-        return grad @ w, (k24.sparse24_mask_reference(a.t()) @ grad).t()
+        order = strided_order(a.shape[0])
+        kept = torch.zeros_like(a)
+        kept[order] = k24.sparse24_mask_reference(a[order].t()).t()
+        return grad @ w, grad.t() @ kept
 
 
 def reference_token_sparse_weight_grad(model: SquaredReluFFN, x):
