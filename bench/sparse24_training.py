@@ -115,6 +115,7 @@ def main() -> None:
     runs = {}
     variants = (("dense", []), ("sparse24", [Sparse24()]),
                 ("sparse24+dW2", [Sparse24(sparse_weight_grad=True)]),  # the paper's dW2 selection
+                ("sparse24+dW1+dW2", [Sparse24(sparse_weight_grad="all")]),  # all four matmuls sparse
                 # The sparse matmuls in FP8 e4m3 (emulated here: the same numbers as the GPU's).
                 ("sparse24-fp8", [Sparse24(fp8=True)]),
                 ("sparse24-fp8+dW2", [Sparse24(fp8=True, sparse_weight_grad=True)]))

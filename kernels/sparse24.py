@@ -52,6 +52,8 @@ bf16 relu² packing test uses inputs whose squares are exact.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -620,7 +622,7 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
 def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True,
                 square: bool = False, relu: bool = False, transpose_out: bool = False, fp8: bool = False,
-                strided_k: bool = False) -> Tensor:
+                strided_k: bool = False, dense_rows: float = 0.0) -> Tensor:
     """mask24(a) @ b for a (M, K) and a dense b (K, N); with square=True, mask24(a)² @ b.
 
     select=False is the caller's promise that `a` already is 2:4 along K (the forward's sparse relu,
@@ -632,9 +634,24 @@ def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, 
     fp8=True multiplies in float8_e4m3fn, `a` scaled per row and b per tensor (kernels/sparse24_fp8.py).
     strided_k=True groups K in fours strided, not consecutively (`sparse24_cslt.strided_order`): for
     a weight gradient, whose K is the tokens, neighbouring tokens then do not compete.
+    dense_rows=f: the ceil(f·M) rows of `a` with the most nonzeros are multiplied whole, not 2:4
+    (for a weight gradient, whose rows are features: the densest features stay dense).
     """
     out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k)
+    if dense_rows and not _in_dense_warmup(schedule, dense_steps, count_step=False):
+        rows = densest_rows(torch.relu(a) if relu else a, dense_rows)
+        kept = torch.relu(a[rows]) if relu else a[rows]
+        fix = (_squared(kept) if square else kept) @ b  # a small dense matmul: f·M rows
+        if transpose_out:
+            out[:, rows] = fix.t()
+        else:
+            out[rows] = fix
     return out if out.is_contiguous() else out.contiguous()
+
+
+def densest_rows(a: Tensor, fraction: float) -> Tensor:
+    """The indices of the ceil(fraction·M) rows of `a` with the most nonzeros."""
+    return (a != 0).sum(1).topk(math.ceil(fraction * a.shape[0])).indices
 
 
 def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k) -> Tensor:
@@ -671,12 +688,12 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
 
 @sparse24_mm.register_fake
 def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False, transpose_out=False, fp8=False,
-      strided_k=False):
+      strided_k=False, dense_rows=0.0):
     return a.new_empty((b.shape[1], a.shape[0]) if transpose_out else (a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k = inputs
+    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k, dense_rows = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
     a_in = torch.relu(a) if relu else a
     keep = torch.ones_like(a, dtype=torch.bool)
@@ -688,6 +705,8 @@ def _sparse24_mm_setup(ctx, inputs, output):
             keep[:, order] = mask24(a_in[:, order].abs())
         else:
             keep = mask24(a_in.abs())
+        if dense_rows:
+            keep[densest_rows(a_in, dense_rows)] = True
     if relu:
         keep = keep & (a > 0)  # relu's own gradient
     ctx.square, ctx.transpose_out = square, transpose_out
@@ -701,7 +720,7 @@ def _sparse24_mm_backward(ctx, grad):
     grad_a = (grad @ b.t()) * keep
     if ctx.square:  # d(a²)/da = 2a
         grad_a, a_kept = 2 * a_kept * grad_a, _squared(a_kept)
-    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None, None
+    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

@@ -230,21 +230,25 @@ def _erase_unused(graph: fx.Graph, square: fx.Node, sparse: fx.Node) -> None:
         node = up
 
 
+DENSE_FEATURES = 0.05  # of dW1's rows (features), the densest, multiplied whole (the paper's split)
+
+
 class Sparse24(GraphPass):
     name = "sparse24"
     hook = "joint"
     exact = False
 
     def __init__(self, emulate: bool = True, warmup_steps: int = 0, sparse_mm: bool | None = None,
-                 sparse_weight_grad: bool = False, fp8: bool = False):
+                 sparse_weight_grad: bool | str = False, fp8: bool = False):
         """emulate: on devices without 2:4 sparse tensor cores run the masked-dense emulation
             (True) or leave the sites dense (False).
         warmup_steps: training steps to run dense before switching to 2:4.
         sparse_mm: None rewrites the matmuls into `sparse24_mm` where the device has sparse
             tensor cores; True everywhere (emulated at run time); False nowhere.
-        sparse_weight_grad: also make dW2 = dYᵀ·A a 2:4 matmul, with a second selection of A
-            along the token dim, tokens grouped strided (the paper's approximation of that
-            gradient; off: exact).
+        sparse_weight_grad: True (or "dW2"): also make dW2 = dYᵀ·A a 2:4 matmul, with a second
+            selection of A along the token dim, tokens grouped strided (the paper's approximation
+            of that gradient; off: exact). "all": dW1 = dHᵀ·X as well, the same way, with the 5%
+            densest features of dH kept whole (all four sparse-able matmuls sparse).
         fp8: run the sparse matmuls in float8_e4m3fn, the sparse operand scaled per row and the
             dense one per tensor (the paper's FP8 path; kernels/sparse24_fp8.py). The matmuls are
             then rewritten on every device, emulated where there is no FP8 2:4 matmul.
@@ -254,6 +258,8 @@ class Sparse24(GraphPass):
         self.emulate = emulate
         self.warmup_steps = int(warmup_steps)
         self.sparse_mm = sparse_mm
+        if sparse_weight_grad not in (False, True, "dW2", "all"):
+            raise ValueError(f"sparse_weight_grad must be False, True, 'dW2' or 'all', got {sparse_weight_grad!r}")
         self.sparse_weight_grad = sparse_weight_grad
         self.fp8 = fp8
         self.schedule_token = uuidlib.uuid4().hex[:12] if self.warmup_steps else ""
@@ -369,8 +375,10 @@ class Sparse24(GraphPass):
         relu.replace_all_uses_with(sparse)
         graph.erase_node(relu)
         done = ["relu -> sparse24_relu"]
-        if training and self.sparse_weight_grad:
+        if training and self.sparse_weight_grad:  # True, "dW2" or "all"
             done += self._sparse_weight_grad(graph, m, sparse, key, dense_steps, self.fp8)
+        if training and self.sparse_weight_grad == "all":
+            done += self._sparse_dw1(graph, sparse, m.hidden, key, dense_steps, self.fp8)
         if not use_mm:
             return "; ".join(done)
 
@@ -398,6 +406,26 @@ class Sparse24(GraphPass):
         if dx:
             done.append("dX matmul -> sparse24_mm")
         return "; ".join(done)
+
+    @staticmethod
+    def _sparse_dw1(graph: fx.Graph, sparse: fx.Node, hidden, key: str, dense_steps: int, fp8: bool) -> list[str]:
+        """dW1 = mm(permute(dH), X) -> sparse24_mm(permute(dH), X): dHᵀ 2:4-selected along its last
+        dim, the tokens (grouped strided), its 5% densest rows (features) kept whole."""
+        done = []
+        for dh in _relu_grad_nodes(sparse):
+            _, users = _forward_uses(dh, set(), hidden, through_views=True)
+            for t, src in users:
+                if not (t.target == aten.permute.default and t.args[0] is src and list(t.args[1]) == [1, 0]):
+                    continue
+                for mm in [u for u in t.users if u.target == aten.mm.default and u.args[0] is t]:
+                    with graph.inserting_before(mm):
+                        d_w = graph.call_function(fvc.sparse24_mm.default, (t, mm.args[1], key, dense_steps, True),
+                                                  {"fp8": fp8, "strided_k": True, "dense_rows": DENSE_FEATURES})
+                    d_w.meta = dict(mm.meta)
+                    mm.replace_all_uses_with(d_w)
+                    graph.erase_node(mm)
+                    done.append(f"dW1 matmul -> sparse24_mm (2:4 along tokens, {DENSE_FEATURES:.0%} densest features dense)")
+        return done
 
     @staticmethod
     def _sparse_weight_grad(graph: fx.Graph, m: Match, sparse: fx.Node, key: str, dense_steps: int,

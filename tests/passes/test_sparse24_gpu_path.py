@@ -16,7 +16,8 @@ from fvcompile.kernels import sparse24 as k24
 from fvcompile.kernels.sparse24_cslt import cslt_unpack_reference
 from fvcompile.passes.sparse24 import Sparse24
 
-from test_sparse24_pass import SquaredReluFFN, reference, reference_token_sparse_weight_grad, run_step, sites
+from test_sparse24_pass import (AllSparseWeightGrads, SquaredReluFFN, reference, reference_token_sparse_weight_grad,
+                               run_step, sites)
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real path")
@@ -94,3 +95,16 @@ def test_token_sparse_weight_grad_on_the_cusparselt_path(hopper_on_cpu):
     assert len(hopper_on_cpu) == 3  # forward, dX and dW2 (64 tokens: a multiple of the alignment)
     # dW2 comes out of the sparse matmul in the weight's layout: (Aᵀ dY)ᵀ, no transposing copy.
     assert sorted(t for _, t in hopper_on_cpu) == [False, False, True]
+
+
+def test_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu):
+    model, ref = half_model()
+    x, grad_out = torch.randn(2, 32, 64).half(), torch.randn(2, 32, 64).half()
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_weight_grad="all")], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+
+    def expected(t):
+        return AllSparseWeightGrads.apply(t.reshape(-1, 64), ref.w1.weight, ref.w2.weight).reshape(t.shape)
+
+    close(got, run_step(expected, ref, x.float(), grad_out.float()))
+    assert len(hopper_on_cpu) == 4  # forward, dX, dW2 and dW1: all four through the sparse matmul

@@ -4,6 +4,8 @@ The reference for every rewritten FFN is a plain-PyTorch masked FFN,
 `W2 · (mask ⊙ relu(W1 x))²` with the mask a constant of the input, differentiated by autograd:
 the compiled forward AND backward must equal it (not dense eager, which they must not equal).
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -441,3 +443,53 @@ def test_gpu_sparse_tensor_core_path(dtype):
     assert_step_close(got, run_step(lambda t: reference(model, t), model, x, grad_out), atol=5e-2, rtol=5e-2)
     (site,) = sites(optimized)
     assert "forward matmul(s) -> sparse24_mm" in site.detail and "emulated" not in site.detail
+
+
+class AllSparseWeightGrads(torch.autograd.Function):
+    """The sparse FFN with both weight gradients token-wise 2:4 (tokens grouped strided), dW1's 5%
+    densest features kept whole: Sparse24(sparse_weight_grad="all")'s reference."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2):
+        r = masked_relu(x @ w1.t())
+        ctx.save_for_backward(x, w1, w2, r)
+        return (r * r) @ w2.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, r = ctx.saved_tensors
+        d_h = (dy @ w2) * 2 * r
+
+        def token_sparse(m):  # (T, H): 2 of every 4 strided tokens per feature
+            order = strided_order(m.shape[0])
+            kept = torch.zeros_like(m)
+            kept[order] = k24.sparse24_mask_reference(m[order].t()).t()
+            return kept
+
+        d_h_kept = token_sparse(d_h)
+        densest = (d_h != 0).sum(0).topk(math.ceil(0.05 * d_h.shape[1])).indices
+        d_h_kept[:, densest] = d_h[:, densest]
+        return d_h @ w1, d_h_kept.t() @ x, dy.t() @ token_sparse(r * r)
+
+
+@pytest.mark.parametrize("sparse_mm", [None, True])
+def test_all_weight_grads_sparse(sparse_mm):
+    torch.manual_seed(4)
+    model = SquaredReluFFN(hidden=256)
+    x, grad_out = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_weight_grad="all", sparse_mm=sparse_mm)],
+                                   codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+
+    def ref(t):
+        return AllSparseWeightGrads.apply(t.reshape(-1, 32), model.w1.weight, model.w2.weight).reshape(t.shape)
+
+    assert_step_close(got, run_step(ref, model, x, grad_out))
+    exact = run_step(lambda t: reference(model, t), model, x, grad_out)
+    for name in ("w1.weight", "w2.weight"):  # both approximated; the rest exact
+        assert not torch.allclose(got[1][name], exact[1][name], atol=1e-4)
+    torch.testing.assert_close(got[1]["x"], exact[1]["x"], atol=1e-5, rtol=1e-4)
+    (site,) = sites(optimized)
+    assert "dW1 matmul -> sparse24_mm (2:4 along tokens, 5% densest features dense)" in site.detail
+    with pytest.raises(ValueError, match="sparse_weight_grad must be"):
+        Sparse24(sparse_weight_grad="dW1")
