@@ -140,6 +140,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     record("op   sparse24_mm(rᵀ, dY, square=True)", lambda: lambda: sparse_mm(r.t(), dy, square=True), flops=f)
     record("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True) (dW2 in its own layout)",
            lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True), flops=f)
+    record("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, strided_k=True) (the sparse dW2)",
+           lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True, strided_k=True), flops=f)
+    record("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05) (the sparse dW1)",
+           lambda: lambda: sparse_mm(dh.t(), x, strided_k=True, dense_rows=0.05), flops=f)
     # FP8: scales, pack, B quantized column-major, the FP8 2:4 matmul and the rescale, all in.
     record("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)",
            lambda: lambda: sparse_mm(r, w2.t(), select=False, square=True, fp8=True), flops=f)
@@ -204,6 +208,11 @@ def ceilings(rows: list[dict]) -> dict:
         "all four sparse-able matmuls, packing free (dW1 at the best sparse time)":
             speedup({**sparse_mm, "dW1": best}),
     }
+    dw = {"dW2": t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, strided_k=True) (the sparse dW2)"),
+          "dW1": t.get("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05) (the sparse dW1)")}
+    if all(dw.values()):  # sparse_weight_grad="all", as the ops run it
+        bounds["sparse24 all four sparse (strided dW2, dW1 with 5% dense features; with packing)"] = speedup(
+            {"fwd": sparse_op["fwd"], "dX": sparse_op["dX"], **dw})
     fp8_op = {"fwd": t.get("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)"),
               "dX": t.get("op   sparse24_mm(dH, W1, select=False, fp8=True)"),
               "dW2": t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, fp8=True)")}

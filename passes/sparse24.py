@@ -36,7 +36,8 @@ Y = A W2ᵀ, dA = dY W2 and dH = 2 · relu_s(H) ⊙ dA (zero wherever the sparse
 | dW2 = dYᵀ · A          | weight gradient of the 2nd linear   | dense, with the masked A (default); or |
 |                        |                                     | sparse: A 2:4 along tokens (option)    |
 | dX = dH · W1           | input gradient of the 1st linear    | sparse: dH is 2:4 along the hidden dim |
-| dW1 = dHᵀ · X          | weight gradient of the 1st linear   | dense                                   |
+| dW1 = dHᵀ · X          | weight gradient of the 1st linear   | dense; or sparse: dH 2:4 along tokens, |
+|                        |                                     | its 5% densest features whole ("all")  |
 
 dH inherits the forward mask, and the hidden dim is dX's reduction dim, so dX is a 2:4 sparse
 matmul with no further approximation. dW2 reduces over tokens: the forward's per-row mask gives
@@ -54,8 +55,10 @@ the CPU study that took the sparse dW2 from +0.67% to -0.13% held-out loss
 per sparse matmul: 6 / 5 = 1.2x); with it, 3 of 6 (6 / 4.5 = 1.33x). On an H100 or H200 in bf16
 the 2:4 matmul is ~1.5x faster than the dense one, not 2x: the bounds are 1.07x-1.08x and 1.12x
 (bench/README.md). A token-wise sparse dW1 as well cost 10.7% training loss with neighbouring
-tokens grouped, and 2.1% strided (1.5%-1.7% with the 5% densest features left dense): not built
-yet; see bench/sparse24_backward_study.py.
+tokens grouped, and 2.1% strided (1.5%-1.7% with the 5% densest features left dense;
+bench/sparse24_backward_study.py): `Sparse24(sparse_weight_grad="all")` builds that last one, so
+that all four sparse-able matmuls are sparse (`sparse24_mm(dense_rows=0.05)` multiplies the densest
+features whole, a small dense matmul after the sparse one).
 
 Devices. On a GPU where a one-time probe of the 2:4 sparse matmul succeeds
 (`fvcompile.kernels.sparse24.sparse_tensor_cores_available`) and the activation is fp16/bf16, the
