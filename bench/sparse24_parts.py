@@ -82,10 +82,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
 
     def cusparselt(sparse, b, search=False):
         compressed = torch._cslt_compress(sparse)
-        alg = int(torch._cslt_sparse_mm_search(compressed, b)) if search else 0
+        plan = k24.cslt_plan(compressed, b, False) if search else {}  # what sparse24_mm runs with
         if search:
-            rows.append({"part": f"  (searched cuSPARSELt algorithm: {alg})", "ms": None})
-        return lambda: torch._cslt_sparse_mm(compressed, b, alg_id=alg)
+            rows.append({"part": f"  (searched cuSPARSELt plan: {plan})", "ms": None})
+        return lambda: torch._cslt_sparse_mm(compressed, b, **plan)
 
     f = 2 * m * k * n
     record("fwd  Y = A W2ᵀ dense (cuBLAS, W2ᵀ a view)", lambda: lambda: torch.mm(a, w2.t()), flops=f)
@@ -109,8 +109,8 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
 
         def fp8_sparse(search):
             compressed = torch._cslt_compress(a8)
-            alg = int(torch._cslt_sparse_mm_search(compressed, w8.t(), out_dtype=torch.bfloat16)) if search else 0
-            return lambda: torch._cslt_sparse_mm(compressed, w8.t(), out_dtype=torch.bfloat16, alg_id=alg)
+            plan = k24.cslt_plan(compressed, w8.t(), False, torch.bfloat16) if search else {}
+            return lambda: torch._cslt_sparse_mm(compressed, w8.t(), out_dtype=torch.bfloat16, **plan)
 
         scale = a.abs().amax(1).float().clamp_min(1e-12) / 448
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, row scale",

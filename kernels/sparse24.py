@@ -462,25 +462,34 @@ def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = F
     return (out.t() if transpose_out else out).contiguous()
 
 
-_CSLT_ALGORITHMS: dict[tuple, int] = {}  # (shapes, strides, dtype, device, out dtype) -> algorithm id
+_CSLT_PLANS: dict[tuple, dict] = {}  # (shapes, strides, dtype, device, out dtype) -> _cslt_sparse_mm kwargs
 
 
-def _cslt_algorithm(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None) -> int:
-    """cuSPARSELt's fastest algorithm for this problem, searched once per shape (0 if no search).
+def cslt_plan(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None) -> dict:
+    """cuSPARSELt's fastest configuration for this problem, searched once per shape: the algorithm
+    and, where this build's search reports them (`torch._C._cusparselt.mm_search`), its split-K
+    settings; {} (the defaults) where there is no search.
 
-    A transposed result takes the default algorithm: on an H200 (torch 2.11+cu130, cuSPARSELt 0.8,
+    A transposed result takes the defaults: on an H200 (torch 2.11+cu130, cuSPARSELt 0.8,
     2026-11-26) the search with transpose_result=True fails with "internal error" and leaves the
     CUDA context broken (illegal instruction at the next kernel), while the matmul itself is right
     (bench/cslt_diag.py)."""
     if transpose_out:
-        return 0
+        return {}
     key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, out_dtype)
-    if key not in _CSLT_ALGORITHMS:
+    if key not in _CSLT_PLANS:
+        plan = {}
         try:
-            _CSLT_ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, b, out_dtype=out_dtype))
-        except (RuntimeError, AttributeError):  # no search in this build: the default algorithm
-            _CSLT_ALGORITHMS[key] = 0
-    return _CSLT_ALGORITHMS[key]
+            alg_id, split_k, split_k_mode, _ = torch._C._cusparselt.mm_search(compressed, b, None, None, out_dtype,
+                                                                              False)
+            plan = {"alg_id": int(alg_id), "split_k": int(split_k), "split_k_mode": int(split_k_mode)}
+        except (RuntimeError, AttributeError, TypeError, ValueError):  # an older build: the algorithm only
+            try:
+                plan = {"alg_id": int(torch._cslt_sparse_mm_search(compressed, b, out_dtype=out_dtype))}
+            except (RuntimeError, AttributeError):  # no search in this build
+                pass
+        _CSLT_PLANS[key] = plan
+    return _CSLT_PLANS[key]
 
 
 def _cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool, out_dtype=None) -> Tensor:
@@ -489,7 +498,7 @@ def _cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool, out_dty
     n = b.shape[1]
     b = _pad_cols(b, 8)
     out = torch._cslt_sparse_mm(compressed, b, out_dtype=out_dtype, transpose_result=transpose_out,
-                                alg_id=_cslt_algorithm(compressed, b, transpose_out, out_dtype))
+                                **cslt_plan(compressed, b, transpose_out, out_dtype))
     # Padding sliced off; the copy keeps the output contiguous, as the op's fake promises.
     out = out[:n, :m] if transpose_out else out[:m, :n]
     return out if out.is_contiguous() else out.contiguous()

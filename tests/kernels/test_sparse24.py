@@ -396,3 +396,21 @@ def test_sparse_mm_strided_k_selects_in_the_strided_order(k):
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(a.grad, (torch.ones_like(out) @ b.detach().t()) * keep)
     torch.testing.assert_close(b.grad, torch.where(keep, a.detach(), 0).t() @ torch.ones_like(out))
+
+
+def test_cslt_plan_takes_the_search_split_k_settings_and_skips_transposed_results(monkeypatch):
+    from types import SimpleNamespace
+
+    searched = []
+
+    def mm_search(compressed, b, bias, alpha, out_dtype, transpose_result):
+        searched.append(transpose_result)
+        return 7, 2, 1, 40
+
+    monkeypatch.setattr(torch._C, "_cusparselt", SimpleNamespace(mm_search=mm_search), raising=False)
+    monkeypatch.setattr(s24, "_CSLT_PLANS", {})
+    c, b = torch.zeros(64, 72), torch.zeros(128, 8)
+    assert s24.cslt_plan(c, b, False) == {"alg_id": 7, "split_k": 2, "split_k_mode": 1}
+    assert s24.cslt_plan(c, b, False) == {"alg_id": 7, "split_k": 2, "split_k_mode": 1}  # cached
+    assert s24.cslt_plan(c, b, True) == {}  # the transposed search breaks the CUDA context (H200)
+    assert searched == [False]
