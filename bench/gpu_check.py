@@ -181,7 +181,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--tokens", default="8192", help="token counts for the FFN benchmark")
+    parser.add_argument("--tokens", default="8192,4096,16384",
+                        help="token counts for the FFN benchmark (the first also for the parts and CUDA graphs)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

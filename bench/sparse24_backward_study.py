@@ -13,7 +13,6 @@ dW2 from token-wise 2:4 operands, without the tricks, with each, and with both.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fvcompile.kernels.sparse24 import mask24, sparse24_relu_reference
-from sparse24_training import batches, stdlib_corpus, train  # bench/, beside this script
+from sparse24_training import study_setup, train  # bench/, beside this script
 
 
 def token_sparse(m: Tensor, dense_fraction: float, perm: Tensor | None) -> Tensor:
@@ -93,20 +92,7 @@ class SwappedFFN(nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--corpus-bytes", type=int, default=4_000_000)
-    parser.add_argument("--out", default=None, help="directory for the JSON results")
-    args = parser.parse_args()
-
-    corpus = stdlib_corpus(args.corpus_bytes)
-    split = int(len(corpus) * 0.95)
-    val_tokens = next(batches(corpus[split:], 64, args.seq, torch.Generator().manual_seed(1234)))
+    args, _, train_data, val_tokens = study_setup(__doc__)
     variants = {"dense": None, "all four sparse": (0.0, False), "+ 5% densest features dense": (0.05, False),
                 "+ tokens permuted": (0.0, "random"), "+ both": (0.05, "random"),
                 "+ tokens strided": (0.0, "strided"), "+ strided, 5% dense": (0.05, "strided"),
@@ -121,7 +107,7 @@ def main() -> None:
                 layer.feed_forward = SwappedFFN(layer.feed_forward, *tricks)
 
         torch.manual_seed(args.seed)  # the permutations too
-        runs[label] = train([], args, corpus[:split], val_tokens, prepare=swap)
+        runs[label] = train([], args, train_data, val_tokens, prepare=swap)
         torch._dynamo.reset()
     dense = runs["dense"]["val_loss"][-1]
     gaps = {label: (run["val_loss"][-1] - dense) / dense for label, run in runs.items()}

@@ -95,8 +95,9 @@ def train(passes, args, train_data, val_tokens, prepare=None) -> dict:
     return history
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_setup(doc: str):
+    """The command line and data every training study shares: (args, corpus, train data, held-out batch)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
@@ -106,11 +107,14 @@ def main() -> None:
     parser.add_argument("--corpus-bytes", type=int, default=4_000_000)
     parser.add_argument("--out", default=None, help="directory for the JSON results")
     args = parser.parse_args()
-
     corpus = stdlib_corpus(args.corpus_bytes)
     split = int(len(corpus) * 0.95)
-    train_data, val_data = corpus[:split], corpus[split:]
-    val_tokens = next(batches(val_data, 64, args.seq, torch.Generator().manual_seed(1234)))
+    val_tokens = next(batches(corpus[split:], 64, args.seq, torch.Generator().manual_seed(1234)))
+    return args, corpus, corpus[:split], val_tokens
+
+
+def main() -> None:
+    args, corpus, train_data, val_tokens = study_setup(__doc__)
 
     runs = {}
     variants = (("dense", []), ("sparse24", [Sparse24()]),
