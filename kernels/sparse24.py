@@ -316,7 +316,7 @@ def _use_triton(t: Tensor) -> bool:
 
 _BACKENDS: dict[int, str | None] = {}  # CUDA device index -> "cutlass", "cusparselt" or None
 _NO_BACKEND_REASONS: dict[int, str] = {}  # CUDA device index -> why the probe found no backend
-_FP8_PROBED: dict[str, bool] = {}  # "cuda:<index>" -> whether the FP8 2:4 matmul passed its probe
+_FP8_PROBED: dict[str, str] = {}  # "cuda:<index>" -> "yes", "not transposed" (no transposed result) or "no"
 
 
 def _probe(backend: str, device: torch.device) -> bool:
@@ -347,25 +347,27 @@ def first_working_backend(device) -> str | None:
 
 
 _PROBE_CHILD = ("from fvcompile.kernels.sparse24 import first_working_backend as f, fp8_probe as p; "
-                "b = f({device!r}); print('backend:', b); print('fp8:', p({device!r}) if b == 'cusparselt' else False)")
+                "b = f({device!r}); print('backend:', b); print('fp8:', p({device!r}) if b == 'cusparselt' else 'no')")
 
 
-def fp8_probe(device) -> bool:
-    """Whether the FP8 2:4 matmul (our FP8 pack + cuSPARSELt) matches its reference here."""
-    from fvcompile.kernels.sparse24_fp8 import fp8_mm_cusparselt, fp8_mm_reference
+def fp8_probe(device) -> str:
+    """Whether the FP8 2:4 matmul (our FP8 pack + cuSPARSELt) matches its reference here: "yes",
+    "not transposed" (it does, but not with a transposed result) or "no"."""
+    from fvcompile.kernels.sparse24_fp8 import fp8_exact_operands, fp8_mm_cusparselt, fp8_mm_reference
 
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(96, 128, device=device, dtype=torch.bfloat16, generator=gen)
-        b = torch.randn(128, 64, device=device, dtype=torch.bfloat16, generator=gen)
-        for transpose_out in (False, True):
+    a, b = (t.to(device) for t in fp8_exact_operands(96, 128, 64))
+
+    def matches(transpose_out: bool) -> bool:
+        try:
             got = fp8_mm_cusparselt(a, b, True, False, False, transpose_out).float()
             expected = fp8_mm_reference(a, b, True, False, False, transpose_out).float()
-            if not torch.allclose(got, expected, atol=0.1, rtol=2e-2):
-                return False
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "no FP8 sparse matmul here"
-        return False
+            return bool(torch.allclose(got, expected, atol=0.1, rtol=2e-2))
+        except Exception:  # noqa: BLE001 - any failure means "not here"
+            return False
+
+    if not matches(False):
+        return "no"
+    return "yes" if matches(True) else "not transposed"
 
 
 def _probe_in_child(device: str) -> tuple[str | None, str]:
@@ -384,7 +386,8 @@ def _probe_in_child(device: str) -> tuple[str | None, str]:
         return None, "the probe process timed out"
     found = [line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("backend:")]
     if proc.returncode == 0 and found and found[-1] in BACKENDS:
-        _FP8_PROBED[device] = any(line.strip() == "fp8: True" for line in proc.stdout.splitlines())
+        fp8 = [line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("fp8:")]
+        _FP8_PROBED[device] = fp8[-1] if fp8 and fp8[-1] in ("yes", "not transposed") else "no"
         return found[-1], ""
     if proc.returncode == 0 and found:
         return None, f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe"
@@ -427,13 +430,14 @@ def no_sparse_mm_reason(device) -> str:
     return f"{torch.cuda.get_device_name(index)}: {_NO_BACKEND_REASONS[index]}"
 
 
-def fp8_sparse_mm_available(device) -> bool:
-    """Whether `device` runs FP8 2:4 matmuls (cuSPARSELt on Hopper; one-time probe, cached)."""
+def fp8_sparse_mm_available(device, transposed: bool = False) -> bool:
+    """Whether `device` runs FP8 2:4 matmuls (cuSPARSELt on Hopper; one-time probe, cached), and
+    with `transposed`, whether also with a transposed result."""
     if sparse_mm_backend(device) != "cusparselt":
         return False
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _FP8_PROBED.get(f"cuda:{index}", False)
+    return _FP8_PROBED.get(f"cuda:{index}", "no") in (("yes",) if transposed else ("yes", "not transposed"))
 
 
 def sparse_tensor_cores_available(device) -> bool:
@@ -680,7 +684,10 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
         from fvcompile.kernels import sparse24_fp8
 
         if cslt_pack and fp8_sparse_mm_available(a.device):
-            return sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out, strided_k)
+            # Without a transposed FP8 result on this GPU, the product is transposed by a copy.
+            native = not transpose_out or fp8_sparse_mm_available(a.device, transposed=True)
+            out = sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out and native, strided_k)
+            return out if native else out.t()
         if strided_k:
             a = a[:, order]
         return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out)  # emulated

@@ -73,6 +73,23 @@ def quantize_column_major_triton(b: Tensor, scale: Tensor, block_k: int = 64, bl
     return out.t()
 
 
+def fp8_exact_operands(m: int, k: int, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """bf16 a (m, k), b (k, n) that FP8 holds exactly under the scales of the formula: e4m3 values,
+    each row of a (times a power of 2) and all of b reaching ±448. Their FP8 product equals the
+    exact product rounded once, on any device: what the probe and the tests compare with."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def e4m3(*shape):
+        return (torch.randn(*shape, generator=gen) * 32).to(FP8).float()
+
+    a = e4m3(m, k)
+    a[:, 0] = 448.0  # the row maximum (kept: the largest of its group)
+    a = a * 2.0 ** torch.randint(-4, 4, (m, 1), generator=gen).float()
+    b = e4m3(k, n)
+    b[0, 0] = -448.0
+    return a.to(torch.bfloat16), (b * 0.25).to(torch.bfloat16)
+
+
 def _rescale(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype) -> Tensor:
     row = sa[None, :] if transpose_out else sa[:, None]  # a's rows are the output's columns when transposed
     return (product.float() * row * sb).to(dtype)

@@ -15,20 +15,8 @@ FLAGS = [dict(select=True, square=False, relu=False), dict(select=False, square=
 
 
 def exact_operands(m, k, n, seed):
-    """bf16 a, b whose FP8 scales are powers of 2 and whose values are e4m3 numbers times them
-    (each row of a and all of b reach ±448 exactly): quantizing them is exact, so the FP8 product
-    must equal the exact product of the 2:4 operand, rounded once."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def e4m3(*shape):
-        return (torch.randn(*shape, generator=gen) * 32).to(f8.FP8).float()
-
-    a = e4m3(m, k)
-    a[:, 0] = 448.0  # the row maximum (kept: the largest of its group)
-    a = a * 2.0 ** torch.randint(-4, 4, (m, 1), generator=gen).float()
-    b = e4m3(k, n)
-    b[0, 0] = -448.0
-    return a.to(torch.bfloat16).to(DEVICE), (b * 0.25).to(torch.bfloat16).to(DEVICE)
+    a, b = f8.fp8_exact_operands(m, k, n, seed)
+    return a.to(DEVICE), b.to(DEVICE)
 
 
 @pytest.mark.parametrize("transpose_out", [False, True])
@@ -105,3 +93,28 @@ def test_hopper_path_equals_the_reference(cusparselt_fp8_on_cpu, transpose_out, 
     expected = f8.fp8_mm_reference(a, b, True, False, False, transpose_out)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
+def test_probe_tells_whether_a_transposed_fp8_result_works(cusparselt_fp8_on_cpu, monkeypatch):
+    assert s24.fp8_probe("cpu") == "yes"
+    plain = torch._cslt_sparse_mm
+
+    def no_transposed_result(compressed, b, out_dtype=None, transpose_result=False, alg_id=0):
+        if transpose_result:
+            raise RuntimeError("not supported")
+        return plain(compressed, b, out_dtype=out_dtype, alg_id=alg_id)
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", no_transposed_result)
+    assert s24.fp8_probe("cpu") == "not transposed"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
+def test_op_transposes_by_copy_where_the_gpu_has_no_transposed_fp8_result(cusparselt_fp8_on_cpu, monkeypatch):
+    monkeypatch.setattr(s24, "sparse_mm_applies", lambda a, b: True)
+    monkeypatch.setattr(s24, "sparse_mm_backend", lambda device: "cusparselt")
+    monkeypatch.setattr(s24, "fp8_sparse_mm_available", lambda device, transposed=False: not transposed)
+    a, b = exact_operands(64, 128, 32, seed=9)
+    out = torch.ops.fvcompile.sparse24_mm(a, b, fp8=True, transpose_out=True)
+    assert out.shape == (32, 64) and out.is_contiguous()
+    torch.testing.assert_close(out, f8.fp8_mm_reference(a, b, True, False, False, True), atol=0, rtol=0)
