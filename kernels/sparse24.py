@@ -646,7 +646,8 @@ def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, 
     computed as (Aᵀ-side sparse) @ dY comes out in the weight's own layout, with no transposing copy.
     fp8=True multiplies in float8_e4m3fn, `a` scaled per row and b per tensor (kernels/sparse24_fp8.py).
     strided_k=True groups K in fours strided, not consecutively (`sparse24_cslt.strided_order`): for
-    a weight gradient, whose K is the tokens, neighbouring tokens then do not compete.
+    a weight gradient, whose K is the tokens, neighbouring tokens then do not compete. K is padded
+    with zeros to a multiple of 64 first, on every device, so any token count runs sparse.
     dense_rows=f: the ceil(f·M) rows of `a` with the most nonzeros are multiplied whole, not 2:4
     (for a weight gradient, whose rows are features: the densest features stay dense).
     """
@@ -673,13 +674,17 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
         out = (_squared(a) if square else a) @ b  # during the warm-up `a` is dense
         return out.t() if transpose_out else out
     cslt_pack = sparse_mm_applies(a, b) and sparse_mm_backend(a.device) == "cusparselt"
-    if strided_k:  # K reordered on both sides leaves the product as it is
-        from fvcompile.kernels.sparse24_cslt import strided_order
+    if strided_k:  # K padded with zeros and reordered on both sides: the product is the same
+        from fvcompile.kernels.sparse24_cslt import strided_k_padded, strided_order
 
-        order = strided_order(a.shape[1], a.device)
-        b = b[order]  # a gather of the dense operand's rows
+        k_pad = strided_k_padded(a.shape[1])
+        order = strided_order(k_pad, a.device)
+        b = torch.nn.functional.pad(b, (0, 0, 0, k_pad - b.shape[0]))[order]  # a gather of its rows
+        cslt_pack = (a.dtype in PACK_DTYPES and b.dtype == a.dtype  # any token count: K is padded
+                     and sparse_mm_backend(a.device) == "cusparselt")
         if not cslt_pack:  # elsewhere `a` is copied in that order; our cuSPARSELt pack reads it in place
-            a, strided_k = a[:, order], False
+            a = torch.nn.functional.pad(a, (0, k_pad - a.shape[1]))[:, order]
+            strided_k = False
     if fp8:
         from fvcompile.kernels import sparse24_fp8
 
@@ -689,7 +694,7 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
             out = sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out and native, strided_k)
             return out if native else out.t()
         if strided_k:
-            a = a[:, order]
+            a = torch.nn.functional.pad(a, (0, k_pad - a.shape[1]))[:, order]
         return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out)  # emulated
     if cslt_pack:
         return _cusparselt_mm(a, b, select, square, relu, transpose_out, strided_k)
@@ -714,11 +719,14 @@ def _sparse24_mm_setup(ctx, inputs, output):
     a_in = torch.relu(a) if relu else a
     keep = torch.ones_like(a, dtype=torch.bool)
     if (select or relu) and not dense:
-        if strided_k:  # selected in the strided order, put back in a's
-            from fvcompile.kernels.sparse24_cslt import strided_order
+        if strided_k:  # selected in the (padded) strided order, put back in a's
+            from fvcompile.kernels.sparse24_cslt import strided_k_padded, strided_order
 
-            order = strided_order(a.shape[1], a.device)
-            keep[:, order] = mask24(a_in[:, order].abs())
+            k, k_pad = a.shape[1], strided_k_padded(a.shape[1])
+            order = strided_order(k_pad, a.device)
+            padded = torch.zeros(a.shape[0], k_pad, dtype=torch.bool, device=a.device)
+            padded[:, order] = mask24(torch.nn.functional.pad(a_in, (0, k_pad - k))[:, order].abs())
+            keep = padded[:, :k].clone()
         else:
             keep = mask24(a_in.abs())
         if dense_rows:

@@ -80,6 +80,13 @@ def _to_out_dtype(values: Tensor, out_dtype: torch.dtype, scale: Tensor | None) 
     return values.to(out_dtype)
 
 
+STRIDED_ALIGN = 64  # a strided grouping pads K with zeros to this multiple first (the matmul's alignment)
+
+
+def strided_k_padded(k: int) -> int:
+    return -(-k // STRIDED_ALIGN) * STRIDED_ALIGN
+
+
 def strided_order(k: int, device=None) -> Tensor:
     """The K order of a strided 2:4 grouping: group g holds columns g, g + K/4, g + K/2, g + 3K/4
     (for a weight gradient, whose K is the tokens: tokens from different sequences, not
@@ -96,12 +103,15 @@ def cslt_pack_reference(x: Tensor, square: bool = False, relu: bool = False, out
     relu: relu(x) first (then "largest" and "largest magnitude" agree); square: pack the kept
     values squared (squared in fp32, rounded once). out_dtype: the packed type (x's by default);
     an 8-bit type (float8_e4m3fn) stores value / scale[row] (scale: (M,) fp32, or None for 1).
-    strided_k: select and pack x[:, strided_order(K)] (the dense operand's rows go in that order too).
+    strided_k: pad K with zero columns to a multiple of 64 (any token count fits), then select and
+    pack x[:, strided_order(K_pad)] (the dense operand's rows go in that order, padded the same).
     """
     m, k = x.shape
     out_dtype = out_dtype or x.dtype
     if strided_k:
-        x = x[:, strided_order(k, x.device)]
+        k_pad = strided_k_padded(k)
+        x = torch.nn.functional.pad(x, (0, k_pad - k))[:, strided_order(k_pad, x.device)]
+        k = k_pad
     if relu:
         x = torch.relu(x)
     m_pad = padded_rows(m)
@@ -144,16 +154,17 @@ if triton is not None:
     from fvcompile.kernels.sparse24 import _keep_top2, _pick, _split4
 
     @triton.jit
-    def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, scale_ptr, M, M_pad, K, stride_xm, stride_xk,
+    def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, scale_ptr, M, M_pad, K, K_IN, stride_xm, stride_xk,
                           RELU: tl.constexpr, SQUARE: tl.constexpr, OUT8: tl.constexpr, HAS_SCALE: tl.constexpr,
                           STRIDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # One (BLOCK_M, BLOCK_K) tile: BLOCK_M a multiple of 16, BLOCK_K of 32 (16-bit output) or
-        # 64 (8-bit output): whole metadata tiles.
+        # 64 (8-bit output): whole metadata tiles. K is the packed width, K_IN <= K the input's
+        # (a strided grouping pads K: columns K_IN.. read as zeros).
         G: tl.constexpr = BLOCK_K // 4
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        load_mask = (rows[:, None] < M) & (cols[None, :] < K)  # rows >= M: zero padding
         src = (cols % 4) * (K // 4) + cols // 4 if STRIDED_K else cols  # see strided_order
+        load_mask = (rows[:, None] < M) & (src[None, :] < K_IN)  # rows >= M, columns >= K_IN: zeros
         x = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :] * stride_xk, mask=load_mask, other=0.0)
         x = x.to(tl.float32)
         if RELU:
@@ -208,7 +219,8 @@ def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, out_dt
     32, or of 64 for an 8-bit out_dtype)."""
     if triton is None:
         raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
-    m, k = x.shape
+    m, k_in = x.shape
+    k = strided_k_padded(k_in) if strided_k else k_in
     out_dtype = out_dtype or x.dtype
     size = out_dtype.itemsize
     if k % align_k(size):
@@ -220,7 +232,7 @@ def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, out_dt
     meta = flat[m_pad * k // 2:].view(torch.uint8)
     scale_arg = scale.float().contiguous() if scale is not None else flat  # flat: a placeholder pointer
     grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
-    _cslt_pack_kernel[grid](x, flat, meta, scale_arg, m, m_pad, k, x.stride(0), x.stride(1),
+    _cslt_pack_kernel[grid](x, flat, meta, scale_arg, m, m_pad, k, k_in, x.stride(0), x.stride(1),
                             RELU=relu, SQUARE=square, OUT8=size == 1, HAS_SCALE=scale is not None, STRIDED_K=strided_k,
                             BLOCK_M=block_m, BLOCK_K=block_k)
     return out

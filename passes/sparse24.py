@@ -47,7 +47,8 @@ at the price of that matmul's speedup. `Sparse24(sparse_weight_grad=True)` follo
 instead: a second 2:4 selection of A along the tokens (the 2 largest of every 4 tokens, per
 hidden unit) makes dW2 = dYᵀ · S_tokens(A) a sparse matmul too, an approximation of that one
 gradient (its reference: the same formula in plain PyTorch). The tokens are grouped strided, t with
-t + T/4, t + T/2 and t + 3T/4 (`sparse24_mm(strided_k=True)`; the pack kernel reads them in place),
+t + T/4, t + T/2 and t + 3T/4, T padded with zero tokens to a multiple of 64 (`sparse24_mm(strided_k=True)`;
+the pack kernel reads them in place, so any token count runs sparse),
 not as neighbours: neighbouring tokens are alike, and dropping 2 of 4 alike tokens loses more. In
 the CPU study that took the sparse dW2 from +0.67% to -0.13% held-out loss
 (bench/results/sparse24_backward_study_cpu_2026-11-27.json), as the paper's token permutation does. Without it, at most 2 of the FFN's

@@ -379,7 +379,7 @@ def test_probe_in_child_survives_a_crash(monkeypatch):
     assert backend is None and "the probe process failed (exit code -6)" in why, why
 
 
-@pytest.mark.parametrize("k", [64, 18])  # 18: the emulation's last group is short
+@pytest.mark.parametrize("k", [64, 18])  # 18: padded to 64 like any K
 def test_sparse_mm_strided_k_selects_in_the_strided_order(k):
     from fvcompile.kernels.sparse24_cslt import strided_order
 
@@ -387,9 +387,11 @@ def test_sparse_mm_strided_k_selects_in_the_strided_order(k):
     a = torch.randn(12, k, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(k, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     out = torch.ops.fvcompile.sparse24_mm(a, b, strided_k=True)
-    order = strided_order(k)
-    keep = torch.zeros_like(a, dtype=torch.bool)
-    keep[:, order] = s24.mask24(a.detach()[:, order].abs())
+    order = strided_order(64)  # K padded with zeros to 64 first
+    padded = torch.nn.functional.pad(a.detach(), (0, 64 - k))
+    keep = torch.zeros_like(padded, dtype=torch.bool)
+    keep[:, order] = s24.mask24(padded[:, order].abs())
+    keep = keep[:, :k]
     expected = torch.where(keep, a.detach(), 0) @ b.detach()
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out, torch.ops.fvcompile.sparse24_mm(a, b))  # the grouping matters

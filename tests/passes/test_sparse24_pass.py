@@ -175,9 +175,20 @@ def test_fp8_matmuls_forward_and_dx():
                for n in r.result.notes)
 
 
+def token_sparse(m):
+    """m (T, H) with, per feature, the 2 largest of every 4 tokens kept, the tokens padded with
+    zeros to a multiple of 64 and grouped strided (t, t + T/4, t + T/2, t + 3T/4: `strided_order`)."""
+    t = m.shape[0]
+    t_pad = -(-t // 64) * 64
+    order = strided_order(t_pad)
+    padded = torch.nn.functional.pad(m, (0, 0, 0, t_pad - t))
+    kept = torch.zeros_like(padded)
+    kept[order] = k24.sparse24_mask_reference(padded[order].t()).t()
+    return kept[:t]
+
+
 class TokenSparseLinear(torch.autograd.Function):
-    """y = a @ wᵀ whose weight gradient keeps only the 2 largest of every 4 tokens of a, the tokens
-    grouped strided (t, t + T/4, t + T/2, t + 3T/4: `strided_order`)."""
+    """y = a @ wᵀ whose weight gradient keeps only the 2 largest of every 4 tokens of a (`token_sparse`)."""
 
     @staticmethod
     def forward(ctx, a, w):
@@ -187,10 +198,7 @@ class TokenSparseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, w = ctx.saved_tensors
-        order = strided_order(a.shape[0])
-        kept = torch.zeros_like(a)
-        kept[order] = k24.sparse24_mask_reference(a[order].t()).t()
-        return grad @ w, grad.t() @ kept
+        return grad @ w, grad.t() @ token_sparse(a)
 
 
 def reference_token_sparse_weight_grad(model: SquaredReluFFN, x):
@@ -200,7 +208,7 @@ def reference_token_sparse_weight_grad(model: SquaredReluFFN, x):
     return y.reshape(*x.shape[:-1], -1)
 
 
-@pytest.mark.parametrize("tokens", [20, 18])  # 18: the last group of 4 tokens is short
+@pytest.mark.parametrize("tokens", [128, 98])  # 98: padded with zero tokens to 128
 @pytest.mark.parametrize("sparse_mm", [None, True])
 def test_sparse_weight_grad_selects_along_tokens(tokens, sparse_mm):
     torch.manual_seed(2)
@@ -459,13 +467,6 @@ class AllSparseWeightGrads(torch.autograd.Function):
     def backward(ctx, dy):
         x, w1, w2, r = ctx.saved_tensors
         d_h = (dy @ w2) * 2 * r
-
-        def token_sparse(m):  # (T, H): 2 of every 4 strided tokens per feature
-            order = strided_order(m.shape[0])
-            kept = torch.zeros_like(m)
-            kept[order] = k24.sparse24_mask_reference(m[order].t()).t()
-            return kept
-
         d_h_kept = token_sparse(d_h)
         densest = (d_h != 0).sum(0).topk(math.ceil(0.05 * d_h.shape[1])).indices
         d_h_kept[:, densest] = d_h[:, densest]
