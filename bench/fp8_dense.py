@@ -28,7 +28,8 @@ def fp8_mm(a: Tensor, b: Tensor, out_dtype) -> Tensor:
     bt8, sb = _quantize_rows(b.t())  # b's columns, as rows
     # bt8 row-major, so that bt8.t() is the column-major B _scaled_mm wants (the quantization keeps
     # the strides of b.t(), and Inductor would choose them too, unless told).
-    return torch._scaled_mm(a8.contiguous(), bt8.contiguous().t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
+    return torch._scaled_mm(a8.contiguous(), bt8.contiguous().t(), scale_a=sa.contiguous(),
+                            scale_b=sb.t().contiguous(), out_dtype=out_dtype)  # CUDA wants contiguous scales
 
 
 class Fp8Linear(torch.autograd.Function):
