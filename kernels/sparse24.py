@@ -316,7 +316,7 @@ def _use_triton(t: Tensor) -> bool:
 
 _BACKENDS: dict[int, str | None] = {}  # CUDA device index -> "cutlass", "cusparselt" or None
 _NO_BACKEND_REASONS: dict[int, str] = {}  # CUDA device index -> why the probe found no backend
-_FP8_PROBED: dict[str, str] = {}  # "cuda:<index>" -> "yes", "not transposed" (no transposed result) or "no"
+_FP8_PROBED: dict[int, str] = {}  # CUDA device index -> "yes", "not transposed" (no transposed result) or "no"
 
 
 def _probe(backend: str, device: torch.device) -> bool:
@@ -370,10 +370,11 @@ def fp8_probe(device) -> str:
     return "yes" if matches(True) else "not transposed"
 
 
-def _probe_in_child(device: str) -> tuple[str | None, str]:
+def _probe_in_child(device: str) -> tuple[str | None, str, str]:
     """Probe in a process of its own: a sparse matmul that fails can leave the CUDA context broken,
     which no exception handler can undo (on an H200 on 2026-11-26 a failing cuSPARSELt search was
-    followed by an illegal instruction at every later kernel). Returns (backend, why not)."""
+    followed by an illegal instruction at every later kernel). Returns (backend, FP8 probe's answer,
+    why no backend)."""
     import os
     import subprocess
     import sys
@@ -383,16 +384,15 @@ def _probe_in_child(device: str) -> tuple[str | None, str]:
         proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD.format(device=device)], env=env,
                               capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        return None, "the probe process timed out"
-    found = [line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("backend:")]
-    if proc.returncode == 0 and found and found[-1] in BACKENDS:
-        fp8 = [line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("fp8:")]
-        _FP8_PROBED[device] = fp8[-1] if fp8 and fp8[-1] in ("yes", "not transposed") else "no"
-        return found[-1], ""
-    if proc.returncode == 0 and found:
-        return None, f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe"
+        return None, "no", "the probe process timed out"
+    said = {key: value.strip() for key, _, value in (line.partition(":") for line in proc.stdout.splitlines())}
+    if proc.returncode == 0 and said.get("backend") in BACKENDS:
+        fp8 = said.get("fp8")
+        return said["backend"], fp8 if fp8 in ("yes", "not transposed") else "no", ""
+    if proc.returncode == 0 and "backend" in said:
+        return None, "no", f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe"
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return None, f"the probe process failed (exit code {proc.returncode}): {last[:200]}"
+    return None, "no", f"the probe process failed (exit code {proc.returncode}): {last[:200]}"
 
 
 def sparse_mm_backend(device) -> str | None:
@@ -413,9 +413,10 @@ def sparse_mm_backend(device) -> str | None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _BACKENDS:
         if torch.cuda.get_device_capability(index) >= (8, 0):
-            _BACKENDS[index], _NO_BACKEND_REASONS[index] = _probe_in_child(f"cuda:{index}")
+            _BACKENDS[index], _FP8_PROBED[index], _NO_BACKEND_REASONS[index] = _probe_in_child(f"cuda:{index}")
         else:
-            _BACKENDS[index], _NO_BACKEND_REASONS[index] = None, "2:4 sparse tensor cores need sm80 or newer"
+            _BACKENDS[index], _FP8_PROBED[index] = None, "no"
+            _NO_BACKEND_REASONS[index] = "2:4 sparse tensor cores need sm80 or newer"
     return _BACKENDS[index]
 
 
@@ -437,7 +438,7 @@ def fp8_sparse_mm_available(device, transposed: bool = False) -> bool:
         return False
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _FP8_PROBED.get(f"cuda:{index}", "no") in (("yes",) if transposed else ("yes", "not transposed"))
+    return _FP8_PROBED[index] in (("yes",) if transposed else ("yes", "not transposed"))
 
 
 def sparse_tensor_cores_available(device) -> bool:
@@ -673,29 +674,27 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
         a = torch.relu(a) if relu else a
         out = (_squared(a) if square else a) @ b  # during the warm-up `a` is dense
         return out.t() if transpose_out else out
-    cslt_pack = sparse_mm_applies(a, b) and sparse_mm_backend(a.device) == "cusparselt"
+    # Whether our cuSPARSELt pack runs this call (a strided K is padded: any token count fits).
+    cslt_pack = (a.dtype in PACK_DTYPES and b.dtype == a.dtype and (strided_k or a.shape[1] % ALIGN_K == 0)
+                 and sparse_mm_backend(a.device) == "cusparselt" and (not fp8 or fp8_sparse_mm_available(a.device)))
     if strided_k:  # K padded with zeros and reordered on both sides: the product is the same
         from fvcompile.kernels.sparse24_cslt import strided_k_padded, strided_order
 
         k_pad = strided_k_padded(a.shape[1])
         order = strided_order(k_pad, a.device)
         b = torch.nn.functional.pad(b, (0, 0, 0, k_pad - b.shape[0]))[order]  # a gather of its rows
-        cslt_pack = (a.dtype in PACK_DTYPES and b.dtype == a.dtype  # any token count: K is padded
-                     and sparse_mm_backend(a.device) == "cusparselt")
         if not cslt_pack:  # elsewhere `a` is copied in that order; our cuSPARSELt pack reads it in place
             a = torch.nn.functional.pad(a, (0, k_pad - a.shape[1]))[:, order]
             strided_k = False
     if fp8:
         from fvcompile.kernels import sparse24_fp8
 
-        if cslt_pack and fp8_sparse_mm_available(a.device):
-            # Without a transposed FP8 result on this GPU, the product is transposed by a copy.
-            native = not transpose_out or fp8_sparse_mm_available(a.device, transposed=True)
-            out = sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out and native, strided_k)
-            return out if native else out.t()
-        if strided_k:
-            a = torch.nn.functional.pad(a, (0, k_pad - a.shape[1]))[:, order]
-        return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out)  # emulated
+        if not cslt_pack:
+            return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out)  # emulated
+        # Without a transposed FP8 result on this GPU, the product is transposed by a copy.
+        native = not transpose_out or fp8_sparse_mm_available(a.device, transposed=True)
+        out = sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out and native, strided_k)
+        return out if native else out.t()
     if cslt_pack:
         return _cusparselt_mm(a, b, select, square, relu, transpose_out, strided_k)
     if sparse_mm_applies(a, b):

@@ -103,7 +103,7 @@ def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: boo
     if select or relu:
         a = torch.where(mask24(a.abs()), a, 0)
     values = a.float() ** 2 if square else a.float()
-    sa = values.abs().amax(1).clamp_min(_TINY) / FP8_MAX
+    sa = row_scale(values, square=False, relu=False)  # values are S(a)[²] already
     sb = tensor_scale(b)
     product = (quantize(values, sa[:, None]).float() @ quantize(b, sb).float()).to(a.dtype)
     return _rescale(product.t() if transpose_out else product, sa, sb, transpose_out, a.dtype)

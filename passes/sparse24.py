@@ -199,6 +199,13 @@ def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
     return found
 
 
+def _dh_users(sparse: fx.Node, hidden) -> list[tuple[fx.Node, fx.Node]]:
+    """(user, dH or its view) for every user of dH, relu's gradient read from the sparse relu:
+    where the backward's dX and dW1 matmuls are found."""
+    return [pair for dh in _relu_grad_nodes(sparse)
+            for pair in _forward_uses(dh, set(), hidden, through_views=True)[1]]
+
+
 def _same_views(graph: fx.Graph, operand: fx.Node, square: fx.Node, base: fx.Node,
                 before: fx.Node) -> fx.Node | None:
     """`operand` = views(casts(square(casts(r)))) for the sparse relu r: the same views of `base`
@@ -400,11 +407,8 @@ class Sparse24(GraphPass):
         how = " (reads r, squares as it packs)" if training else " (reads h: relu, 2:4, square, pack in one pass)"
         done.append(f"{len(m.matmuls)} forward matmul(s) -> sparse24_mm" + (how if fused == len(m.matmuls) else ""))
         # Backward: dX = dH · W1, with dH = relu's gradient (2:4 along the hidden dim, K here).
-        dx = []
-        for dh in _relu_grad_nodes(sparse):
-            _, users = _forward_uses(dh, set(), m.hidden, through_views=True)
-            dx += [u for u, src in users
-                   if u.target == aten.mm.default and u.args[0] is src and u.args[1] is not src]
+        dx = [u for u, src in _dh_users(sparse, m.hidden)
+              if u.target == aten.mm.default and u.args[0] is src and u.args[1] is not src]
         for mm in dx:
             self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8)
         if dx:
@@ -416,19 +420,17 @@ class Sparse24(GraphPass):
         """dW1 = mm(permute(dH), X) -> sparse24_mm(permute(dH), X): dHᵀ 2:4-selected along its last
         dim, the tokens (grouped strided), its 5% densest rows (features) kept whole."""
         done = []
-        for dh in _relu_grad_nodes(sparse):
-            _, users = _forward_uses(dh, set(), hidden, through_views=True)
-            for t, src in users:
-                if not (t.target == aten.permute.default and t.args[0] is src and list(t.args[1]) == [1, 0]):
-                    continue
-                for mm in [u for u in t.users if u.target == aten.mm.default and u.args[0] is t]:
-                    with graph.inserting_before(mm):
-                        d_w = graph.call_function(fvc.sparse24_mm.default, (t, mm.args[1], key, dense_steps, True),
-                                                  {"fp8": fp8, "strided_k": True, "dense_rows": DENSE_FEATURES})
-                    d_w.meta = dict(mm.meta)
-                    mm.replace_all_uses_with(d_w)
-                    graph.erase_node(mm)
-                    done.append(f"dW1 matmul -> sparse24_mm (2:4 along tokens, {DENSE_FEATURES:.0%} densest features dense)")
+        for t, src in _dh_users(sparse, hidden):
+            if not (t.target == aten.permute.default and t.args[0] is src and list(t.args[1]) == [1, 0]):
+                continue
+            for mm in [u for u in t.users if u.target == aten.mm.default and u.args[0] is t]:
+                with graph.inserting_before(mm):
+                    d_w = graph.call_function(fvc.sparse24_mm.default, (t, mm.args[1], key, dense_steps, True),
+                                              {"fp8": fp8, "strided_k": True, "dense_rows": DENSE_FEATURES})
+                d_w.meta = dict(mm.meta)
+                mm.replace_all_uses_with(d_w)
+                graph.erase_node(mm)
+                done.append(f"dW1 matmul -> sparse24_mm (2:4 along tokens, {DENSE_FEATURES:.0%} densest features dense)")
         return done
 
     @staticmethod

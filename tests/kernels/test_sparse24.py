@@ -368,15 +368,15 @@ def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend, s
 # ---- the probe runs in a child process ---------------------------------------------------------
 
 def test_probe_in_child_finds_no_sparse_matmul_on_cpu():
-    backend, why = s24._probe_in_child("cpu")  # the real child: imports us, probes every backend
-    assert backend is None and "no sparse matmul" in why, why
+    backend, fp8, why = s24._probe_in_child("cpu")  # the real child: imports us, probes every backend
+    assert backend is None and fp8 == "no" and "no sparse matmul" in why, why
 
 
 def test_probe_in_child_survives_a_crash(monkeypatch):
     # A probe that kills its process (as a broken CUDA context can) costs the backend, not us.
     monkeypatch.setattr(s24, "_PROBE_CHILD", "import os; os.abort()  # {device}")
-    backend, why = s24._probe_in_child("cuda:0")
-    assert backend is None and "the probe process failed (exit code -6)" in why, why
+    backend, fp8, why = s24._probe_in_child("cuda:0")
+    assert backend is None and fp8 == "no" and "the probe process failed (exit code -6)" in why, why
 
 
 @pytest.mark.parametrize("k", [64, 18])  # 18: padded to 64 like any K
