@@ -179,13 +179,35 @@ def run_in_subprocess(cmd: list[str], timeout: int) -> dict:
             "stderr_tail": proc.stderr[-2000:]}
 
 
+def ffn_bench(out: Path, tokens: str, timeout: float, cuda_graphs: bool = False) -> dict:
+    """bench/sparse24.py at these token counts, in a process of its own (a cuSPARSELt call that
+    breaks the CUDA context, as one did on the H200, then costs these numbers only). It writes its
+    JSON after each token count, so a run cut short still returns the rows it finished."""
+    kind = f"{'gpu' if DEVICE == 'cuda' else 'cpu'}{'_cudagraphs' if cuda_graphs else ''}"
+    run = run_in_subprocess([sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", DEVICE,
+                             "--tokens", tokens, "--out", str(out)] + (["--cuda-graphs"] if cuda_graphs else []),
+                            int(timeout))
+    written = sorted(out.glob(f"sparse24_{kind}_*_{tokens.replace(',', '-')}.json"))
+    result = json.loads(written[-1].read_text()) if written else {"ffn": []}
+    if run.get("returncode") != 0:
+        result["error"] = run.get("error") or run.get("stderr_tail", "")[-500:]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--tokens", default="8192,4096,16384",
                         help="token counts for the FFN benchmark (the first also for the parts and CUDA graphs)")
+    parser.add_argument("--budget-s", type=float, default=540,
+                        help="seconds this script may take: later steps get what is left, or are skipped")
     args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_s
+
+    def left() -> float:
+        return deadline - time.monotonic()
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import_fvcompile()
@@ -197,64 +219,65 @@ def main() -> None:
            "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
            "date": time.strftime("%Y-%m-%d %H:%M")}
     print(env, flush=True)
-    def save(bench):  # after every step, so that a timeout still leaves results
+    bench: dict = {"skipped": []}
+
+    def save():  # after every step, so that a timeout still leaves results
         (out / "gpu_check.json").write_text(json.dumps({"env": env, "checks": CHECKS, "bench": bench},
                                                        indent=1, default=str))
 
     kernels_sparse24()
     print(CHECKS[-1], flush=True)
-    save({})
-
-    bench = {}
-    if not args.skip_bench:  # first the FFN numbers, the ones that matter most if time runs out
-        # In a process of its own: a cuSPARSELt call that breaks the CUDA context (as one did on the
-        # H200) then costs these numbers, not every check after them.
-        ffn_json = out / f"sparse24_{'gpu' if DEVICE == 'cuda' else 'cpu'}_{time.strftime('%Y-%m-%d')}.json"
-        run = run_in_subprocess([sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", DEVICE,
-                                 "--tokens", args.tokens, "--out", str(out)], 420)
-        bench["sparse24"] = json.loads(ffn_json.read_text()) if run.get("returncode") == 0 and ffn_json.exists() \
-            else {"error": run.get("error") or run.get("stderr_tail", "")[-500:]}
-        save(bench)
-    for run in (sparse24_llama, llama_parity):
-        run()
-        print(CHECKS[-1], flush=True)
-        save(bench)
-    if DEVICE == "cuda" and not args.skip_bench:
-        # Then the pieces: FP8 calls into cuSPARSELt are untried here, and a failing one can break
-        # the CUDA context (bench/cslt_diag.py), so they come after the numbers above.
+    save()
+    tokens = args.tokens.split(",")
+    # The steps in the order their results matter; each gets the time left (capped), none starts
+    # with too little. The first token count's FFN numbers come first.
+    steps = [(f"ffn {tokens[0]} tokens", 300, lambda t: ffn_bench(out, tokens[0], t))]
+    if cuda:
+        # The pieces: FP8 calls into cuSPARSELt can break the CUDA context (bench/cslt_diag.py), so
+        # they come after the numbers above.
         import cslt_layout_probe
         import sparse24_parts
 
-        for name, call in (("sparse24_parts", lambda: sparse24_parts.main(["--tokens", args.tokens.split(",")[0]])),
-                           ("cslt_layout_probe", lambda: cslt_layout_probe.main(["--out", str(out)]))):
-            try:
-                bench[name] = call()
-            except Exception as e:
-                traceback.print_exc()
-                bench[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            save(bench)
-    if DEVICE == "cuda" and not args.skip_bench:
-        # CUDA graphs around cuSPARSELt are untried: a process of their own, so that a broken
-        # capture cannot take the results above with it.
-        bench["sparse24 CUDA graphs"] = run_in_subprocess(
-            [sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", "cuda", "--tokens",
-             args.tokens.split(",")[0], "--cuda-graphs", "--out", str(out)], 240)
-        save(bench)
-    if DEVICE == "cuda":  # the kernel tests, on CUDA tensors this time (CPU runs use the interpreter)
-        bench["kernel tests on CUDA"] = run_in_subprocess(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "kernels")], 180)
-        save(bench)
+        steps += [("sparse24_parts", 150, lambda t: sparse24_parts.main(["--tokens", tokens[0]])),
+                  ("cslt_layout_probe", 30, lambda t: cslt_layout_probe.main(["--out", str(out)]))]
+    steps += [("check: sparse24 on llama", 60, lambda t: sparse24_llama()),
+              ("check: llama parity", 60, lambda t: llama_parity())]
+    if cuda:
+        # CUDA graphs around cuSPARSELt: the host's per-call plan cost taken out.
+        steps += [("ffn CUDA graphs", 240, lambda t: ffn_bench(out, tokens[0], t, cuda_graphs=True)),
+                  # The kernel tests, on CUDA tensors this time (CPU runs use the interpreter).
+                  ("kernel tests on CUDA", 180, lambda t: run_in_subprocess(
+                      [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                       str(ROOT / "tests" / "kernels")], int(t)))]
+    steps += [(f"ffn {n} tokens", 300, lambda t, n=n: ffn_bench(out, n, t)) for n in tokens[1:]]
+    for name, cap, step in steps:
+        if args.skip_bench and not name.startswith("check:"):
+            continue
+        if left() < 30:
+            bench["skipped"].append(name)
+            continue
+        try:
+            result = step(min(cap, left()))
+        except Exception as e:  # recorded; the steps after it still run
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {e}"[:500]}
+        if not name.startswith("check:"):
+            bench[name] = result
+        print(f"-- {name} done, {left():.0f} s left", flush=True)
+        save()
+    ffn_rows = [r for name in bench if name.startswith("ffn ") for r in bench[name].get("ffn", [])]
     print("\n== gpu_check summary ==")
     print(f"{env['device']} (sm{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "
           f"triton {env['triton']}")
     for c in CHECKS:
         print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}  ({c['s']:.1f} s)  {c['detail'][:150]}")
-    for name in ("kernel tests on CUDA", "sparse24 CUDA graphs"):
-        if name in bench:
-            result = bench[name]
-            print(f"{name}: return code {result.get('returncode')} {result.get('error', '')} "
-                  f"{result.get('stdout_tail', '').strip().splitlines()[-1:] }")
-    for r in bench.get("sparse24", {}).get("ffn", []):
+    tests = bench.get("kernel tests on CUDA")
+    if tests:
+        print(f"kernel tests on CUDA: return code {tests.get('returncode')} {tests.get('error', '')} "
+              f"{tests.get('stdout_tail', '').strip().splitlines()[-1:]}")
+    for name in [n for n in bench if isinstance(bench[n], dict) and "error" in bench[n]] + bench["skipped"]:
+        print(f"{name}: {'skipped (out of time)' if name in bench['skipped'] else bench[name]['error'][:300]}")
+    for r in ffn_rows:
         print(f"sparse24 FFN {r['tokens']} tokens{'' if r['valid'] else ' (INVALID: check failed)'}: fwd {r['speedup fwd vs relu2 dense']:.2f}x, "
               f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x vs relu2 dense; "
               f"fwd+bwd {r['speedup fwd+bwd vs swiglu dense']:.2f}x vs SwiGLU dense; "

@@ -30,6 +30,9 @@ from fvcompile.models.llama import SquaredReLU, SwiGLU
 from fvcompile.passes.sparse24 import Sparse24
 
 
+PROFILED = ("relu2 dense", "relu2 sparse24", "relu2 sparse24-fp8+dW2")  # modes whose kernels a GPU run lists
+
+
 def time_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:
     """Median wall time of fn() in ms (CUDA: synchronized; triton's do_bench where available)."""
     if device.type == "cuda":
@@ -95,10 +98,14 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
         "relu2 sparse24-fp8": (SquaredReLU(dim, hidden * 3 // 2), dict(passes=[Sparse24(fp8=True)])),
         "relu2 sparse24-fp8+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                    dict(passes=[Sparse24(fp8=True, sparse_weight_grad=True)])),
+        "relu2 sparse24-fp8+dW1+dW2": (SquaredReLU(dim, hidden * 3 // 2),
+                                       dict(passes=[Sparse24(fp8=True, sparse_weight_grad="all")])),
         # ... held against all six matmuls in FP8, dense (bench/fp8_dense.py): what sparsity adds.
         "relu2 dense fp8": (Fp8SquaredReLU(dim, hidden * 3 // 2), dict(passes=[])),
     }
-    if cuda_graphs:  # CUDA graphs take the host's per-call cost (cuSPARSELt plans) out
+    if cuda_graphs:  # CUDA graphs take the host's per-call cost (cuSPARSELt plans) out: the
+        # plain rows again beside them (same process, same clocks), the other modes left out.
+        modes = {label: modes[label] for label in ("swiglu dense", "relu2 dense", "relu2 sparse24")}
         modes["relu2 dense, CUDA graphs"] = (SquaredReLU(dim, hidden * 3 // 2),
                                              dict(passes=[], mode="reduce-overhead"))
         modes["relu2 sparse24, CUDA graphs"] = (SquaredReLU(dim, hidden * 3 // 2),
@@ -158,7 +165,7 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
         row[f"{label} {phase} ms"] = statistics.median(values)
         row[f"{label} {phase} ms, per round"] = values
     if device.type == "cuda":
-        for label in ("relu2 dense", "relu2 sparse24", "relu2 sparse24+dW2"):
+        for label in [m for m in PROFILED if m in steps]:
             try:  # the profile helps the next optimization; its failure must not cost the timings
                 row[f"{label} profile"] = profile_table(steps[label][1])
             except Exception as e:
@@ -173,12 +180,13 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
     for phase in ("fwd", "fwd+bwd"):
         row[f"speedup {phase} vs relu2 dense"] = row[f"relu2 dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
         row[f"speedup {phase} vs swiglu dense"] = row[f"swiglu dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
-    for label in [m for m in ("sparse24+dW2", "sparse24+dW1+dW2", "sparse24-fp8", "sparse24-fp8+dW2", "dense fp8")
+    fp8_modes = ("sparse24-fp8", "sparse24-fp8+dW2", "sparse24-fp8+dW1+dW2")
+    for label in [m for m in ("sparse24+dW2", "sparse24+dW1+dW2", *fp8_modes, "dense fp8")
                   if f"relu2 {m} fwd+bwd ms" in row]:  # a mode that failed to compile has an error instead
         row[f"speedup fwd+bwd of {label} vs relu2 dense"] = (
             row["relu2 dense fwd+bwd ms"] / row[f"relu2 {label} fwd+bwd ms"])
     if "relu2 dense fp8 fwd+bwd ms" in row:
-        for label in [m for m in ("sparse24-fp8", "sparse24-fp8+dW2") if f"relu2 {m} fwd+bwd ms" in row]:
+        for label in [m for m in fp8_modes if f"relu2 {m} fwd+bwd ms" in row]:
             row[f"speedup fwd+bwd of {label} vs relu2 dense fp8"] = (
                 row["relu2 dense fp8 fwd+bwd ms"] / row[f"relu2 {label} fwd+bwd ms"])
     graphs = ("relu2 dense, CUDA graphs", "relu2 sparse24, CUDA graphs")
@@ -238,9 +246,18 @@ def main(argv=None) -> dict:
     if not cores:
         print("no 2:4 sparse tensor cores: sparse24 runs emulated (masked dense), so this measures "
               "correctness and the emulation's cost; speed needs an sm80+ GPU")
-    rows = [bench_ffn(t, dim, hidden, dtype, device, args.cuda_graphs) for t in tokens]
-    pack_rows = [bench_pack(t, hidden * 3 // 2, torch.float16 if device.type == "cpu" else dtype, device)
-                 for t in tokens[:1]] if device.type == "cuda" else []
+    result = {"device": name, "sparse_tensor_cores": cores, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "ffn": [], "pack": []}
+    rows, pack_rows = result["ffn"], result["pack"]
+    kind = f"{'gpu' if device.type == 'cuda' else 'cpu'}{'_cudagraphs' if args.cuda_graphs else ''}"
+    out = Path(args.out) / f"sparse24_{kind}_{time.strftime('%Y-%m-%d')}_{'-'.join(map(str, tokens))}.json" \
+        if args.out else None
+    for t in tokens:  # written after each token count: a run cut short keeps what it measured
+        rows.append(bench_ffn(t, dim, hidden, dtype, device, args.cuda_graphs))
+        if out:
+            out.write_text(json.dumps(result, indent=1, default=str))
+    if device.type == "cuda":
+        pack_rows.append(bench_pack(tokens[0], hidden * 3 // 2, dtype, device))
     for r in rows:
         print(f"\ntokens {r['tokens']}, {r['dim']} -> {r['hidden_swiglu']} (SwiGLU) / "
               f"{r['hidden_swiglu'] * 3 // 2} (relu²), {r['dtype']}")
@@ -256,16 +273,12 @@ def main(argv=None) -> dict:
             print(f"  {key}: {r[key]:.2f}x")
         print(f"  check vs reference: {r['sparse24 check']}")
         print(f"  report: {r['sparse24 report']}; {r['sparse24 notes']}")
-        for label in ("relu2 dense", "relu2 sparse24", "relu2 sparse24+dW2"):
+        for label in PROFILED:
             if f"{label} profile" in r:
                 print(f"  profile of {label} fwd+bwd (3 calls):\n{r[f'{label} profile']}")
     for r in pack_rows:
         print(f"\npack {r}")
-    result = {"device": name, "sparse_tensor_cores": cores, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "ffn": rows, "pack": pack_rows}
-    if args.out:
-        name = f"sparse24_{'gpu' if device.type == 'cuda' else 'cpu'}{'_cudagraphs' if args.cuda_graphs else ''}"
-        out = Path(args.out) / f"{name}_{time.strftime('%Y-%m-%d')}.json"
+    if out:
         out.write_text(json.dumps(result, indent=1, default=str))
         print(f"wrote {out}")
     return result

@@ -123,6 +123,11 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         record("fp8  quantize W1 (K, N) column-major, triton",
                lambda: lambda: f8.quantize_column_major_triton(w1, sw), w1.numel() * (elem + 1))
         record("fp8  row scales of A (amax per row)", lambda: lambda: f8.row_scale(a, False, False), m * k * elem)
+        y, sa = torch.randn(m, n, device=device, dtype=dtype), scale[:m]
+        record("fp8  rescale the product Y, eager (float, 2 multiplies, cast)",
+               lambda: lambda: f8._rescale(y, sa, sw, False, dtype), 2 * m * n * elem)
+        record("fp8  rescale the product Y, triton (one pass)",
+               lambda: lambda: f8.rescale_triton(y, sa, sw, False), 2 * m * n * elem)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, alg 0", lambda: fp8_sparse(False), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched", lambda: fp8_sparse(True), flops=f)
     rows.append({"part": f"  (sparse matmul backend: {k24.sparse_mm_backend(a.device)})", "ms": None})
@@ -153,6 +158,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
            lambda: lambda: sparse_mm(dh, w1, select=False, fp8=True), flops=f)
     record("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, fp8=True)",
            lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True, fp8=True), flops=f)
+    record("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, strided_k=True, fp8=True) (the FP8 sparse dW2)",
+           lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True, strided_k=True, fp8=True), flops=f)
+    record("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05, fp8=True) (the FP8 sparse dW1)",
+           lambda: lambda: sparse_mm(dh.t(), x, strided_k=True, dense_rows=0.05, fp8=True), flops=f)
     # Host time per call (launches only, no sync): the per-call cuSPARSELt plan is paid on the CPU,
     # and a GPU that waits for the host loses the sparse matmul's gain.
     def host_ms(fn, calls=20):
@@ -167,8 +176,13 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         torch.cuda.synchronize() if device == "cuda" else None
         return elapsed
 
+    compressed = cslt.cslt_pack_triton(a) if k24.sparse_mm_backend(a.device) == "cusparselt" else None
     for name, fn in (("dense torch.mm", lambda: torch.mm(a, w2.t())),
-                     ("sparse24_mm(r, W2ᵀ, square=True)", lambda: sparse_mm(r, w2.t(), select=False, square=True))):
+                     ("torch._cslt_sparse_mm alone (packed beforehand; plan as sparse24_mm runs it)",
+                      lambda: k24._cslt_mm(compressed, w2.t(), m, False)),
+                     ("sparse24_mm(r, W2ᵀ, square=True)", lambda: sparse_mm(r, w2.t(), select=False, square=True)),
+                     ("sparse24_mm(r, W2ᵀ, square=True, fp8=True)",
+                      lambda: sparse_mm(r, w2.t(), select=False, square=True, fp8=True))):
         try:
             rows.append({"part": f"host ms per call, {name}", "ms": host_ms(fn)})
         except Exception as e:
@@ -222,6 +236,12 @@ def ceilings(rows: list[dict]) -> dict:
         bounds["sparse24 fp8 (fwd, dX FP8 sparse; all in) vs bf16 dense"] = speedup(
             {k: fp8_op[k] for k in ("fwd", "dX")})
         bounds["sparse24 fp8 + sparse dW2 (all in) vs bf16 dense"] = speedup(fp8_op)
+    fp8_dw = {"dW2": t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, strided_k=True, fp8=True) "
+                           "(the FP8 sparse dW2)"),
+              "dW1": t.get("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05, fp8=True) (the FP8 sparse dW1)")}
+    if fp8_op["fwd"] and fp8_op["dX"] and all(fp8_dw.values()):  # sparse_weight_grad="all", fp8=True
+        bounds["sparse24 fp8, all four sparse (as the ops run them) vs bf16 dense"] = speedup(
+            {"fwd": fp8_op["fwd"], "dX": fp8_op["dX"], **fp8_dw})
     return bounds
 
 

@@ -90,10 +90,11 @@ def strided_k_padded(k: int) -> int:
 def strided_order(k: int, device=None) -> Tensor:
     """The K order of a strided 2:4 grouping: group g holds columns g, g + K/4, g + K/2, g + 3K/4
     (for a weight gradient, whose K is the tokens: tokens from different sequences, not
-    neighbours, compete; bench/sparse24_backward_study.py). Position i holds column order[i]."""
-    quarter = -(-k // 4)  # a K that is not a multiple of 4 (emulation only) leaves the last group short
-    order = torch.arange(4 * quarter, device=device).view(4, quarter).t().reshape(-1)
-    return order[order < k] if k % 4 else order
+    neighbours, compete; bench/sparse24_backward_study.py). Position i holds column order[i].
+    Callers pad K to a multiple of 64 first (`strided_k_padded`)."""
+    if k % 4:
+        raise ValueError(f"strided_order needs K in fours, got {k}: pad it with strided_k_padded(K) first")
+    return torch.arange(k, device=device).view(4, k // 4).t().reshape(-1)
 
 
 def cslt_pack_reference(x: Tensor, square: bool = False, relu: bool = False, out_dtype: torch.dtype | None = None,

@@ -61,6 +61,37 @@ if triton is not None:
         tl.store(out_ptr + ns[None, :] * K + ks[:, None], q, mask=mask)
 
 
+    @triton.jit
+    def _rescale_kernel(p_ptr, out_ptr, sa_ptr, sb_ptr, M, N, stride_pm, stride_pn,
+                        SCALE_COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # out[m, n] = dtype((fp32(p[m, n]) * sa[m or n]) * sb), the order of `_rescale`: equal bytes.
+        ms = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask = (ms[:, None] < M) & (ns[None, :] < N)
+        p = tl.load(p_ptr + ms[:, None] * stride_pm + ns[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        if SCALE_COLUMNS:
+            scaled = p * tl.load(sa_ptr + ns, mask=ns < N, other=0.0)[None, :]
+        else:
+            scaled = p * tl.load(sa_ptr + ms, mask=ms < M, other=0.0)[:, None]
+        out = scaled * tl.load(sb_ptr)
+        tl.store(out_ptr + ms[:, None] * N + ns[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool,
+                   block_m: int = 32, block_n: int = 128) -> Tensor:
+    """`_rescale` in one pass, into a new contiguous tensor: product may be a padded matmul
+    output sliced to size (any strides). Eager PyTorch makes four passes (float, two multiplies,
+    cast) over fp32 temporaries: ~0.3 ms for an 8192 x 4096 product on an H100, where one pass
+    takes ~0.05 ms, against ~0.75 ms for the FP8 2:4 matmul itself."""
+    m, n = product.shape
+    out = torch.empty((m, n), dtype=product.dtype, device=product.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _rescale_kernel[grid](product, out, sa.float().contiguous(), sb.float().reshape(1), m, n,
+                          product.stride(0), product.stride(1), SCALE_COLUMNS=transpose_out,
+                          BLOCK_M=block_m, BLOCK_N=block_n)
+    return out
+
+
 def quantize_column_major_triton(b: Tensor, scale: Tensor, block_k: int = 64, block_n: int = 64) -> Tensor:
     """e4m3(b / scale) for b (K, N) of any strides, laid out column-major (the FP8 B operand
     cuSPARSELt wants): one pass over b, where eager PyTorch makes five (float, divide, clamp,
@@ -123,4 +154,4 @@ def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bo
     b8 = quantize_column_major_triton(b, sb)
     product = _cslt_mm(compressed, b8, a.shape[0], transpose_out, out_dtype=a.dtype)
     product = product[:n] if transpose_out else product[:, :n]
-    return _rescale(product, sa, sb, transpose_out, a.dtype)
+    return rescale_triton(product, sa, sb, transpose_out)

@@ -118,3 +118,19 @@ def test_op_transposes_by_copy_where_the_gpu_has_no_transposed_fp8_result(cuspar
     out = torch.ops.fvcompile.sparse24_mm(a, b, fp8=True, transpose_out=True)
     assert out.shape == (32, 64) and out.is_contiguous()
     torch.testing.assert_close(out, f8.fp8_mm_reference(a, b, True, False, False, True), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_rescale_kernel_equals_the_formula(dtype, transpose_out):
+    gen = torch.Generator().manual_seed(5)
+    padded = (torch.randn(70, 150, generator=gen) * 100).to(dtype).to(DEVICE)  # a padded matmul output
+    product = padded[:67, :131]  # sliced: strided, ragged against the blocks
+    sa = torch.rand(131 if transpose_out else 67, generator=gen).to(DEVICE) / 448
+    sb = torch.tensor(0.37 / 448, device=DEVICE)
+    got = f8.rescale_triton(product, sa, sb, transpose_out)
+    assert got.is_contiguous() and got.dtype == dtype
+    expected = f8._rescale(product, sa, sb, transpose_out, dtype)
+    ulps = (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs().max().item()
+    # The interpreter rounds fp32 -> bf16 by truncation (GPUs round to nearest): one ulp there.
+    assert ulps <= (1 if dtype == torch.bfloat16 and DEVICE == "cpu" else 0)
