@@ -1,8 +1,14 @@
 """The one script for a lent GPU (H100/H200): check every Triton kernel against its reference
 on CUDA, check fvcompile end to end on CUDA, then time the GPU benchmarks. Prints a short
-table last and writes JSON into --out.
+table last and writes JSON into --out after every step.
+
+The steps run in the order their results matter (the FFN at the first token count, the parts
+and their bounds, the end-to-end checks, CUDA graphs, the kernel tests on CUDA, then the other
+token counts) within --budget-s seconds: a lent GPU has 15 minutes, its start included, and a
+step that would start with too little time left is skipped and listed as such.
 
     python bench/gpu_check.py --out $OUT    (imports the checkout; no install needed)
+    TRITON_INTERPRET=1 python bench/gpu_check.py --out /tmp/gc --tokens 256,128   (CPU dry run)
 """
 from __future__ import annotations
 
@@ -200,7 +206,7 @@ def main() -> None:
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--tokens", default="8192,4096,16384",
                         help="token counts for the FFN benchmark (the first also for the parts and CUDA graphs)")
-    parser.add_argument("--budget-s", type=float, default=540,
+    parser.add_argument("--budget-s", type=float, default=480,
                         help="seconds this script may take: later steps get what is left, or are skipped")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s

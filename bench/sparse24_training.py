@@ -122,7 +122,8 @@ def main() -> None:
                 ("sparse24+dW1+dW2", [Sparse24(sparse_weight_grad="all")]),  # all four matmuls sparse
                 # The sparse matmuls in FP8 e4m3 (emulated here: the same numbers as the GPU's).
                 ("sparse24-fp8", [Sparse24(fp8=True)]),
-                ("sparse24-fp8+dW2", [Sparse24(fp8=True, sparse_weight_grad=True)]))
+                ("sparse24-fp8+dW2", [Sparse24(fp8=True, sparse_weight_grad=True)]),
+                ("sparse24-fp8+dW1+dW2", [Sparse24(fp8=True, sparse_weight_grad="all")]))
     for label, passes in variants:
         print(f"training {label} for {args.steps} steps ...", flush=True)
         runs[label] = train(passes, args, train_data, val_tokens)
