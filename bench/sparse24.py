@@ -94,14 +94,15 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
         # All four sparse-able matmuls sparse: dW1 too (tokens strided, the 5% densest features whole).
         "relu2 sparse24+dW1+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                    dict(passes=[Sparse24(sparse_weight_grad="all")])),
+        # All six matmuls in FP8, dense (bench/fp8_dense.py): what FP8 alone gives, the baseline
+        # of the FP8 sparse modes below.
+        "relu2 dense fp8": (Fp8SquaredReLU(dim, hidden * 3 // 2), dict(passes=[])),
         # The paper's path: the sparse matmuls in FP8 e4m3 (quantization on top of sparsity).
         "relu2 sparse24-fp8": (SquaredReLU(dim, hidden * 3 // 2), dict(passes=[Sparse24(fp8=True)])),
         "relu2 sparse24-fp8+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                    dict(passes=[Sparse24(fp8=True, sparse_weight_grad=True)])),
         "relu2 sparse24-fp8+dW1+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                        dict(passes=[Sparse24(fp8=True, sparse_weight_grad="all")])),
-        # ... held against all six matmuls in FP8, dense (bench/fp8_dense.py): what sparsity adds.
-        "relu2 dense fp8": (Fp8SquaredReLU(dim, hidden * 3 // 2), dict(passes=[])),
     }
     if cuda_graphs:  # CUDA graphs take the host's per-call cost (cuSPARSELt plans) out: the
         # plain rows again beside them (same process, same clocks), the other modes left out.
