@@ -5,10 +5,12 @@ selected, optionally of relu(a), optionally squared) is scaled per row, so that 
 largest kept value maps to e4m3's largest (448), and the dense operand b per tensor:
 
     sa = rowmax|S(a)| / 448,   sb = max|b| / 448
-    out = dtype( dtype(e4m3(S(a) / sa) @ e4m3(b / sb)) * sa[:, None] * sb )
+    out = dtype( bf16(e4m3(S(a) / sa) @ e4m3(b / sb)) * sa[:, None] * sb )
 
-The product accumulates in fp32 and is rounded to a's dtype before the scales are applied, as the
-GPU path does (cuSPARSELt writes a bf16/fp16 product; we rescale it). `fp8_mm_reference` is that
+The product accumulates in fp32 and is rounded to bf16 before the scales are applied, as the GPU
+path does (cuSPARSELt writes a bf16 product; we rescale it into a's dtype). bf16, not a's dtype:
+the unscaled product reaches 448² · K, far past fp16's largest value (65504) for an fp16 model,
+and bf16's rounding (2⁻⁹) is small next to e4m3's (2⁻⁴). `fp8_mm_reference` is that
 formula in plain PyTorch: the test oracle and the emulation on devices without FP8 2:4 sparse
 tensor cores. On Hopper, `fp8_mm_cusparselt` packs S(a) straight into cuSPARSELt's FP8 layout
 (kernels/sparse24_cslt.py) and multiplies with `torch._cslt_sparse_mm`.
@@ -24,6 +26,7 @@ from fvcompile.kernels.sparse24 import mask24, triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+PRODUCT = torch.bfloat16  # the FP8 matmul's output, before the scales (module docstring)
 _TINY = 1e-12  # an all-zero row or tensor gets a scale that cannot divide by zero
 
 
@@ -77,14 +80,14 @@ if triton is not None:
         tl.store(out_ptr + ms[:, None] * N + ns[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool,
+def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype=None,
                    block_m: int = 32, block_n: int = 128) -> Tensor:
     """`_rescale` in one pass, into a new contiguous tensor: product may be a padded matmul
     output sliced to size (any strides). Eager PyTorch makes four passes (float, two multiplies,
     cast) over fp32 temporaries: ~0.3 ms for an 8192 x 4096 product on an H100, where one pass
     takes ~0.05 ms, against ~0.75 ms for the FP8 2:4 matmul itself."""
     m, n = product.shape
-    out = torch.empty((m, n), dtype=product.dtype, device=product.device)
+    out = torch.empty((m, n), dtype=dtype or product.dtype, device=product.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _rescale_kernel[grid](product, out, sa.float().contiguous(), sb.float().reshape(1), m, n,
                           product.stride(0), product.stride(1), SCALE_COLUMNS=transpose_out,
@@ -136,7 +139,7 @@ def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: boo
     values = a.float() ** 2 if square else a.float()
     sa = row_scale(values, square=False, relu=False)  # values are S(a)[²] already
     sb = tensor_scale(b)
-    product = (quantize(values, sa[:, None]).float() @ quantize(b, sb).float()).to(a.dtype)
+    product = (quantize(values, sa[:, None]).float() @ quantize(b, sb).float()).to(PRODUCT)
     return _rescale(product.t() if transpose_out else product, sa, sb, transpose_out, a.dtype)
 
 
@@ -152,6 +155,6 @@ def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bo
     if n % 16:  # FP8 wants N in 16s; padding copies, so only where needed
         b = torch.nn.functional.pad(b, (0, (-n) % 16))
     b8 = quantize_column_major_triton(b, sb)
-    product = _cslt_mm(compressed, b8, a.shape[0], transpose_out, out_dtype=a.dtype)
+    product = _cslt_mm(compressed, b8, a.shape[0], transpose_out, out_dtype=PRODUCT)
     product = product[:n] if transpose_out else product[:, :n]
-    return rescale_triton(product, sa, sb, transpose_out)
+    return rescale_triton(product, sa, sb, transpose_out, a.dtype)

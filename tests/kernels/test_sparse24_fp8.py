@@ -124,12 +124,13 @@ def test_op_transposes_by_copy_where_the_gpu_has_no_transposed_fp8_result(cuspar
 @pytest.mark.parametrize("transpose_out", [False, True])
 def test_rescale_kernel_equals_the_formula(dtype, transpose_out):
     gen = torch.Generator().manual_seed(5)
-    padded = (torch.randn(70, 150, generator=gen) * 100).to(dtype).to(DEVICE)  # a padded matmul output
+    # A padded bf16 matmul output, as large as an unscaled FP8 product gets (448² · K: past fp16's range).
+    padded = (torch.randn(70, 150, generator=gen) * 448 ** 2 * 64).to(f8.PRODUCT).to(DEVICE)
     product = padded[:67, :131]  # sliced: strided, ragged against the blocks
     sa = torch.rand(131 if transpose_out else 67, generator=gen).to(DEVICE) / 448
     sb = torch.tensor(0.37 / 448, device=DEVICE)
-    got = f8.rescale_triton(product, sa, sb, transpose_out)
-    assert got.is_contiguous() and got.dtype == dtype
+    got = f8.rescale_triton(product, sa, sb, transpose_out, dtype)
+    assert got.is_contiguous() and got.dtype == dtype and torch.isfinite(got).all()
     expected = f8._rescale(product, sa, sb, transpose_out, dtype)
     ulps = (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs().max().item()
     # The interpreter rounds fp32 -> bf16 by truncation (GPUs round to nearest): one ulp there.

@@ -109,3 +109,34 @@ def test_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu):
 
     close(got, run_step(expected, ref, x.float(), grad_out.float()))
     assert len(hopper_on_cpu) == 4  # forward, dX, dW2 and dW1: all four through the sparse matmul
+
+
+def test_fp8_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu, monkeypatch):
+    """FP8 with all four matmuls sparse: the Hopper path (FP8 pack, B quantized column-major, the
+    stand-in FP8 matmul, the rescale kernel) gives the numbers of the FP8 emulation (the formula in
+    plain PyTorch). The interpreter rounds to FP8 its own way, so here the pack and the B
+    quantization are their PyTorch references (the kernels equal them on GPUs: test_sparse24_cslt,
+    test_sparse24_fp8): this checks the plumbing (scales, transposes, padding) of all four."""
+    from fvcompile.kernels import sparse24_cslt as cslt
+    from fvcompile.kernels import sparse24_fp8 as f8
+
+    monkeypatch.setattr(cslt, "cslt_pack_triton", cslt.cslt_pack_reference)
+    monkeypatch.setattr(f8, "quantize_column_major_triton", lambda b, scale: f8.quantize(b.t(), scale).contiguous().t())
+    monkeypatch.setattr(k24, "fp8_sparse_mm_available", lambda device, transposed=False: True)
+    model, _ = half_model()
+    emulated_model = copy.deepcopy(model)
+    x, grad_out = torch.randn(2, 32, 64).half(), torch.randn(2, 32, 64).half()
+    optimized = fvcompile.optimize(model, passes=[Sparse24(fp8=True, sparse_weight_grad="all")], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    assert len(hopper_on_cpu) == 4  # forward, dX, dW2 and dW1, each an FP8 sparse matmul
+
+    monkeypatch.setattr(k24, "sparse_mm_backend", lambda device: None)  # now a device without one
+    monkeypatch.setattr(k24, "sparse_tensor_cores_available", lambda device: False)
+    torch._dynamo.reset()
+    emulated = fvcompile.optimize(emulated_model, passes=[Sparse24(fp8=True, sparse_weight_grad="all")],
+                                  codegen=False)
+    expected = run_step(emulated, emulated_model, x, grad_out)
+    assert len(hopper_on_cpu) == 4  # the emulation did not call it
+    torch.testing.assert_close(got[0], expected[0], atol=1e-3, rtol=1e-3)
+    for name in expected[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], atol=1e-3, rtol=1e-3, msg=name)
