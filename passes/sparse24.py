@@ -10,10 +10,14 @@ What it matches, as AOTAutograd leaves it (`F.relu(x) ** 2`, `torch.square(F.rel
 `x.relu().pow(2)`, `nn.ReLU` then `.square()` all become `pow.Tensor_Scalar(relu, 2)`; `r * r`
 becomes `mul.Tensor(r, r)`):
 
-    h ─ relu ─[casts]─ pow(·, 2) | mul(r, r) ─[casts, views]─ mm(·, W2ᵀ) | addmm(b, ·, W2ᵀ)
+    h ─ relu ─[casts, views]─ pow(·, 2) | mul(r, r) ─[casts, views]─ mm(·, W2ᵀ) | addmm(b, ·, W2ᵀ)
 
 Casts (autocast puts `pow` in fp32) and views that keep the hidden dimension last (3-D tokens
-flattened for the matmul) may sit in between. Every use of the relu and of its square in the
+flattened for the matmul; an in-place `F.relu(h, inplace=True)` or `nn.ReLU(inplace=True)`, which
+functionalization turns into relu and views back) may sit in between. Other spellings of the
+same function match too: `torch.clamp(h, min=0)` (`clamp_min(h, 0)`, whose gradient reads h, not
+r: the square's `2r` factor still zeroes the dropped entries) and `torch.relu(h) * torch.relu(h)`
+(two relu nodes of one input, merged into one; dH is then the sum of their two gradients). Every use of the relu and of its square in the
 forward must be part of the pattern; uses that only compute gradients are fine. A square of
 anything else (RMSNorm's `x²`) and a relu that is not squared are reported as skipped with the
 reason; GELU/SiLU/SwiGLU FFNs have neither and are left alone.
@@ -144,6 +148,11 @@ def _hidden_kept(node: fx.Node, hidden) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() >= 1 and val.shape[-1] == hidden
 
 
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+
+
 def _is_square_of(node: fx.Node, base: fx.Node) -> bool:
     if node.target == aten.pow.Tensor_Scalar:
         return node.args[0] is base and node.args[1] == 2
@@ -168,8 +177,11 @@ def _forward_uses(node: fx.Node, grad: set[fx.Node], hidden, through_views: bool
         for user in cur.users:
             if user in grad:
                 continue
-            passes = user.target in CASTS or (through_views and user.target in VIEWS)
-            if passes and user.args[0] is cur and _hidden_kept(user, hidden):
+            passes = (user.target in CASTS or (through_views and user.target in VIEWS)) and user.args[0] is cur
+            # copy(dst, cur) into a buffer of cur's shape holds cur's values (functionalized in-place ops)
+            passes = passes or (user.target == aten.copy.default and user.args[1] is cur
+                                and _same_shape(user, cur))
+            if passes and _hidden_kept(user, hidden):
                 chain.append(user)
                 todo.append(user)
             else:
@@ -182,13 +194,38 @@ def _describe(node: fx.Node) -> str:
     return f"{node.name} ({target})" if node.op == "call_function" else node.name
 
 
+def _is_relu(node: fx.Node) -> bool:
+    """relu(x), or a spelling of it: clamp_min(x, 0), clamp(x, 0) (`torch.clamp(x, min=0)`)."""
+    if node.op != "call_function":
+        return False
+    if node.target == aten.clamp_min.default:
+        return node.args[1] == 0
+    if node.target == aten.clamp.default:
+        return len(node.args) >= 2 and node.args[1] == 0 and (len(node.args) < 3 or node.args[2] is None) \
+            and node.kwargs.get("max") is None
+    return node.target == aten.relu.default
+
+
+def _merge_twin_relus(graph: fx.Graph, grad: set[fx.Node]) -> None:
+    """`relu(h) * relu(h)`, two relu nodes of one input, becomes `r * r` (exact: the same values;
+    each relu's gradient formula then reads the one left)."""
+    for mul in list(graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
+        a, b = mul.args[:2]
+        if (mul not in grad and isinstance(a, fx.Node) and isinstance(b, fx.Node) and a is not b
+                and _is_relu(a) and _is_relu(b) and a.args[0] is b.args[0] and a not in grad and b not in grad):
+            b.replace_all_uses_with(a)
+            graph.erase_node(b)
+
+
 def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
-    """The relu-gradient nodes reading `relu`: `where(le(r, 0), 0, g)` or `threshold_backward(g, r, 0)`."""
+    """The relu-gradient nodes, dH: `where(le(r, 0), 0, g)` or `threshold_backward(g, r, 0)` reading
+    the relu's output r (or an alias or view of it: an in-place relu's gradient reads a view), or
+    `where(ge(h, 0), g, 0)` reading its input h (clamp_min's gradient)."""
     readers, todo = [], [relu]
-    while todo:  # r and its aliases
+    while todo:  # r, its aliases and views
         cur = todo.pop()
         readers.append(cur)
-        todo += [u for u in cur.users if u.target == aten.alias.default]
+        todo += [u for u in cur.users if u.target in VIEWS | {aten.alias.default} and u.args[0] is cur]
     found = []
     for r in readers:
         for u in r.users:
@@ -196,14 +233,21 @@ def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
                 found.append(u)
             elif u.target == aten.le.Scalar and u.args[0] is r and u.args[1] == 0:
                 found += [w for w in u.users if w.target == aten.where.self and w.args[0] is u]
+    for u in relu.args[0].users:
+        if u.target == aten.ge.Scalar and u.args[1] == 0:
+            found += [w for w in u.users if w.target == aten.where.self and w.args[0] is u]
     return found
 
 
 def _dh_users(sparse: fx.Node, hidden) -> list[tuple[fx.Node, fx.Node]]:
     """(user, dH or its view) for every user of dH, relu's gradient read from the sparse relu:
     where the backward's dX and dW1 matmuls are found."""
-    return [pair for dh in _relu_grad_nodes(sparse)
-            for pair in _forward_uses(dh, set(), hidden, through_views=True)[1]]
+    found = _relu_grad_nodes(sparse)
+    # relu(h) * relu(h), its twin relus merged into one: each had a gradient, and dH is their sum.
+    sums = {u for w in found for u in w.users
+            if u.target == aten.add.Tensor and all(a in found for a in u.args[:2])}
+    dh = list(sums) + [w for w in found if not any(u in sums for u in w.users)]
+    return [pair for node in dh for pair in _forward_uses(node, set(), hidden, through_views=True)[1]]
 
 
 def _same_views(graph: fx.Graph, operand: fx.Node, square: fx.Node, base: fx.Node,
@@ -287,14 +331,16 @@ class Sparse24(GraphPass):
 
     # -- matching ---------------------------------------------------------------------------
 
-    def _match(self, relu: fx.Node, grad: set[fx.Node]) -> Match | str:
-        """The pattern rooted at `relu`, or the reason it does not fit."""
+    def _match(self, relu: fx.Node, grad: set[fx.Node]) -> Match | str | None:
+        """The pattern rooted at `relu`, the reason it does not fit, or None: not a site."""
         hidden = relu.meta["val"].shape[-1] if isinstance(relu.meta.get("val"), torch.Tensor) else None
-        _, terminals = _forward_uses(relu, grad, hidden, through_views=False)
+        # Views may sit between relu and square: an in-place relu (`F.relu(h, inplace=True)`,
+        # `nn.ReLU(inplace=True)`) reaches the graph as relu, then views back to h's shape.
+        _, terminals = _forward_uses(relu, grad, hidden, through_views=True)
         squares = [u for u, src in terminals if _is_square_of(u, src)]
         others = [u for u, src in terminals if not _is_square_of(u, src)]
-        if not squares:
-            return "relu is not squared (a plain ReLU)"
+        if not squares:  # a clamp(min=0) not squared is no site at all (box coordinates, losses, ...)
+            return "relu is not squared (a plain ReLU)" if relu.target == aten.relu.default else None
         if others or len(squares) > 1:
             extra = (others + squares[1:])[0]
             return f"relu output is also used by {_describe(extra)}"
@@ -330,11 +376,14 @@ class Sparse24(GraphPass):
         sites_per_module: dict[str, int] = {}
         emulated = 0
 
-        for relu in list(graph.find_nodes(op="call_function", target=aten.relu.default)):
+        _merge_twin_relus(graph, grad)
+        for relu in [n for n in graph.nodes if _is_relu(n)]:
             if relu in grad:
                 continue  # a relu computing gradients is no activation
             module = module_path(relu)
             found = self._match(relu, grad)
+            if found is None:
+                continue
             if isinstance(found, str):
                 result.skipped.append(Site(relu.name, module, found))
                 continue
@@ -408,7 +457,7 @@ class Sparse24(GraphPass):
         done.append(f"{len(m.matmuls)} forward matmul(s) -> sparse24_mm" + (how if fused == len(m.matmuls) else ""))
         # Backward: dX = dH · W1, with dH = relu's gradient (2:4 along the hidden dim, K here).
         dx = [u for u, src in _dh_users(sparse, m.hidden)
-              if u.target == aten.mm.default and u.args[0] is src and u.args[1] is not src]
+              if u.target == aten.mm.default and u.args[0] is src and u.args[1] is not src] if training else []
         for mm in dx:
             self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8)
         if dx:
@@ -490,11 +539,11 @@ class Sparse24(GraphPass):
             if node.op != "call_function" or node in grad or node in matched or not _is_square(node):
                 continue
             base = node.args[0]
-            while base.op == "call_function" and base.target in CASTS:
+            while base.op == "call_function" and base.target in CASTS | VIEWS:
                 base = base.args[0]
             if base.target == fvc.sparse24_relu.default:
                 continue  # the square of a site this pass just rewrote
-            if base.target == aten.relu.default:
+            if _is_relu(base):
                 continue  # that relu was reported with its own reason
             what = getattr(base.target, "__name__", base.op).split(".")[0]
             result.skipped.append(Site(node.name, module_path(node),

@@ -18,7 +18,8 @@ from fvcompile.kernels.sparse24_fp8 import fp8_mm_reference
 from fvcompile.models import get
 from fvcompile.passes.sparse24 import Sparse24
 
-FORMS = ["relu_pow", "square", "method_pow", "relu_module_square", "mul", "cast"]
+FORMS = ["relu_pow", "square", "method_pow", "relu_module_square", "mul", "cast",
+         "relu_inplace", "relu_module_inplace", "twin_relus", "clamp"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +36,7 @@ class SquaredReluFFN(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=bias)
         self.w2 = nn.Linear(hidden, dim, bias=bias)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=form == "relu_module_inplace")
         self.form = form
 
     def forward(self, x):
@@ -46,8 +47,14 @@ class SquaredReluFFN(nn.Module):
             a = torch.square(F.relu(h))
         elif self.form == "method_pow":
             a = h.relu().pow(2)
-        elif self.form == "relu_module_square":
+        elif self.form in ("relu_module_square", "relu_module_inplace"):
             a = self.act(h).square()
+        elif self.form == "relu_inplace":  # reaches the graph as relu, then views
+            a = F.relu(h, inplace=True) ** 2
+        elif self.form == "twin_relus":  # two relu nodes of one input
+            a = torch.relu(h) * torch.relu(h)
+        elif self.form == "clamp":  # clamp_min(h, 0): relu by another name, its gradient reads h
+            a = torch.clamp(h, min=0).pow(2)
         elif self.form == "mul":
             r = F.relu(h)
             a = r * r
@@ -108,7 +115,7 @@ def test_every_form_matches_the_reference(form, tokens_3d):
                for r in optimized.fvcompile_report.pass_runs("sparse24") for n in r.result.notes)
 
 
-@pytest.mark.parametrize("form", ["relu_pow", "mul", "cast"])
+@pytest.mark.parametrize("form", ["relu_pow", "mul", "cast", "relu_inplace", "twin_relus", "clamp"])
 def test_sparse_matmul_rewrite_forward_and_dx(form):
     """sparse_mm=True: the forward mm/addmm and the backward dX mm become sparse24_mm (emulated on CPU)."""
     torch.manual_seed(1)
@@ -494,3 +501,24 @@ def test_all_weight_grads_sparse(sparse_mm):
     assert "dW1 matmul -> sparse24_mm (2:4 along tokens, 5% densest features dense)" in site.detail
     with pytest.raises(ValueError, match="sparse_weight_grad must be"):
         Sparse24(sparse_weight_grad="dW1")
+
+
+@pytest.mark.parametrize("form", ["relu_inplace", "relu_module_inplace", "twin_relus", "clamp"])
+def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form):
+    """In-place relus (whose gradient reads views, and with a bias copies), twin relus (whose
+    gradients are summed) and clamp(min=0) (whose gradient reads h): forward, dX, dW2 and dW1 all
+    become sparse24_mm as for `F.relu(h) ** 2`, with the same numbers."""
+    torch.manual_seed(6)
+    plain = SquaredReluFFN(hidden=256, bias=True)
+    other = SquaredReluFFN(hidden=256, bias=True, form=form)
+    other.load_state_dict(plain.state_dict())
+    x, grad_out = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
+    runs = []
+    for model in (plain, other):
+        torch._dynamo.reset()
+        optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_weight_grad="all", sparse_mm=True)],
+                                       codegen=False)
+        runs.append((run_step(optimized, model, x, grad_out), sites(optimized)[0].detail))
+    (plain_step, plain_detail), (step, detail) = runs
+    assert detail == plain_detail and "dX" in detail and "dW2" in detail and "dW1" in detail
+    assert_step_close(step, plain_step)
