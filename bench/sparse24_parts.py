@@ -128,6 +128,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
                lambda: lambda: f8._rescale(y, sa, sw, False, dtype), 2 * m * n * elem)
         record("fp8  rescale the product Y, triton (one pass)",
                lambda: lambda: f8.rescale_triton(y, sa, sw, False), 2 * m * n * elem)
+        from fp8_dense import fp8_mm  # bench/, beside this script
+
+        record("fp8  Y = A W2ᵀ dense, all in (row-wise scales, quantize both, _scaled_mm; fp8_dense.py)",
+               lambda: lambda: fp8_mm(a, w2.t(), dtype), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, alg 0", lambda: fp8_sparse(False), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched", lambda: fp8_sparse(True), flops=f)
     rows.append({"part": f"  (sparse matmul backend: {k24.sparse_mm_backend(a.device)})", "ms": None})
@@ -242,6 +246,19 @@ def ceilings(rows: list[dict]) -> dict:
     if fp8_op["fwd"] and fp8_op["dX"] and all(fp8_dw.values()):  # sparse_weight_grad="all", fp8=True
         bounds["sparse24 fp8, all four sparse (as the ops run them) vs bf16 dense"] = speedup(
             {"fwd": fp8_op["fwd"], "dX": fp8_op["dX"], **fp8_dw})
+    fp8_dense = t.get("fp8  Y = A W2ᵀ dense, all in (row-wise scales, quantize both, _scaled_mm; fp8_dense.py)")
+    if fp8_dense and fp8_op["fwd"] and fp8_op["dX"]:
+        # Against the FFN with all six matmuls in FP8, dense (each at the all-in time measured for
+        # one): the FP8 sparse FFN keeps its two never-sparse matmuls in bf16, so this is its
+        # speedup over FP8 training, FP8's own gain included on that side only.
+        fp8_total = 6 * fp8_dense
+        dw2 = fp8_dw["dW2"] or fp8_op["dW2"]
+        if dw2:
+            bounds["sparse24 fp8 + sparse dW2 (all in) vs FP8 dense (all in)"] = fp8_total / (
+                never + fp8_op["fwd"] + fp8_op["dX"] + dw2 + dense["dW1"])
+        if all(fp8_dw.values()):
+            bounds["sparse24 fp8, all four sparse vs FP8 dense (all in)"] = fp8_total / (
+                never + fp8_op["fwd"] + fp8_op["dX"] + sum(fp8_dw.values()))
     return bounds
 
 
