@@ -80,6 +80,8 @@ def kernels_sparse24():
         for m, k in ((64, 128), (100, 256), (4096, 21504))[: 3 if DEVICE == "cuda" else 2]:
             h = torch.randn(m, k, device=DEVICE, dtype=dtype)
             torch.testing.assert_close(k24.sparse24_relu_triton(h), k24.sparse24_relu_reference(h), atol=0, rtol=0)
+            for got, expected in zip(k24.sparse24_relu_max_triton(h), k24.sparse24_relu_max_reference(h)):
+                assert torch.equal(got, expected), "sparse24_relu_max: r or its maxima differ"
             assert torch.equal(cslt.cslt_pack_triton(h).view(torch.int16), cslt.cslt_pack_reference(h).view(torch.int16))
             assert torch.equal(cslt.cslt_pack_triton(torch.relu(h), square=True).view(torch.int16),
                                cslt.cslt_pack_reference(torch.relu(h), square=True).view(torch.int16))

@@ -96,6 +96,17 @@ def sparse24_relu_reference(h: Tensor) -> Tensor:
     return torch.where(mask24(r), r, torch.zeros((), dtype=r.dtype, device=r.device)).contiguous()
 
 
+def row_col_max(r: Tensor) -> tuple[Tensor, Tensor]:
+    """The largest |value| of every row and every column of r flattened to 2-D, in fp32."""
+    r2 = r.reshape(-1, r.shape[-1]).abs().float()
+    return r2.amax(1), r2.amax(0)
+
+
+def sparse24_relu_max_reference(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r = sparse24_relu_reference(h)
+    return (r, *row_col_max(r))
+
+
 def sparse24_mask_reference(x: Tensor) -> Tensor:
     """x with only the 2 largest magnitudes of every 4 kept."""
     return torch.where(mask24(x.abs()), x, torch.zeros((), dtype=x.dtype, device=x.device)).contiguous()
@@ -165,11 +176,14 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BLOCK_M, BLOCK_K))
 
     @triton.jit
-    def _select24_kernel(x_ptr, out_ptr, M, K, stride_xm, stride_xk, stride_out,
-                         RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _select24_kernel(x_ptr, out_ptr, row_max_ptr, col_max_ptr, M, K, stride_xm, stride_xk, stride_out,
+                         RELU: tl.constexpr, WITH_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
         # RELU: keep the 2 largest of relu(x); else keep the 2 largest magnitudes of x. One
         # (BLOCK_M, BLOCK_K) tile per program, split into groups in registers. x may be a transposed
         # view (the weight gradient selects along tokens): the tile load reads it in place.
+        # WITH_MAX: also the largest kept |value| of every row and column (fp32, zero-initialized),
+        # by atomic max over the tiles: the FP8 scales of both matmuls that read the output.
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)  # K % 4 == 0: groups are all in or all out
@@ -184,6 +198,10 @@ if triton is not None:
         keep = _join4(k0.to(tl.int8), k1.to(tl.int8), k2.to(tl.int8), k3.to(tl.int8), BLOCK_M, BLOCK_K)
         out = tl.where(keep != 0, x, 0.0).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
+        if WITH_MAX:
+            kept = tl.abs(out.to(tl.float32))  # zero outside the tile's mask (loaded as 0)
+            tl.atomic_max(row_max_ptr + rows, tl.max(kept, 1), mask=rows < M)
+            tl.atomic_max(col_max_ptr + cols, tl.max(kept, 0), mask=cols < K)
 
     @triton.jit
     def _cutlass_indices(m0, m1, m3):
@@ -261,22 +279,29 @@ def _need_triton() -> None:
         raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
 
 
-def _select_triton(h: Tensor, relu: bool, block_m: int, block_k: int) -> Tensor:
+def _select_triton(h: Tensor, relu: bool, block_m: int, block_k: int, with_max: bool = False):
     _need_triton()
     if h.shape[-1] % 4:
         raise ValueError(f"2:4 selection needs the last dim to be a multiple of 4, got {h.shape[-1]}")
     x = h.reshape(-1, h.shape[-1])  # a 2-D view stays a view, transposed or not
     out = torch.empty(x.shape, dtype=h.dtype, device=h.device)
     m, k = x.shape
+    row_max, col_max = (torch.zeros(n, dtype=torch.float32, device=h.device) for n in ((m, k) if with_max else (1, 1)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
-    _select24_kernel[grid](x, out, m, k, x.stride(0), x.stride(1), out.stride(0), RELU=relu,
-                           BLOCK_M=block_m, BLOCK_K=block_k)
-    return out.view(h.shape)
+    _select24_kernel[grid](x, out, row_max, col_max, m, k, x.stride(0), x.stride(1), out.stride(0), RELU=relu,
+                           WITH_MAX=with_max, BLOCK_M=block_m, BLOCK_K=block_k)
+    return (out.view(h.shape), row_max, col_max) if with_max else out.view(h.shape)
 
 
 def sparse24_relu_triton(h: Tensor, block_m: int = 16, block_k: int = 256) -> Tensor:
     """relu(h) with 2 of every 4 kept (CUDA tensors, or CPU tensors in the Triton interpreter)."""
     return _select_triton(h, True, block_m, block_k)
+
+
+def sparse24_relu_max_triton(h: Tensor, block_m: int = 16, block_k: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """`sparse24_relu_triton`, and the maximum of its output's every row and every column (h
+    flattened to 2-D, fp32) from the same pass: `sparse24_relu_max_reference`."""
+    return _select_triton(h, True, block_m, block_k, with_max=True)
 
 
 def sparse24_select_triton(x: Tensor, block_m: int = 16, block_k: int = 256) -> Tensor:
@@ -596,6 +621,40 @@ def _sparse24_relu_backward(ctx, grad):
 sparse24_relu.register_autograd(_sparse24_relu_backward, setup_context=_sparse24_relu_setup)
 
 
+@torch.library.custom_op("fvcompile::sparse24_relu_max", mutates_args=())
+def sparse24_relu_max(h: Tensor, schedule: str = "", dense_steps: int = 0,
+                      count_step: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """`sparse24_relu`, and the largest value of its output's every row and every column (h
+    flattened to 2-D; fp32) from the same pass: the FP8 scales of the forward matmul, which reads
+    the rows, and of the sparse dW2, which reads the columns (no pass over r of their own)."""
+    if _in_dense_warmup(schedule, dense_steps, count_step):
+        r = torch.relu(h).contiguous()
+        return (r, *row_col_max(r))
+    if _use_triton(h):
+        return sparse24_relu_max_triton(h)
+    return sparse24_relu_max_reference(h)
+
+
+@sparse24_relu_max.register_fake
+def _(h, schedule="", dense_steps=0, count_step=False):
+    k = h.shape[-1]
+    return (h.new_empty(h.shape), h.new_empty((h.numel() // k,), dtype=torch.float32),
+            h.new_empty((k,), dtype=torch.float32))
+
+
+def _sparse24_relu_max_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[0])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _sparse24_relu_max_backward(ctx, grad, _grad_rows, _grad_cols):
+    (out,) = ctx.saved_tensors
+    return grad * (out > 0), None, None, None
+
+
+sparse24_relu_max.register_autograd(_sparse24_relu_max_backward, setup_context=_sparse24_relu_max_setup)
+
+
 @torch.library.custom_op("fvcompile::relu2_sparse24_pack", mutates_args=())
 def relu2_sparse24_pack(h: Tensor) -> tuple[Tensor, Tensor]:
     """relu(h)² with 2 of 4 kept, packed: values (M_pad, K/2) and CUTLASS metadata (M_pad, K/16)."""
@@ -636,7 +695,7 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
 def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True,
                 square: bool = False, relu: bool = False, transpose_out: bool = False, fp8: bool = False,
-                strided_k: bool = False, dense_rows: float = 0.0) -> Tensor:
+                strided_k: bool = False, dense_rows: float = 0.0, a_max: Tensor | None = None) -> Tensor:
     """mask24(a) @ b for a (M, K) and a dense b (K, N); with square=True, mask24(a)² @ b.
 
     select=False is the caller's promise that `a` already is 2:4 along K (the forward's sparse relu,
@@ -651,8 +710,12 @@ def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, 
     with zeros to a multiple of 64 first, on every device, so any token count runs sparse.
     dense_rows=f: the ceil(f·M) rows of `a` with the most nonzeros are multiplied whole, not 2:4
     (for a weight gradient, whose rows are features: the densest features stay dense).
+    a_max: the largest |value| of every row of the operand before squaring (of relu(a) where
+    relu=True; fp32, (M,)), where the caller has it from an earlier pass (`sparse24_relu_max`):
+    FP8 then scales with it instead of reading `a` once more (the same scale: a row's largest
+    value is always kept by the 2:4 selection).
     """
-    out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k)
+    out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k, a_max)
     if dense_rows and not _in_dense_warmup(schedule, dense_steps, count_step=False):
         rows = densest_rows(torch.relu(a) if relu else a, dense_rows)
         kept = torch.relu(a[rows]) if relu else a[rows]
@@ -670,7 +733,8 @@ def densest_rows(a: Tensor, fraction: float) -> Tensor:
     return torch.count_nonzero(a, dim=1).topk(math.ceil(fraction * a.shape[0])).indices
 
 
-def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k) -> Tensor:
+def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k,
+                 a_max=None) -> Tensor:
     if _in_dense_warmup(schedule, dense_steps, count_step=False):
         a = torch.relu(a) if relu else a
         out = (_squared(a) if square else a) @ b  # during the warm-up `a` is dense
@@ -690,11 +754,12 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
     if fp8:
         from fvcompile.kernels import sparse24_fp8
 
-        if not cslt_pack:
-            return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out)  # emulated
+        if not cslt_pack:  # emulated
+            return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out, a_max)
         # Without a transposed FP8 result on this GPU, the product is transposed by a copy.
         native = not transpose_out or fp8_sparse_mm_available(a.device, transposed=True)
-        out = sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out and native, strided_k)
+        out = sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out and native, strided_k,
+                                             a_max)
         return out if native else out.t()
     if cslt_pack:
         return _cusparselt_mm(a, b, select, square, relu, transpose_out, strided_k)
@@ -709,12 +774,12 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
 
 @sparse24_mm.register_fake
 def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False, transpose_out=False, fp8=False,
-      strided_k=False, dense_rows=0.0):
+      strided_k=False, dense_rows=0.0, a_max=None):
     return a.new_empty((b.shape[1], a.shape[0]) if transpose_out else (a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k, dense_rows = inputs
+    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k, dense_rows, _a_max = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
     a_in = torch.relu(a) if relu else a
     keep = torch.ones_like(a, dtype=torch.bool)
@@ -744,7 +809,7 @@ def _sparse24_mm_backward(ctx, grad):
     grad_a = (grad @ b.t()) * keep
     if ctx.square:  # d(a²)/da = 2a
         grad_a, a_kept = 2 * a_kept * grad_a, _squared(a_kept)
-    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None, None, None
+    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

@@ -30,10 +30,13 @@ PRODUCT = torch.bfloat16  # the FP8 matmul's output, before the scales (module d
 _TINY = 1e-12  # an all-zero row or tensor gets a scale that cannot divide by zero
 
 
-def row_scale(a: Tensor, square: bool, relu: bool) -> Tensor:
-    """sa: (M,) fp32. The largest |value| of a row is always kept by the 2:4 selection."""
-    # max |a| as one reduction: abs() first would write a temporary the size of a
-    amax = (a.amax(1).clamp_min(0) if relu else torch.linalg.vector_norm(a, float("inf"), dim=1)).float()
+def row_scale(a: Tensor, square: bool, relu: bool, a_max: Tensor | None = None) -> Tensor:
+    """sa: (M,) fp32. The largest |value| of a row is always kept by the 2:4 selection, so it is
+    the row's max |a| (of relu(a) with relu), or `a_max` where the caller has it already."""
+    if a_max is not None:
+        amax = a_max.float()
+    else:  # max |a| as one reduction: abs() first would write a temporary the size of a
+        amax = (a.amax(1).clamp_min(0) if relu else torch.linalg.vector_norm(a, float("inf"), dim=1)).float()
     return (amax * amax if square else amax).clamp_min(_TINY) / FP8_MAX
 
 
@@ -130,26 +133,27 @@ def _rescale(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype
 
 
 def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool,
-                     transpose_out: bool) -> Tensor:
+                     transpose_out: bool, a_max: Tensor | None = None) -> Tensor:
     """The formula of the module docstring in plain PyTorch (any device, any float dtype)."""
     if relu:
         a = torch.relu(a)
     if select or relu:
         a = torch.where(mask24(a.abs()), a, 0)
     values = a.float() ** 2 if square else a.float()
-    sa = row_scale(values, square=False, relu=False)  # values are S(a)[²] already
+    # values are S(a)[²] already; a_max, given, is of S(a): the same scale, squared
+    sa = row_scale(values, False, False) if a_max is None else row_scale(a, square, False, a_max)
     sb = tensor_scale(b)
     product = (quantize(values, sa[:, None]).float() @ quantize(b, sb).float()).to(PRODUCT)
     return _rescale(product.t() if transpose_out else product, sa, sb, transpose_out, a.dtype)
 
 
 def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool,
-                      transpose_out: bool, strided_k: bool = False) -> Tensor:
+                      transpose_out: bool, strided_k: bool = False, a_max: Tensor | None = None) -> Tensor:
     """The same on Hopper: our pack into cuSPARSELt's FP8 layout + `torch._cslt_sparse_mm`."""
     from fvcompile.kernels.sparse24 import _cslt_mm
     from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
 
-    sa, sb = row_scale(a, square, relu), tensor_scale(b)
+    sa, sb = row_scale(a, square, relu, a_max), tensor_scale(b)
     compressed = cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa, strided_k=strided_k)
     n = b.shape[1]
     if n % 16:  # FP8 wants N in 16s; padding copies, so only where needed

@@ -82,7 +82,10 @@ not; token counts are free (dynamic shapes work; the kernels pad rows).
 FP8 (`fp8=True`), the paper's path. The sparse matmuls (forward, dX, and dW2 with
 `sparse_weight_grad`) run in float8_e4m3fn: the sparse operand scaled per row, the dense one per
 tensor, the product rescaled (`kernels/sparse24_fp8.py` defines the formula, which is also the
-reference and the emulation); the dense matmuls and every other op keep the model's dtype, and
+reference and the emulation). The row maxima behind those scales are not read again where the
+graph has them: in training the selection (`sparse24_relu_max`) also returns r's row maxima (the
+forward matmul's scales) and column maxima (the sparse dW2's), and dX's are an `amax` over dH in
+the graph, for Inductor to fuse where it can (the same numbers: a row's maximum is always kept); the dense matmuls and every other op keep the model's dtype, and
 gradients pass straight through the quantization. This is quantization on top of sparsity, so it
 is measured against both: the training study's loss, and speed against the bf16 dense FFN while
 the parts bench shows what FP8 dense matmuls alone would give. The FP8 matmul needs Hopper
@@ -101,6 +104,7 @@ compiled graph (and its counters) from Inductor's cache.
 """
 from __future__ import annotations
 
+import operator
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,6 +221,11 @@ def _merge_twin_relus(graph: fx.Graph, grad: set[fx.Node]) -> None:
             graph.erase_node(b)
 
 
+def _relu_input(sparse: fx.Node) -> fx.Node:
+    """h, for the sparse relu r = sparse24_relu(h) or r = sparse24_relu_max(h)[0]."""
+    return sparse.args[0].args[0] if sparse.target is operator.getitem else sparse.args[0]
+
+
 def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
     """The relu-gradient nodes, dH: `where(le(r, 0), 0, g)` or `threshold_backward(g, r, 0)` reading
     the relu's output r (or an alias or view of it: an in-place relu's gradient reads a view), or
@@ -233,7 +242,7 @@ def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
                 found.append(u)
             elif u.target == aten.le.Scalar and u.args[0] is r and u.args[1] == 0:
                 found += [w for w in u.users if w.target == aten.where.self and w.args[0] is u]
-    for u in relu.args[0].users:
+    for u in _relu_input(relu).users:
         if u.target == aten.ge.Scalar and u.args[1] == 0:
             found += [w for w in u.users if w.target == aten.where.self and w.args[0] is u]
     return found
@@ -272,6 +281,16 @@ def _same_views(graph: fx.Graph, operand: fx.Node, square: fx.Node, base: fx.Nod
             r = graph.call_function(view.target, (r, *view.args[1:]), dict(view.kwargs))
             r.meta = dict(view.meta)
     return r
+
+
+def _row_max_node(graph: fx.Graph, x: fx.Node, before: fx.Node) -> fx.Node:
+    """amax(|x|, dim 1), inserted before `before`: ops Inductor can fuse into x's own kernel."""
+    with graph.inserting_before(before):
+        absolute = graph.call_function(aten.abs.default, (x,))
+        row_max = graph.call_function(aten.amax.default, (absolute, [1]))
+    absolute.meta = {**x.meta, "val": aten.abs.default(x.meta["val"])}
+    row_max.meta = {**x.meta, "val": aten.amax.default(absolute.meta["val"], [1])}
+    return row_max
 
 
 def _erase_unused(graph: fx.Graph, square: fx.Node, sparse: fx.Node) -> None:
@@ -428,15 +447,25 @@ class Sparse24(GraphPass):
                  use_mm: bool) -> str:
         key, dense_steps = schedule
         relu = m.relu
+        args = (relu.args[0], key, dense_steps, training and bool(key))
+        # FP8 training: the selection also yields r's row and column maxima, the FP8 scales of the
+        # forward matmul (rows) and of the sparse dW2 (columns), so that neither reads r for them.
+        row_max = col_max = None
         with graph.inserting_before(relu):
-            sparse = graph.call_function(fvc.sparse24_relu.default,
-                                         (relu.args[0], key, dense_steps, training and bool(key)))
-        sparse.meta = dict(relu.meta)
+            if training and self.fp8 and use_mm:
+                both = graph.call_function(fvc.sparse24_relu_max.default, args)
+                both.meta = {**relu.meta, "val": fvc.sparse24_relu_max.default(relu.args[0].meta["val"], *args[1:])}
+                sparse, row_max, col_max = (graph.call_function(operator.getitem, (both, i)) for i in range(3))
+                for i, node in enumerate((sparse, row_max, col_max)):
+                    node.meta = {**relu.meta, "val": both.meta["val"][i]}
+            else:
+                sparse = graph.call_function(fvc.sparse24_relu.default, args)
+                sparse.meta = dict(relu.meta)
         relu.replace_all_uses_with(sparse)
         graph.erase_node(relu)
-        done = ["relu -> sparse24_relu"]
+        done = ["relu -> sparse24_relu" + ("_max (r, and its row and column maxima for FP8)" if row_max else "")]
         if training and self.sparse_weight_grad:  # True, "dW2" or "all"
-            done += self._sparse_weight_grad(graph, m, sparse, key, dense_steps, self.fp8)
+            done += self._sparse_weight_grad(graph, m, sparse, key, dense_steps, self.fp8, col_max)
         if training and self.sparse_weight_grad == "all":
             done += self._sparse_dw1(graph, sparse, m.hidden, key, dense_steps, self.fp8)
         if not use_mm:
@@ -450,7 +479,8 @@ class Sparse24(GraphPass):
             operand = mm.args[0] if mm.target == aten.mm.default else mm.args[1]
             views = _same_views(graph, operand, m.square, base, mm)
             fused += views is not None
-            self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8, of_relu=views, from_h=not training)
+            self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8, of_relu=views, from_h=not training,
+                               a_max=row_max if views is not None else None)
         if not training:
             _erase_unused(graph, m.square, sparse)
         how = " (reads r, squares as it packs)" if training else " (reads h: relu, 2:4, square, pack in one pass)"
@@ -459,7 +489,9 @@ class Sparse24(GraphPass):
         dx = [u for u, src in _dh_users(sparse, m.hidden)
               if u.target == aten.mm.default and u.args[0] is src and u.args[1] is not src] if training else []
         for mm in dx:
-            self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8)
+            # FP8: dH's row maxima in the graph, where Inductor can fuse them into dH's own kernel.
+            a_max = _row_max_node(graph, mm.args[0], mm) if self.fp8 else None
+            self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8, a_max=a_max)
         if dx:
             done.append("dX matmul -> sparse24_mm")
         return "; ".join(done)
@@ -484,7 +516,7 @@ class Sparse24(GraphPass):
 
     @staticmethod
     def _sparse_weight_grad(graph: fx.Graph, m: Match, sparse: fx.Node, key: str, dense_steps: int,
-                            fp8: bool) -> list[str]:
+                            fp8: bool, col_max: fx.Node | None = None) -> list[str]:
         """dW2 = mm(permute(dY), A) -> sparse24_mm(permute(A), dY, transpose_out=True): A's transpose
         is 2:4-selected along its last dim, the tokens (the reduction dim of this matmul). Where A is
         r² (r the sparse relu), the op reads r and squares as it packs: A is never written."""
@@ -500,9 +532,11 @@ class Sparse24(GraphPass):
                 with graph.inserting_before(user):
                     a_t = graph.call_function(aten.permute.default, (a if r is None else r, [1, 0]))
                     # transpose_out: (Aᵀ @ dY)ᵀ comes out as dW2 in the weight's own layout.
+                    # col_max (FP8): r's column maxima, the rows of rᵀ, from the selection's pass.
                     d_w = graph.call_function(fvc.sparse24_mm.default,
                                               (a_t, grad_t.args[0], key, dense_steps, True, r is not None, False, True),
-                                              {"fp8": fp8, "strided_k": True})
+                                              {"fp8": fp8, "strided_k": True,
+                                               **({"a_max": col_max} if r is not None and col_max else {})})
                 a_t.meta = {**user.meta, "val": a.meta["val"].t()}
                 d_w.meta = dict(user.meta)
                 user.replace_all_uses_with(d_w)
@@ -512,9 +546,10 @@ class Sparse24(GraphPass):
 
     @staticmethod
     def _to_sparse_mm(graph: fx.Graph, mm: fx.Node, key: str, dense_steps: int, fp8: bool,
-                      of_relu: fx.Node | None = None, from_h: bool = False) -> None:
+                      of_relu: fx.Node | None = None, from_h: bool = False, a_max: fx.Node | None = None) -> None:
         """mm/addmm(a, b) -> sparse24_mm(a, b); given `of_relu` (r where a = r², or h where
-        a = relu(h)² and from_h), sparse24_mm(of_relu, b, square=True[, relu=True])."""
+        a = relu(h)² and from_h), sparse24_mm(of_relu, b, square=True[, relu=True]); a_max: the
+        operand's row maxima, where the graph has them (FP8 scales)."""
         if mm.target == aten.addmm.default:
             bias, a, b = mm.args
         else:
@@ -523,7 +558,8 @@ class Sparse24(GraphPass):
             # `a` is 2:4 already (relu² of the sparse relu, or dH): no second selection.
             args = (a, b, key, dense_steps, False) if of_relu is None else (
                 of_relu, b, key, dense_steps, False, True, from_h)
-            new = graph.call_function(fvc.sparse24_mm.default, args, {"fp8": fp8})
+            new = graph.call_function(fvc.sparse24_mm.default, args,
+                                      {"fp8": fp8, **({"a_max": a_max} if a_max is not None else {})})
             new.meta = dict(mm.meta)
             if bias is not None:
                 new = graph.call_function(aten.add.Tensor, (new, bias))

@@ -52,6 +52,21 @@ def test_relu_kernel_equals_reference(shape, dtype):
 
 @pytest.mark.parametrize("shape", RELU_SHAPES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_relu_kernel_with_row_and_column_maxima(shape, dtype):
+    """The FP8 scales' maxima, by atomic max over tiles, equal the reference's reductions."""
+    h = randn(*shape, dtype=dtype)
+    r, rows, cols = s24.sparse24_relu_max_triton(h)
+    r_ref, rows_ref, cols_ref = s24.sparse24_relu_max_reference(h)
+    assert torch.equal(r, r_ref) and torch.equal(rows, rows_ref) and torch.equal(cols, cols_ref)
+    assert rows.shape == (h.numel() // shape[-1],) and cols.shape == (shape[-1],) and rows.dtype == torch.float32
+    # The op: the same, its fake gives the shapes, and in a dense warm-up the maxima are of relu(h).
+    assert all(torch.equal(x, y) for x, y in zip(torch.ops.fvcompile.sparse24_relu_max(h), (r, rows, cols)))
+    dense = torch.ops.fvcompile.sparse24_relu_max(h, f"test-relu-max-{shape}-{dtype}", 1, True)  # step 0 of 1
+    assert torch.equal(dense[0], torch.relu(h)) and torch.equal(dense[1], torch.relu(h).reshape(-1, shape[-1]).float().amax(1))
+
+
+@pytest.mark.parametrize("shape", RELU_SHAPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_magnitude_select_kernel_equals_reference(shape, dtype):
     x = randn(*shape, dtype=dtype)
     assert torch.equal(s24.sparse24_select_triton(x), s24.sparse24_mask_reference(x))
@@ -245,6 +260,8 @@ def test_fake_impls_give_shapes_and_dtypes():
         h = torch.empty(3, 7, 128, dtype=torch.float16)  # 21 tokens: padded to 32 rows
         out = torch.ops.fvcompile.sparse24_relu(h)
         assert out.shape == h.shape and out.dtype == h.dtype
+        out, rows, cols = torch.ops.fvcompile.sparse24_relu_max(h)
+        assert out.shape == h.shape and rows.shape == (21,) and cols.shape == (128,) and cols.dtype == torch.float32
         for op in (torch.ops.fvcompile.relu2_sparse24_pack, torch.ops.fvcompile.sparse24_pack):
             values, meta = op(h)
             assert values.shape == (32, 64) and values.dtype == torch.float16
@@ -257,8 +274,12 @@ def test_fake_impls_give_shapes_and_dtypes():
 def test_opcheck():
     h = torch.randn(33, 64, requires_grad=True)
     torch.library.opcheck(torch.ops.fvcompile.sparse24_relu.default, (h,))
+    torch.library.opcheck(torch.ops.fvcompile.sparse24_relu_max.default, (h,))
     a = s24.sparse24_relu_reference(torch.randn(33, 64)).requires_grad_()
     torch.library.opcheck(torch.ops.fvcompile.sparse24_mm.default, (a, torch.randn(64, 8)))
+    a_max = a.detach().abs().amax(1)
+    torch.library.opcheck(torch.ops.fvcompile.sparse24_mm.default, (a, torch.randn(64, 8)),
+                          {"fp8": True, "select": False, "a_max": a_max})
     x16 = torch.randn(33, 64, dtype=torch.float16)
     torch.library.opcheck(torch.ops.fvcompile.relu2_sparse24_pack.default, (x16,))
     torch.library.opcheck(torch.ops.fvcompile.sparse24_pack.default, (x16,))

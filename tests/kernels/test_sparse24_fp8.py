@@ -135,3 +135,24 @@ def test_rescale_kernel_equals_the_formula(dtype, transpose_out):
     ulps = (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs().max().item()
     # The interpreter rounds fp32 -> bf16 by truncation (GPUs round to nearest): one ulp there.
     assert ulps <= (1 if dtype == torch.bfloat16 and DEVICE == "cpu" else 0)
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_a_max_from_an_earlier_pass_gives_the_same_numbers(flags):
+    """sparse24_mm(a_max=): the FP8 scale from maxima the caller has (sparse24_relu_max) is the
+    scale the matmul would compute: a row's largest value is always kept by the 2:4 selection."""
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(64, 256, generator=gen).to(DEVICE)
+    b = torch.randn(256, 48, generator=gen).to(DEVICE)
+    a_max = (torch.relu(a) if flags["relu"] else a).abs().amax(1)
+    for transpose_out in (False, True):
+        expected = f8.fp8_mm_reference(a, b, transpose_out=transpose_out, **flags)
+        assert torch.equal(f8.fp8_mm_reference(a, b, transpose_out=transpose_out, a_max=a_max, **flags), expected)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
+def test_hopper_path_with_a_max(cusparselt_fp8_on_cpu):
+    a, b = exact_operands(64, 128, 24, seed=3)
+    a_max = s24.sparse24_mask_reference(a).float().abs().amax(1)
+    got = f8.fp8_mm_cusparselt(a, b, True, False, False, False, a_max=a_max)
+    torch.testing.assert_close(got, f8.fp8_mm_reference(a, b, True, False, False, False), atol=0, rtol=0)

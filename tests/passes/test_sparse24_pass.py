@@ -522,3 +522,32 @@ def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form):
     (plain_step, plain_detail), (step, detail) = runs
     assert detail == plain_detail and "dX" in detail and "dW2" in detail and "dW1" in detail
     assert_step_close(step, plain_step)
+
+
+def test_fp8_scales_come_from_the_selection_pass(monkeypatch):
+    """FP8 training: the forward matmul and the sparse dW2 take r's row and column maxima from
+    sparse24_relu_max, dX takes dH's row maxima from the graph, and the numbers are those of
+    scales computed inside each matmul (row_scale made to ignore them)."""
+    from fvcompile.kernels import sparse24_fp8 as f8
+
+    torch.manual_seed(8)
+    model = SquaredReluFFN(hidden=256)
+    x, grad_out = torch.randn(2, 24, 32), torch.randn(2, 24, 32)
+    plain_row_scale, given = f8.row_scale, []
+
+    def spy(a, square, relu, a_max=None):
+        given.append(a_max is not None)
+        return plain_row_scale(a, square, relu, a_max)
+
+    monkeypatch.setattr(f8, "row_scale", spy)
+    passes = [Sparse24(fp8=True, sparse_weight_grad="all")]
+    optimized = fvcompile.optimize(model, passes=passes, codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    (site,) = sites(optimized)
+    assert "sparse24_relu_max" in site.detail
+    assert given.count(True) == 3 and given.count(False) == 1  # forward, dX, dW2 given; dW1 computes its own
+
+    monkeypatch.setattr(f8, "row_scale", lambda a, square, relu, a_max=None: plain_row_scale(a, square, relu))
+    torch._dynamo.reset()
+    own = run_step(fvcompile.optimize(model, passes=passes, codegen=False), model, x, grad_out)
+    assert torch.equal(got[0], own[0]) and all(torch.equal(got[1][n], own[1][n]) for n in own[1])
