@@ -14,13 +14,13 @@ becomes `mul.Tensor(r, r)`):
 
 Casts (autocast puts `pow` in fp32) and views that keep the hidden dimension last (3-D tokens
 flattened for the matmul; an in-place `F.relu(h, inplace=True)` or `nn.ReLU(inplace=True)`, which
-functionalization turns into relu and views back) may sit in between. Other spellings of the
-same function match too: `torch.clamp(h, min=0)` (`clamp_min(h, 0)`, whose gradient reads h, not
-r: the square's `2r` factor still zeroes the dropped entries) and `torch.relu(h) * torch.relu(h)`
-(two relu nodes of one input, merged into one; dH is then the sum of their two gradients). Every use of the relu and of its square in the
-forward must be part of the pattern; uses that only compute gradients are fine. A square of
-anything else (RMSNorm's `x²`) and a relu that is not squared are reported as skipped with the
-reason; GELU/SiLU/SwiGLU FFNs have neither and are left alone.
+functionalization turns into relu and views back) may sit in between. Other spellings of the same
+function match too: `torch.clamp(h, min=0)` (`clamp_min(h, 0)`, whose gradient reads h, not r: the
+square's `2r` factor still zeroes the dropped entries) and `torch.relu(h) * torch.relu(h)` (two relu
+nodes of one input, merged into one; dH is then the sum of their two gradients). Every use of the
+relu and of its square in the forward must be part of the pattern; uses that only compute gradients
+are fine. A square of anything else (RMSNorm's `x²`) and a relu that is not squared are reported as
+skipped with the reason; GELU/SiLU/SwiGLU FFNs have neither and are left alone.
 
 Why the relu node is what gets replaced. The rewrite is `relu(h) -> fvcompile.sparse24_relu(h)`
 (relu, then keep the 2 largest of every 4 along the hidden dim). Squaring is monotone on relu's
@@ -82,14 +82,15 @@ not; token counts are free (dynamic shapes work; the kernels pad rows).
 FP8 (`fp8=True`), the paper's path. The sparse matmuls (forward, dX, and dW2 with
 `sparse_weight_grad`) run in float8_e4m3fn: the sparse operand scaled per row, the dense one per
 tensor, the product rescaled (`kernels/sparse24_fp8.py` defines the formula, which is also the
-reference and the emulation). The row maxima behind those scales are not read again where the
-graph has them: in training the selection (`sparse24_relu_max`) also returns r's row maxima (the
-forward matmul's scales) and column maxima (the sparse dW2's), and dX's are an `amax` over dH in
-the graph, for Inductor to fuse where it can (the same numbers: a row's maximum is always kept); the dense matmuls and every other op keep the model's dtype, and
-gradients pass straight through the quantization. This is quantization on top of sparsity, so it
-is measured against both: the training study's loss, and speed against the bf16 dense FFN while
-the parts bench shows what FP8 dense matmuls alone would give. The FP8 matmul needs Hopper
-(cuSPARSELt; a probe checks it); elsewhere the rewritten matmuls emulate the FP8 numbers.
+reference and the emulation). The row maxima behind those scales are not read again where the graph
+has them: in training the selection (`sparse24_relu_max`) also returns r's row maxima (the forward
+matmul's scales) and column maxima (the sparse dW2's), and dX's are an `amax` over dH in the graph,
+for Inductor to fuse where it can (the same numbers: a row's maximum is always kept); the dense
+matmuls and every other op keep the model's dtype, and gradients pass straight through the
+quantization. This is quantization on top of sparsity, so it is measured against both: the training
+study's loss, and speed against the bf16 dense FFN while the parts bench shows what FP8 dense
+matmuls alone would give. The FP8 matmul needs Hopper (cuSPARSELt; a probe checks it); elsewhere the
+rewritten matmuls emulate the FP8 numbers.
 
 Dense warm-up (`warmup_steps=N`). The rewritten ops get a schedule: a key per site (this pass
 object's token, the module path and the site's index in it), N, and whether the op counts a step.
