@@ -111,7 +111,8 @@ def test_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu):
     assert len(hopper_on_cpu) == 4  # forward, dX, dW2 and dW1: all four through the sparse matmul
 
 
-def test_fp8_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu, monkeypatch):
+@pytest.mark.parametrize("tokens", [32, 45])  # 90 tokens: rows padded, the weight gradients' K padded to 128
+def test_fp8_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu, monkeypatch, tokens):
     """FP8 with all four matmuls sparse: the Hopper path (FP8 pack, B quantized column-major, the
     stand-in FP8 matmul, the rescale kernel) gives the numbers of the FP8 emulation (the formula in
     plain PyTorch). The interpreter rounds to FP8 its own way, so here the pack and the B
@@ -125,7 +126,7 @@ def test_fp8_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu, monkeypatch)
     monkeypatch.setattr(k24, "fp8_sparse_mm_available", lambda device, transposed=False: True)
     model, _ = half_model()
     emulated_model = copy.deepcopy(model)
-    x, grad_out = torch.randn(2, 32, 64).half(), torch.randn(2, 32, 64).half()
+    x, grad_out = torch.randn(2, tokens, 64).half(), torch.randn(2, tokens, 64).half()
     optimized = fvcompile.optimize(model, passes=[Sparse24(fp8=True, sparse_weight_grad="all")], codegen=False)
     got = run_step(optimized, model, x, grad_out)
     assert len(hopper_on_cpu) == 4  # forward, dX, dW2 and dW1, each an FP8 sparse matmul
