@@ -5,7 +5,7 @@ selected, optionally of relu(a), optionally squared) is scaled per row, so that 
 largest kept value maps to e4m3's largest (448), and the dense operand b per tensor:
 
     sa = rowmax|S(a)| / 448,   sb = max|b| / 448
-    out = dtype( bf16(e4m3(S(a) / sa) @ e4m3(b / sb)) * sa[:, None] * sb )
+    out = dtype( bf16(e4m3(S(a) / sa) @ e4m3(b / sb)) * (sa * sb)[:, None] )
 
 The product accumulates in fp32 and is rounded to bf16 before the scales are applied, as the GPU
 path does (cuSPARSELt writes a bf16 product; we rescale it into a's dtype). bf16, not a's dtype:
@@ -70,16 +70,16 @@ if triton is not None:
     @triton.jit
     def _rescale_kernel(p_ptr, out_ptr, sa_ptr, sb_ptr, M, N, stride_pm, stride_pn,
                         SCALE_COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # out[m, n] = dtype((fp32(p[m, n]) * sa[m or n]) * sb), the order of `_rescale`: equal bytes.
+        # out[m, n] = dtype(fp32(p[m, n]) * (sa[m or n] * sb)): `_rescale`, one multiply each, equal bytes.
         ms = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (ms[:, None] < M) & (ns[None, :] < N)
         p = tl.load(p_ptr + ms[:, None] * stride_pm + ns[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        sb = tl.load(sb_ptr)
         if SCALE_COLUMNS:
-            scaled = p * tl.load(sa_ptr + ns, mask=ns < N, other=0.0)[None, :]
+            out = p * (tl.load(sa_ptr + ns, mask=ns < N, other=0.0) * sb)[None, :]
         else:
-            scaled = p * tl.load(sa_ptr + ms, mask=ms < M, other=0.0)[:, None]
-        out = scaled * tl.load(sb_ptr)
+            out = p * (tl.load(sa_ptr + ms, mask=ms < M, other=0.0) * sb)[:, None]
         tl.store(out_ptr + ms[:, None] * N + ns[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -128,8 +128,9 @@ def fp8_exact_operands(m: int, k: int, n: int, seed: int = 0) -> tuple[Tensor, T
 
 
 def _rescale(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype) -> Tensor:
-    row = sa[None, :] if transpose_out else sa[:, None]  # a's rows are the output's columns when transposed
-    return (product.float() * row * sb).to(dtype)
+    scale = sa * sb  # one multiply per element below, so that a kernel cannot round it otherwise
+    # a's rows are the output's columns when transposed
+    return (product.float() * (scale[None, :] if transpose_out else scale[:, None])).to(dtype)
 
 
 def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool,
