@@ -195,7 +195,7 @@ def ffn_bench(out: Path, tokens: str, timeout: float, cuda_graphs: bool = False)
     run = run_in_subprocess([sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", DEVICE,
                              "--tokens", tokens, "--out", str(out)] + (["--cuda-graphs"] if cuda_graphs else []),
                             int(timeout))
-    written = sorted(out.glob(f"sparse24_{kind}_*_{tokens.replace(',', '-')}.json"))
+    written = sorted(out.glob(f"sparse24_{kind}_????-??-??_{tokens.replace(',', '-')}.json"))  # not _cudagraphs_
     result = json.loads(written[-1].read_text()) if written else {"ffn": []}
     if run.get("returncode") != 0:
         result["error"] = run.get("error") or run.get("stderr_tail", "")[-500:]
