@@ -9,6 +9,8 @@ Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
 - `sparse24_relu(h)`: relu(h) with only the 2 largest of every 4 kept. Differentiable:
   grad * (out > 0). Squaring is monotone on relu's output, so this is also the mask of relu(h)²
   (see passes/sparse24.py for why the pass replaces the relu node).
+- `sparse24_relu_max(h) -> (r, row_max, col_max)`: the same r, and the largest value of its every
+  row and column from the same pass (the FP8 scales of the matmuls that read r; `a_max` below).
 - `relu2_sparse24_pack(h) -> (values, meta)`: fused relu, square, 2:4 selection and packing into
   the CUTLASS format that `torch._sparse_semi_structured_mm(values, meta, dense)` consumes.
 - `sparse24_pack(x) -> (values, meta)`: the same for any tensor (2 of 4 by magnitude); used for a
@@ -19,7 +21,8 @@ Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
   accumulation order). For an `a` that already is 2:4 the selection changes nothing. Prologues
   fused into the pack: `square` (mask24(a)² @ b: the forward passes the sparse relu r, so r² is
   never written) and `relu` (h itself: relu, 2:4, square and pack in one pass). `fp8=True`
-  multiplies in float8_e4m3fn (kernels/sparse24_fp8.py).
+  multiplies in float8_e4m3fn (kernels/sparse24_fp8.py), with `a`'s row maxima from `a_max`
+  where the caller has them.
 
 Sparse matmul backends (`sparse_mm_backend`, chosen per GPU by a probe matmul in a child process,
 since a failing sparse matmul can break the CUDA context of the process it runs in): on sm8x, our
