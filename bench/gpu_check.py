@@ -239,7 +239,7 @@ def main() -> None:
     tokens = args.tokens.split(",")
     # The steps in the order their results matter; each gets the time left (capped), none starts
     # with too little. The first token count's FFN numbers come first.
-    steps = [(f"ffn {tokens[0]} tokens", 300, lambda t: ffn_bench(out, tokens[0], t))]
+    steps = [(f"ffn {tokens[0]} tokens", 240, lambda t: ffn_bench(out, tokens[0], t))]
     if cuda:
         # The pieces: FP8 calls into cuSPARSELt can break the CUDA context (bench/cslt_diag.py), so
         # they come after the numbers above.
