@@ -46,7 +46,8 @@ STEPS = {
     "our selection kernels": SETUP + "from fvcompile.kernels import sparse24 as k\nh = torch.randn(100, 256, device='cuda', dtype=DTYPE)\n"
                      "print(torch.equal(k.sparse24_relu_triton(h), k.sparse24_relu_reference(h)), "
                      "torch.equal(k.sparse24_select_triton(h.t()), k.sparse24_mask_reference(h.t())))\n"
-                     "v, m = k.relu2_sparse24_pack_triton(h); torch.cuda.synchronize(); print(v.shape, m.shape)",
+                     "from fvcompile.kernels import sparse24_cutlass as c\n"
+                     "v, m = c.relu2_sparse24_pack_triton(h); torch.cuda.synchronize(); print(v.shape, m.shape)",
     "backend probe": "import torch; from fvcompile.kernels import sparse24 as k; print(k.sparse_mm_backend('cuda'))",
 }
 

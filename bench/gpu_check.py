@@ -73,6 +73,7 @@ def kernels_sparse24():
 
     from fvcompile.kernels import sparse24 as k24
     from fvcompile.kernels import sparse24_cslt as cslt
+    from fvcompile.kernels import sparse24_cutlass as cutlass
 
     done = 0
     # The interpreter rounds bf16 its own way (NOTES.md): the CPU dry run checks fp16 only.
@@ -89,9 +90,9 @@ def kernels_sparse24():
                                cslt.cslt_pack_reference(h, square=True, relu=True).view(torch.int16))
             ht = h.t()  # the weight gradient's selection reads a transposed view in place
             torch.testing.assert_close(k24.sparse24_select_triton(ht), k24.sparse24_mask_reference(ht), atol=0, rtol=0)
-            values, meta = k24.relu2_sparse24_pack_triton(h)
+            values, meta = cutlass.relu2_sparse24_pack_triton(h)
             dense = k24.sparse24_relu_reference(h).square()
-            rows = k24.padded_rows(m)
+            rows = cutlass.padded_rows(m)
             padded = torch.zeros(rows, k, device=DEVICE, dtype=dtype)
             padded[:m] = dense
             ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(padded)

@@ -223,7 +223,7 @@ def bench_pack(tokens: int, hidden: int, dtype, device: torch.device) -> dict:
     h = torch.randn(tokens, hidden, device=device, dtype=dtype)
     a = torch.relu(h).square()
     row = {"tokens": tokens, "hidden": hidden, "dtype": str(dtype),
-           "fvcompile relu2_sparse24_pack ms": time_ms(lambda: k24.relu2_sparse24_pack(h), device)}
+           "fvcompile relu2_sparse24_pack ms": time_ms(lambda: torch.ops.fvcompile.relu2_sparse24_pack(h), device)}
     if device.type == "cuda":
         try:
             row["torch _sparse_semi_structured_tile ms"] = time_ms(

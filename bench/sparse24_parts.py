@@ -27,6 +27,7 @@ import torch
 
 from fvcompile.kernels import sparse24 as k24
 from fvcompile.kernels import sparse24_cslt as cslt
+from fvcompile.kernels import sparse24_cutlass as cutlass
 
 
 def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.bfloat16,
@@ -71,7 +72,7 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     record("torch._cslt_compress(A)", lambda: lambda: torch._cslt_compress(a), rw * 3 // 4)
     record("torch._sparse_semi_structured_tile(A) cuSPARSELt (2:4 both ways)",
            lambda: lambda: torch._sparse_semi_structured_tile(a, "", False), rw)
-    record("triton relu2+2:4+pack CUTLASS layout 16x256", lambda: lambda: k24.relu2_sparse24_pack_triton(h), rw)
+    record("triton relu2+2:4+pack CUTLASS layout 16x256", lambda: lambda: cutlass.relu2_sparse24_pack_triton(h), rw)
     packed = rw * 3 // 4  # read one activation, write half of it plus metadata
     for bm, bk in ((32, 128), (16, 256), (64, 64), (32, 256), (64, 128)):
         record(f"triton 2:4 select+pack cuSPARSELt layout, A, {bm}x{bk}",

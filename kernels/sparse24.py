@@ -11,10 +11,6 @@ Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
   (see passes/sparse24.py for why the pass replaces the relu node).
 - `sparse24_relu_max(h) -> (r, row_max, col_max)`: the same r, and the largest value of its every
   row and column from the same pass (the FP8 scales of the matmuls that read r; `a_max` below).
-- `relu2_sparse24_pack(h) -> (values, meta)`: fused relu, square, 2:4 selection and packing into
-  the CUTLASS format that `torch._sparse_semi_structured_mm(values, meta, dense)` consumes.
-- `sparse24_pack(x) -> (values, meta)`: the same for any tensor (2 of 4 by magnitude); used for a
-  tensor that already is 2:4 (the backward's dH), where it is exact.
 - `sparse24_mm(a, b)`: mask24(a) @ b, the 2 largest magnitudes of every 4 of `a` (M, K) along K
   kept. On a GPU with 2:4 sparse tensor cores it selects, packs and runs the sparse matmul;
   elsewhere it runs the emulated path: a dense matmul of the masked tensor (same numbers up to
@@ -26,20 +22,11 @@ Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
 
 Sparse matmul backends (`sparse_mm_backend`, chosen per GPU by a probe matmul in a child process,
 since a failing sparse matmul can break the CUDA context of the process it runs in): on sm8x, our
-CUTLASS-layout pack + `torch._sparse_semi_structured_mm` (PyTorch's CUTLASS kernel runs on sm8x
+CUTLASS-layout pack (`kernels/sparse24_cutlass.py`, with its ops `relu2_sparse24_pack` and
+`sparse24_pack`) + `torch._sparse_semi_structured_mm` (PyTorch's CUTLASS kernel runs on sm8x
 only); on Hopper, our cuSPARSELt-layout pack (`kernels/sparse24_cslt.py`) + `torch._cslt_sparse_mm`,
 the algorithm searched once per shape; as a last resort `torch._cslt_compress`, correct on every
 GPU but slow (6.7 ms where our pack takes 0.2 ms on an H100).
-
-Packed format (CUTLASS, fp16/bf16): `values` is (M_pad, K/2), the two kept values of each group
-in index order; `meta` is (M_pad, K/16) int16, one 4-bit code per group (2 bits per kept index,
-lowest group in the lowest nibble), then reordered into CUTLASS's interleaved column-major layout
-(`torch.sparse._semi_structured_conversions`). The reordering works on blocks of 32 rows, so
-M is padded with zero rows to M_pad = ceil(M / 32) * 32: callers slice the matmul's output back to
-M rows. K must be a multiple of 32 (one int16 metadata word per 16 columns, and the layout swaps
-words in 2x2 blocks); the sparse matmul needs K % 64 == 0 (`ALIGN_K`), so a pass leaves hidden
-widths that are not multiples of 64 dense.
-fp32 is not packed: CUTLASS stores fp32 as 1:2 sparsity, which 2:4 does not fit.
 
 Dense warm-up: `sparse24_relu` and `sparse24_mm` take an optional schedule (a key, a number of
 dense steps, and whether this call counts a step). The counting op of each site (the relu in the
@@ -67,7 +54,6 @@ except ImportError:  # the reference path still works; only the kernels need Tri
     triton = None
 
 ALIGN_K = 64  # the sparse matmul's operand needs K % 64 == 0 (CUTLASS fp16/bf16 minimum)
-ALIGN_M = 32  # metadata is reordered in blocks of 32 rows: M is padded to this
 PACK_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -113,40 +99,6 @@ def sparse24_relu_max_reference(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def sparse24_mask_reference(x: Tensor) -> Tensor:
     """x with only the 2 largest magnitudes of every 4 kept."""
     return torch.where(mask24(x.abs()), x, torch.zeros((), dtype=x.dtype, device=x.device)).contiguous()
-
-
-def padded_rows(m):
-    """Rows after padding to ALIGN_M (works on SymInts)."""
-    return (m + ALIGN_M - 1) // ALIGN_M * ALIGN_M
-
-
-def pack_reference(dense24: Tensor) -> tuple[Tensor, Tensor]:
-    """Pack a 2-D tensor that is already 2:4 with PyTorch's own CUTLASS conversion (rows padded)."""
-    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
-
-    m = dense24.shape[0]
-    padded = torch.nn.functional.pad(dense24, (0, 0, 0, padded_rows(m) - m))
-    return sparse_semi_structured_from_dense_cutlass(padded.contiguous())
-
-
-def unpack_reference(values: Tensor, meta: Tensor, rows: int) -> Tensor:
-    """The dense (rows, K) tensor a packed pair stands for."""
-    from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
-
-    return sparse_semi_structured_to_dense_cutlass(values, meta)[:rows]
-
-
-def _as_rows(x: Tensor) -> Tensor:
-    """(..., K) -> (M, K) with unit stride along K."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def _check_packable(x: Tensor) -> None:
-    if x.dtype not in PACK_DTYPES:
-        raise ValueError(f"2:4 packing needs fp16 or bf16, got {x.dtype} (CUTLASS packs fp32 as 1:2)")
-    if x.shape[-1] % 32:
-        raise ValueError(f"2:4 packing needs the last dim to be a multiple of 32, got {x.shape[-1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,75 +159,8 @@ if triton is not None:
             tl.atomic_max(col_max_ptr + cols, tl.max(kept, 0), mask=cols < K)
 
     @triton.jit
-    def _cutlass_indices(m0, m1, m3):
-        # The two indices CUTLASS stores for a group with nonzero flags m0..m3 (int32 0/1): the
-        # encoding of torch.sparse._semi_structured_conversions, which also fixes what a group with
-        # fewer than 2 nonzeros stores, so our metadata is bit-identical to PyTorch's.
-        nm0 = 1 - m0
-        nm1 = 1 - m1
-        expr0 = m0 & m1
-        expr1 = nm0 & m1
-        expr2 = nm0 & nm1
-        idx0 = expr1 | (expr2 << 1)
-        idx1 = (expr0 | expr2 | m3) | ((expr1 | nm1) << 1)
-        return idx0, idx1
-
-    @triton.jit
     def _pick(idx, w0, w1, w2, w3):
         return tl.where(idx == 0, w0, tl.where(idx == 1, w1, tl.where(idx == 2, w2, w3)))
-
-    @triton.jit
-    def _cutlass_meta_offset(rows, cols, m_pad):
-        # Where metadata word (row, col) lives in CUTLASS's ColumnMajorInterleaved<2> layout with
-        # the row reordering and 2x2 swizzle of int16 metadata (blocks of 32 rows).
-        r = rows[:, None]
-        c = cols[None, :]
-        dst_row = r // 32 * 32 + (r % 8) * 4 + (r % 32) // 8
-        topright = ((dst_row % 2 == 0) & (c % 2 == 1)).to(tl.int64)
-        bottomleft = ((dst_row % 2 == 1) & (c % 2 == 0)).to(tl.int64)
-        dst_row = dst_row + topright - bottomleft
-        dst_col = c - topright + bottomleft
-        return (dst_col // 2) * m_pad * 2 + dst_row * 2 + dst_col % 2
-
-    @triton.jit
-    def _pack24_kernel(x_ptr, values_ptr, meta_ptr, M, M_pad, K, stride_xm, stride_xk,
-                       RELU_SQUARE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # One coalesced (BLOCK_M, BLOCK_K) tile (BLOCK_K a multiple of 16: whole metadata words),
-        # split into groups in registers, as in kernels/sparse24_cslt.py. x may be a strided view.
-        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        load_mask = (rows[:, None] < M) & (cols[None, :] < K)  # rows >= M are padding: zeros
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=load_mask, other=0.0)
-        x = x.to(tl.float32)  # exact for fp16/bf16; the interpreter has no bf16 arithmetic
-        if RELU_SQUARE:
-            x = tl.maximum(x, 0.0)  # selected on relu(x); squaring keeps the order
-        x0, x1, x2, x3 = _split4(x, BLOCK_M, BLOCK_K)
-        k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
-        if RELU_SQUARE:
-            x0 = x0 * x0
-            x1 = x1 * x1
-            x2 = x2 * x2
-            x3 = x3 * x3
-        # The kept values as stored (rounded once to the output dtype), and which are nonzero:
-        # CUTLASS's indices depend on the nonzeros (a group may keep fewer than 2).
-        out_ty = values_ptr.dtype.element_ty
-        w0 = tl.where(k0, x0, 0.0).to(out_ty).to(tl.float32)
-        w1 = tl.where(k1, x1, 0.0).to(out_ty).to(tl.float32)
-        w2 = tl.where(k2, x2, 0.0).to(out_ty).to(tl.float32)
-        w3 = tl.where(k3, x3, 0.0).to(out_ty).to(tl.float32)
-        idx0, idx1 = _cutlass_indices((w0 != 0).to(tl.int32), (w1 != 0).to(tl.int32), (w3 != 0).to(tl.int32))
-        values = tl.reshape(tl.join(_pick(idx0, w0, w1, w2, w3), _pick(idx1, w0, w1, w2, w3)),
-                            (BLOCK_M, BLOCK_K // 2)).to(out_ty)
-        half_cols = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        tl.store(values_ptr + rows[:, None] * (K // 2) + half_cols[None, :], values,
-                 mask=(rows[:, None] < M_pad) & (half_cols[None, :] < K // 2))
-        # One int16 word per 4 groups (16 columns), lowest group in the lowest nibble.
-        codes = tl.reshape(idx0 | (idx1 << 2), (BLOCK_M, BLOCK_K // 16, 4))
-        word = tl.sum(codes << (tl.arange(0, 4) * 4)[None, None, :], axis=2)
-        words = (tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)).to(tl.int64)
-        tl.store(meta_ptr + _cutlass_meta_offset(rows, words, M_pad), word.to(tl.int16),
-                 mask=(rows[:, None] < M_pad) & (words[None, :] < K // 16))
-
 
 def _need_triton() -> None:
     if triton is None:
@@ -310,28 +195,6 @@ def sparse24_relu_max_triton(h: Tensor, block_m: int = 16, block_k: int = 256) -
 def sparse24_select_triton(x: Tensor, block_m: int = 16, block_k: int = 256) -> Tensor:
     """x with the 2 largest magnitudes of every 4 kept: the kernel of `sparse24_mask_reference`."""
     return _select_triton(x, False, block_m, block_k)
-
-
-def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 16, block_k: int = 256) -> tuple[Tensor, Tensor]:
-    _need_triton()
-    _check_packable(x)
-    x = x.reshape(-1, x.shape[-1])  # a 2-D view stays a view, transposed or not
-    m, k = x.shape
-    m_pad = padded_rows(m)
-    values = torch.empty((m_pad, k // 2), dtype=x.dtype, device=x.device)
-    meta = torch.empty((m_pad, k // 16), dtype=torch.int16, device=x.device)
-    grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
-    _pack24_kernel[grid](x, values, meta, m, m_pad, k, x.stride(0), x.stride(1),
-                         RELU_SQUARE=relu_square, BLOCK_M=block_m, BLOCK_K=block_k)
-    return values, meta
-
-
-def relu2_sparse24_pack_triton(h: Tensor, **blocks) -> tuple[Tensor, Tensor]:
-    return _pack_triton(h, relu_square=True, **blocks)
-
-
-def sparse24_pack_triton(x: Tensor, **blocks) -> tuple[Tensor, Tensor]:
-    return _pack_triton(x, relu_square=False, **blocks)
 
 
 def _use_triton(t: Tensor) -> bool:
@@ -484,15 +347,10 @@ def _squared(x: Tensor) -> Tensor:
     return (x.to(torch.promote_types(x.dtype, torch.float32)) ** 2).to(x.dtype)
 
 
-def _cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
-                transpose_out: bool = False) -> Tensor:
-    if relu:
-        a = torch.relu(a)
-    if square:
-        a = _squared(a)  # selecting on a or a² keeps the same values
-    values, meta = sparse24_pack_triton(a)  # selects by magnitude as it packs: no extra pass
-    out = torch._sparse_semi_structured_mm(values, meta, _pad_cols(b, 8))[: a.shape[0], : b.shape[1]]
-    return (out.t() if transpose_out else out).contiguous()
+def _cutlass_mm(*args, **kwargs) -> Tensor:
+    from fvcompile.kernels.sparse24_cutlass import cutlass_mm
+
+    return cutlass_mm(*args, **kwargs)
 
 
 _CSLT_PLANS: dict[tuple, dict] = {}  # (shapes, strides, dtype, device, out dtype) -> _cslt_sparse_mm kwargs
@@ -656,35 +514,6 @@ def _sparse24_relu_max_backward(ctx, grad, _grad_rows, _grad_cols):
 
 
 sparse24_relu_max.register_autograd(_sparse24_relu_max_backward, setup_context=_sparse24_relu_max_setup)
-
-
-@torch.library.custom_op("fvcompile::relu2_sparse24_pack", mutates_args=())
-def relu2_sparse24_pack(h: Tensor) -> tuple[Tensor, Tensor]:
-    """relu(h)² with 2 of 4 kept, packed: values (M_pad, K/2) and CUTLASS metadata (M_pad, K/16)."""
-    _check_packable(h)
-    if _use_triton(h):
-        return relu2_sparse24_pack_triton(h)
-    r = sparse24_relu_reference(_as_rows(h))
-    return pack_reference(r * r)
-
-
-@torch.library.custom_op("fvcompile::sparse24_pack", mutates_args=())
-def sparse24_pack(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x with the 2 largest magnitudes of every 4 kept, packed like `relu2_sparse24_pack`."""
-    _check_packable(x)
-    if _use_triton(x):
-        return sparse24_pack_triton(x)
-    return pack_reference(sparse24_mask_reference(_as_rows(x)))
-
-
-def _pack_fake(x):
-    k = x.shape[-1]
-    m_pad = padded_rows(x.numel() // k)
-    return x.new_empty((m_pad, k // 2)), x.new_empty((m_pad, k // 16), dtype=torch.int16)
-
-
-relu2_sparse24_pack.register_fake(_pack_fake)
-sparse24_pack.register_fake(_pack_fake)
 
 
 def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
