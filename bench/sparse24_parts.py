@@ -167,6 +167,14 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
            lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True, fp8=True), flops=f)
     record("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, strided_k=True, fp8=True) (the FP8 sparse dW2)",
            lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True, strided_k=True, fp8=True), flops=f)
+    # In training the pass hands the forward and dW2 their scales' maxima from the selection's pass
+    # (sparse24_relu_max): what each saves is one read of r.
+    r_rows, r_cols = k24.row_col_max(r)
+    record("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True, a_max=r's row maxima) (as in training)",
+           lambda: lambda: sparse_mm(r, w2.t(), select=False, square=True, fp8=True, a_max=r_rows), flops=f)
+    record("op   the FP8 sparse dW2 with a_max=r's column maxima (as in training)",
+           lambda: lambda: sparse_mm(r.t(), dy, square=True, transpose_out=True, strided_k=True, fp8=True,
+                                     a_max=r_cols), flops=f)
     record("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05, fp8=True) (the FP8 sparse dW1)",
            lambda: lambda: sparse_mm(dh.t(), x, strided_k=True, dense_rows=0.05, fp8=True), flops=f)
     # Host time per call (launches only, no sync): the per-call cuSPARSELt plan is paid on the CPU,
@@ -236,15 +244,17 @@ def ceilings(rows: list[dict]) -> dict:
     if all(dw.values()):  # sparse_weight_grad="all", as the ops run it
         bounds["sparse24 all four sparse (strided dW2, dW1 with 5% dense features; with packing)"] = speedup(
             {"fwd": sparse_op["fwd"], "dX": sparse_op["dX"], **dw})
-    fp8_op = {"fwd": t.get("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)"),
+    fp8_op = {"fwd": t.get("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True, a_max=r's row maxima) (as in training)",
+                           t.get("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)")),
               "dX": t.get("op   sparse24_mm(dH, W1, select=False, fp8=True)"),
               "dW2": t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, fp8=True)")}
     if all(fp8_op.values()):  # FP8 sparse matmuls (scales, casts and packing in) against bf16 dense
         bounds["sparse24 fp8 (fwd, dX FP8 sparse; all in) vs bf16 dense"] = speedup(
             {k: fp8_op[k] for k in ("fwd", "dX")})
         bounds["sparse24 fp8 + sparse dW2 (all in) vs bf16 dense"] = speedup(fp8_op)
-    fp8_dw = {"dW2": t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, strided_k=True, fp8=True) "
-                           "(the FP8 sparse dW2)"),
+    fp8_dw = {"dW2": t.get("op   the FP8 sparse dW2 with a_max=r's column maxima (as in training)",
+                           t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, strided_k=True, fp8=True) "
+                                 "(the FP8 sparse dW2)")),
               "dW1": t.get("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05, fp8=True) (the FP8 sparse dW1)")}
     if fp8_op["fwd"] and fp8_op["dX"] and all(fp8_dw.values()):  # sparse_weight_grad="all", fp8=True
         bounds["sparse24 fp8, all four sparse (as the ops run them) vs bf16 dense"] = speedup(
