@@ -174,7 +174,9 @@ def _select_triton(h: Tensor, relu: bool, block_m: int, block_k: int, with_max: 
     x = h.reshape(-1, h.shape[-1])  # a 2-D view stays a view, transposed or not
     out = torch.empty(x.shape, dtype=h.dtype, device=h.device)
     m, k = x.shape
-    row_max, col_max = (torch.zeros(n, dtype=torch.float32, device=h.device) for n in ((m, k) if with_max else (1, 1)))
+    # Without maxima the kernel never touches these: `out` is a placeholder pointer, no allocation.
+    row_max, col_max = ((torch.zeros(n, dtype=torch.float32, device=h.device) for n in (m, k)) if with_max
+                        else (out, out))
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     _select24_kernel[grid](x, out, row_max, col_max, m, k, x.stride(0), x.stride(1), out.stride(0), RELU=relu,
                            WITH_MAX=with_max, BLOCK_M=block_m, BLOCK_K=block_k)
@@ -509,8 +511,7 @@ def _sparse24_relu_max_setup(ctx, inputs, output):
 
 
 def _sparse24_relu_max_backward(ctx, grad, _grad_rows, _grad_cols):
-    (out,) = ctx.saved_tensors
-    return grad * (out > 0), None, None, None
+    return _sparse24_relu_backward(ctx, grad)  # the maxima are not differentiable
 
 
 sparse24_relu_max.register_autograd(_sparse24_relu_max_backward, setup_context=_sparse24_relu_max_setup)
