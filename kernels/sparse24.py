@@ -576,13 +576,11 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
     cslt_pack = (a.dtype in PACK_DTYPES and b.dtype == a.dtype and (strided_k or a.shape[1] % ALIGN_K == 0)
                  and sparse_mm_backend(a.device) == "cusparselt" and (not fp8 or fp8_sparse_mm_available(a.device)))
     if strided_k:  # K padded with zeros and reordered on both sides: the product is the same
-        from fvcompile.kernels.sparse24_cslt import strided_k_padded, strided_order
+        from fvcompile.kernels.sparse24_cslt import to_strided_k
 
-        k_pad = strided_k_padded(a.shape[1])
-        order = strided_order(k_pad, a.device)
-        b = torch.nn.functional.pad(b, (0, 0, 0, k_pad - b.shape[0]))[order]  # a gather of its rows
+        b = to_strided_k(b, 0)  # a gather of its rows
         if not cslt_pack:  # elsewhere `a` is copied in that order; our cuSPARSELt pack reads it in place
-            a = torch.nn.functional.pad(a, (0, k_pad - a.shape[1]))[:, order]
+            a = to_strided_k(a, 1)
             strided_k = False
     if fp8:
         from fvcompile.kernels import sparse24_fp8
@@ -618,13 +616,9 @@ def _sparse24_mm_setup(ctx, inputs, output):
     keep = torch.ones_like(a, dtype=torch.bool)
     if (select or relu) and not dense:
         if strided_k:  # selected in the (padded) strided order, put back in a's
-            from fvcompile.kernels.sparse24_cslt import strided_k_padded, strided_order
+            from fvcompile.kernels.sparse24_cslt import from_strided_k, to_strided_k
 
-            k, k_pad = a.shape[1], strided_k_padded(a.shape[1])
-            order = strided_order(k_pad, a.device)
-            padded = torch.zeros(a.shape[0], k_pad, dtype=torch.bool, device=a.device)
-            padded[:, order] = mask24(torch.nn.functional.pad(a_in, (0, k_pad - k))[:, order].abs())
-            keep = padded[:, :k].clone()
+            keep = from_strided_k(mask24(to_strided_k(a_in, 1).abs()), a.shape[1])
         else:
             keep = mask24(a_in.abs())
         if dense_rows:

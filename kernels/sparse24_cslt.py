@@ -97,6 +97,22 @@ def strided_order(k: int, device=None) -> Tensor:
     return torch.arange(k, device=device).view(4, k // 4).t().reshape(-1)
 
 
+def to_strided_k(x: Tensor, dim: int) -> Tensor:
+    """x with its K dim (`dim`: 1 for the sparse operand's columns, 0 for the dense operand's rows)
+    padded with zeros to `strided_k_padded(K)` and put in `strided_order`: a product over K is
+    unchanged when both operands go through this."""
+    k = x.shape[dim]
+    k_pad = strided_k_padded(k)
+    padding = (0, k_pad - k) if dim == 1 else (0, 0, 0, k_pad - k)
+    return torch.nn.functional.pad(x, padding).index_select(dim, strided_order(k_pad, x.device))
+
+
+def from_strided_k(x: Tensor, k: int) -> Tensor:
+    """The inverse of `to_strided_k(·, 1)`: x's columns put back in their own order, the padding dropped."""
+    order = strided_order(x.shape[1], x.device)
+    return torch.empty_like(x).index_copy_(1, order, x)[:, :k]
+
+
 def cslt_pack_reference(x: Tensor, square: bool = False, relu: bool = False, out_dtype: torch.dtype | None = None,
                         scale: Tensor | None = None, strided_k: bool = False) -> Tensor:
     """Plain PyTorch: keep the 2 largest |x| of every 4 (ties: lower index), pack like cuSPARSELt.
@@ -110,9 +126,8 @@ def cslt_pack_reference(x: Tensor, square: bool = False, relu: bool = False, out
     m, k = x.shape
     out_dtype = out_dtype or x.dtype
     if strided_k:
-        k_pad = strided_k_padded(k)
-        x = torch.nn.functional.pad(x, (0, k_pad - k))[:, strided_order(k_pad, x.device)]
-        k = k_pad
+        x = to_strided_k(x, 1)
+        k = x.shape[1]
     if relu:
         x = torch.relu(x)
     m_pad = padded_rows(m)

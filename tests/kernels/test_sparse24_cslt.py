@@ -165,6 +165,15 @@ def test_strided_order_groups_columns_a_quarter_apart():
         cslt.strided_order(6)
 
 
+def test_strided_k_keeps_products_and_round_trips():
+    a, b = randn(5, 18, dtype=torch.float64), randn(18, 3, dtype=torch.float64)
+    a_s, b_s = cslt.to_strided_k(a, 1), cslt.to_strided_k(b, 0)
+    assert a_s.shape == (5, 64) and b_s.shape == (64, 3)
+    assert torch.equal(a_s[:, :4], torch.stack([a[:, 0], a[:, 16], torch.zeros(5), torch.zeros(5)], 1).double())
+    torch.testing.assert_close(a_s @ b_s, a @ b)
+    assert torch.equal(cslt.from_strided_k(a_s, 18), a)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_kernel_packs_in_the_strided_order(fp8):
     x, scale = randn(192, 100, dtype=torch.float16).t(), None  # a transposed view, as a weight gradient's
