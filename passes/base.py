@@ -70,6 +70,7 @@ class GraphPass:
     name: ClassVar[str]
     hook: ClassVar[str] = "post_grad"  # "joint" or "post_grad"
     exact: ClassVar[bool] = True  # keeps outputs equal to eager within dtype tolerance
+    helpers: ClassVar[tuple] = ()  # modules with more of the pass's code: their source is in the uuid too
 
     def options(self) -> dict[str, Any]:
         """Every option that changes the pass's output; part of the uuid."""
@@ -91,7 +92,8 @@ class GraphPass:
         except TypeError as e:
             raise TypeError(f"pass {self.name!r}: options() must return JSON values (numbers, "
                             f"strings, bools, lists, dicts) so that they key Inductor's cache: {e}") from e
-        return get_hash_for_files((source, __file__), extra).hex()
+        files = (source, __file__, *(inspect.getsourcefile(m) for m in self.helpers))
+        return get_hash_for_files(files, extra).hex()
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

@@ -12,9 +12,13 @@ becomes `mul.Tensor(r, r)`):
 
     h ─ relu ─[casts, views]─ pow(·, 2) | mul(r, r) ─[casts, views]─ mm(·, W2ᵀ) | addmm(b, ·, W2ᵀ)
 
-Casts (autocast puts `pow` in fp32) and views that keep the hidden dimension last (3-D tokens
+Casts (autocast puts `pow` in fp32) and views that keep the elements in order (3-D tokens
 flattened for the matmul; an in-place `F.relu(h, inplace=True)` or `nn.ReLU(inplace=True)`, which
-functionalization turns into relu and views back) may sit in between. Other spellings of the same
+functionalization turns into relu and views back; einsum's unsqueezes and permutes of size-1 dims)
+may sit in between, as long as the matmul reduces over the hidden dim. A linear written as an einsum
+(`torch.einsum("btf,df->btd", a, w)`) reaches the graph as a bmm of batch 1: the pass sees those as
+mms while it matches (passes/bmm_as_mm.py) and puts back every one it did not rewrite; their weight
+gradients come as Aᵀ·dY, not dYᵀ·A, and are rewritten as well. Other spellings of the same
 function match too: `torch.clamp(h, min=0)` (`clamp_min(h, 0)`, whose gradient reads h, not r: the
 square's `2r` factor still zeroes the dropped entries) and `torch.relu(h) * torch.relu(h)` (two relu
 nodes of one input, merged into one; dH is then the sum of their two gradients). Every use of the
@@ -114,6 +118,8 @@ import torch
 from torch import fx
 
 from fvcompile.kernels import sparse24 as k24
+from fvcompile.passes import bmm_as_mm
+from fvcompile.passes.bmm_as_mm import keeps_order
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site, module_path
 
 aten = torch.ops.aten
@@ -121,7 +127,6 @@ prims = torch.ops.prims
 fvc = torch.ops.fvcompile
 
 CASTS = {prims.convert_element_type.default, aten._to_copy.default, aten.alias.default}
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @dataclass
@@ -171,27 +176,31 @@ def _is_square(node: fx.Node) -> bool:
         and _is_square_of(node, node.args[0])
 
 
-def _forward_uses(node: fx.Node, grad: set[fx.Node], hidden, through_views: bool):
-    """Follow casts (and views keeping the hidden dim last) from `node` through its forward users.
+def _passes_values(node: fx.Node) -> bool:
+    """A cast, or a view whose elements in row-major order are its input's in the same order
+    (`keeps_order`: reshapes, unsqueezes, einsum's permutes of size-1 dims): node holds the
+    values of its input, in the same places once flattened to rows of the hidden width."""
+    return node.op == "call_function" and (node.target in CASTS or keeps_order(node))
 
-    Returns (chain, terminals): chain are the pass-through nodes, terminals (user, input) pairs.
-    """
-    chain, terminals, todo = [], [], [node]
+
+def _forward_uses(node: fx.Node, grad: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    """The (user, input) pairs where `node`'s values, followed through casts and order-keeping
+    views (`_passes_values`), are used in the forward (users in `grad` are skipped)."""
+    terminals, todo = [], [node]
     while todo:
         cur = todo.pop()
         for user in cur.users:
             if user in grad:
                 continue
-            passes = (user.target in CASTS or (through_views and user.target in VIEWS)) and user.args[0] is cur
+            passes = _passes_values(user) and user.args[0] is cur
             # copy(dst, cur) into a buffer of cur's shape holds cur's values (functionalized in-place ops)
             passes = passes or (user.target == aten.copy.default and user.args[1] is cur
                                 and _same_shape(user, cur))
-            if passes and _hidden_kept(user, hidden):
-                chain.append(user)
+            if passes:
                 todo.append(user)
             else:
                 terminals.append((user, cur))
-    return chain, terminals
+    return terminals
 
 
 def _describe(node: fx.Node) -> str:
@@ -235,7 +244,7 @@ def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
     while todo:  # r, its aliases and views
         cur = todo.pop()
         readers.append(cur)
-        todo += [u for u in cur.users if u.target in VIEWS | {aten.alias.default} and u.args[0] is cur]
+        todo += [u for u in cur.users if (u.target == aten.alias.default or keeps_order(u)) and u.args[0] is cur]
     found = []
     for r in readers:
         for u in r.users:
@@ -257,7 +266,7 @@ def _dh_users(sparse: fx.Node, hidden) -> list[tuple[fx.Node, fx.Node]]:
     sums = {u for w in found for u in w.users
             if u.target == aten.add.Tensor and all(a in found for a in u.args[:2])}
     dh = list(sums) + [w for w in found if not any(u in sums for u in w.users)]
-    return [pair for node in dh for pair in _forward_uses(node, set(), hidden, through_views=True)[1]]
+    return [(user, src) for node in dh for user, src in _forward_uses(node, set()) if _hidden_kept(src, hidden)]
 
 
 def _same_views(graph: fx.Graph, operand: fx.Node, square: fx.Node, base: fx.Node,
@@ -268,9 +277,9 @@ def _same_views(graph: fx.Graph, operand: fx.Node, square: fx.Node, base: fx.Nod
     `base` in another dtype than `operand` (squaring in that dtype would round differently)."""
     views, cur = [], operand
     while cur is not square:
-        if cur.op != "call_function" or cur.target not in CASTS | VIEWS:
+        if not _passes_values(cur):
             return None
-        if cur.target in VIEWS:
+        if cur.target not in CASTS:
             views.append(cur)
         cur = cur.args[0]
     dtype = base.meta["val"].dtype
@@ -282,6 +291,28 @@ def _same_views(graph: fx.Graph, operand: fx.Node, square: fx.Node, base: fx.Nod
             r = graph.call_function(view.target, (r, *view.args[1:]), dict(view.kwargs))
             r.meta = dict(view.meta)
     return r
+
+
+def _token_contractions(s: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+    """The matmuls contracting s (tokens, hidden) over its tokens, a weight gradient, as (mm, its
+    other operand): written gᵀ·s (nn.Linear's dW) or sᵀ·g (einsum's)."""
+    found = []
+    for user in s.users:
+        if user.target == aten.mm.default and user.args[1] is s and user.args[0] is not s:
+            found.append((user, user.args[0]))
+        elif user.target == aten.permute.default and user.args[0] is s and list(user.args[1]) == [1, 0]:
+            found += [(mm, mm.args[1]) for mm in user.users
+                      if mm.target == aten.mm.default and mm.args[0] is user and mm.args[1] is not user]
+    return found
+
+
+def _transposed(graph: fx.Graph, x: fx.Node) -> fx.Node:
+    """xᵀ: the input of x where x is a transpose already, else a permute inserted here."""
+    if x.op == "call_function" and x.target == aten.permute.default and list(x.args[1]) == [1, 0]:
+        return x.args[0]
+    t = graph.call_function(aten.permute.default, (x, [1, 0]))
+    t.meta = {**x.meta, "val": x.meta["val"].t()}
+    return t
 
 
 def _row_max_node(graph: fx.Graph, x: fx.Node, before: fx.Node) -> fx.Node:
@@ -312,6 +343,7 @@ class Sparse24(GraphPass):
     name = "sparse24"
     hook = "joint"
     exact = False
+    helpers = (bmm_as_mm,)
 
     def __init__(self, emulate: bool = True, warmup_steps: int = 0, sparse_mm: bool | None = None,
                  sparse_weight_grad: bool | str = False, fp8: bool = False):
@@ -356,7 +388,7 @@ class Sparse24(GraphPass):
         hidden = relu.meta["val"].shape[-1] if isinstance(relu.meta.get("val"), torch.Tensor) else None
         # Views may sit between relu and square: an in-place relu (`F.relu(h, inplace=True)`,
         # `nn.ReLU(inplace=True)`) reaches the graph as relu, then views back to h's shape.
-        _, terminals = _forward_uses(relu, grad, hidden, through_views=True)
+        terminals = _forward_uses(relu, grad)
         squares = [u for u, src in terminals if _is_square_of(u, src)]
         others = [u for u, src in terminals if not _is_square_of(u, src)]
         if not squares:  # a clamp(min=0) not squared is no site at all (box coordinates, losses, ...)
@@ -365,7 +397,7 @@ class Sparse24(GraphPass):
             extra = (others + squares[1:])[0]
             return f"relu output is also used by {_describe(extra)}"
         square = squares[0]
-        _, consumers = _forward_uses(square, grad, hidden, through_views=True)
+        consumers = _forward_uses(square, grad)
         if not consumers:
             return "relu² not consumed by a matmul (no forward use)"
         matmuls = []
@@ -375,6 +407,8 @@ class Sparse24(GraphPass):
                         and user.args[2] is not src and not user.kwargs)
             if not (is_mm or is_addmm):
                 return f"relu² not consumed by a matmul (used by {_describe(user)})"
+            if isinstance(hidden, int) and not _hidden_kept(src, hidden):
+                return f"relu² reaches {_describe(user)} reshaped: the matmul does not reduce over the hidden dim"
             matmuls.append(user)
         if not isinstance(hidden, int):
             return "hidden width is dynamic"
@@ -388,6 +422,8 @@ class Sparse24(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
         result = PassResult()
+        # einsum's batch-1 bmms as the mms they are, put back wherever nothing was rewritten.
+        einsum_mms = bmm_as_mm.as_mm(graph)
         grad = gradient_only_nodes(graph)
         has_cores = k24.sparse_tensor_cores_available(ctx.device)
         has_fp8 = self.fp8 and k24.fp8_sparse_mm_available(ctx.device)
@@ -434,6 +470,7 @@ class Sparse24(GraphPass):
             result.rewritten.append(Site(found.relu.name, module, detail))
 
         self._report_other_squares(graph, grad, matched_squares, result)
+        bmm_as_mm.as_bmm(graph, einsum_mms)
         if emulated:
             where = (k24.no_sparse_mm_reason(ctx.device) if not has_cores
                      else f"no FP8 2:4 sparse matmul on {ctx.device}" if self.fp8 and not has_fp8
@@ -499,16 +536,18 @@ class Sparse24(GraphPass):
 
     @staticmethod
     def _sparse_dw1(graph: fx.Graph, sparse: fx.Node, hidden, key: str, dense_steps: int, fp8: bool) -> list[str]:
-        """dW1 = mm(permute(dH), X) -> sparse24_mm(permute(dH), X): dHᵀ 2:4-selected along its last
-        dim, the tokens (grouped strided), its 5% densest rows (features) kept whole."""
+        """dW1 = dHᵀ·X -> sparse24_mm(permute(dH), X): dHᵀ 2:4-selected along its last dim, the
+        tokens (grouped strided), its 5% densest rows (features) kept whole."""
         done = []
-        for t, src in _dh_users(sparse, hidden):
-            if not (t.target == aten.permute.default and t.args[0] is src and list(t.args[1]) == [1, 0]):
-                continue
-            for mm in [u for u in t.users if u.target == aten.mm.default and u.args[0] is t]:
+        for d_h in dict.fromkeys(src for _, src in _dh_users(sparse, hidden)):
+            for mm, other in _token_contractions(d_h):
+                transposed = mm.args[1] is d_h  # Xᵀ·dH (einsum's): (dHᵀ·X)ᵀ
                 with graph.inserting_before(mm):
-                    d_w = graph.call_function(fvc.sparse24_mm.default, (t, mm.args[1], key, dense_steps, True),
-                                              {"fp8": fp8, "strided_k": True, "dense_rows": DENSE_FEATURES})
+                    d_h_t = _transposed(graph, d_h) if transposed else mm.args[0]
+                    x = _transposed(graph, other) if transposed else other
+                    d_w = graph.call_function(fvc.sparse24_mm.default, (d_h_t, x, key, dense_steps, True),
+                                              {"transpose_out": transposed, "fp8": fp8, "strided_k": True,
+                                               "dense_rows": DENSE_FEATURES})
                 d_w.meta = dict(mm.meta)
                 mm.replace_all_uses_with(d_w)
                 graph.erase_node(mm)
@@ -518,30 +557,27 @@ class Sparse24(GraphPass):
     @staticmethod
     def _sparse_weight_grad(graph: fx.Graph, m: Match, sparse: fx.Node, key: str, dense_steps: int,
                             fp8: bool, col_max: fx.Node | None = None) -> list[str]:
-        """dW2 = mm(permute(dY), A) -> sparse24_mm(permute(A), dY, transpose_out=True): A's transpose
-        is 2:4-selected along its last dim, the tokens (the reduction dim of this matmul). Where A is
-        r² (r the sparse relu), the op reads r and squares as it packs: A is never written."""
+        """dW2 = dYᵀ·A -> sparse24_mm(permute(A), dY, transpose_out=True): A's transpose is
+        2:4-selected along its last dim, the tokens (the reduction dim of this matmul); the product
+        comes out transposed, in the weight's own layout (einsum's Aᵀ·dY takes it as it is). Where
+        A is r² (r the sparse relu), the op reads r and squares as it packs: A is never written."""
         done = []
         for fwd in m.matmuls:
             a = fwd.args[0] if fwd.target == aten.mm.default else fwd.args[1]
-            for user in list(a.users):
-                grad_t = user.args[0] if user.target == aten.mm.default else None
-                if not (user.args[1:] == (a,) and grad_t is not None
-                        and grad_t.target == aten.permute.default and list(grad_t.args[1]) == [1, 0]):
-                    continue
-                r = _same_views(graph, a, m.square, sparse, user)
-                with graph.inserting_before(user):
-                    a_t = graph.call_function(aten.permute.default, (a if r is None else r, [1, 0]))
-                    # transpose_out: (Aᵀ @ dY)ᵀ comes out as dW2 in the weight's own layout.
+            for mm, other in _token_contractions(a):
+                transposed = mm.args[1] is a  # dYᵀ·A = (Aᵀ·dY)ᵀ
+                r = _same_views(graph, a, m.square, sparse, mm)
+                with graph.inserting_before(mm):
+                    a_t = _transposed(graph, a if r is None else r)
+                    d_y = _transposed(graph, other) if transposed else other
                     # col_max (FP8): r's column maxima, the rows of rᵀ, from the selection's pass.
                     d_w = graph.call_function(fvc.sparse24_mm.default,
-                                              (a_t, grad_t.args[0], key, dense_steps, True, r is not None, False, True),
+                                              (a_t, d_y, key, dense_steps, True, r is not None, False, transposed),
                                               {"fp8": fp8, "strided_k": True,
                                                **({"a_max": col_max} if r is not None and col_max else {})})
-                a_t.meta = {**user.meta, "val": a.meta["val"].t()}
-                d_w.meta = dict(user.meta)
-                user.replace_all_uses_with(d_w)
-                graph.erase_node(user)
+                d_w.meta = dict(mm.meta)
+                mm.replace_all_uses_with(d_w)
+                graph.erase_node(mm)
                 done.append("dW2 matmul -> sparse24_mm (2:4 along tokens" + (", reads r)" if r is not None else ")"))
         return done
 
@@ -576,7 +612,7 @@ class Sparse24(GraphPass):
             if node.op != "call_function" or node in grad or node in matched or not _is_square(node):
                 continue
             base = node.args[0]
-            while base.op == "call_function" and base.target in CASTS | VIEWS:
+            while _passes_values(base):
                 base = base.args[0]
             if base.target == fvc.sparse24_relu.default:
                 continue  # the square of a site this pass just rewrote

@@ -19,7 +19,7 @@ from fvcompile.models import get
 from fvcompile.passes.sparse24 import Sparse24
 
 FORMS = ["relu_pow", "square", "method_pow", "relu_module_square", "mul", "cast",
-         "relu_inplace", "relu_module_inplace", "twin_relus", "clamp"]
+         "relu_inplace", "relu_module_inplace", "twin_relus", "clamp", "einsum"]
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +40,8 @@ class SquaredReluFFN(nn.Module):
         self.form = form
 
     def forward(self, x):
-        h = self.w1(x)
-        if self.form == "relu_pow":
+        h = self.linear(self.w1, x)
+        if self.form in ("relu_pow", "einsum"):
             a = F.relu(h) ** 2
         elif self.form == "square":
             a = torch.square(F.relu(h))
@@ -60,7 +60,14 @@ class SquaredReluFFN(nn.Module):
             a = r * r
         elif self.form == "cast":  # what autocast does: the square in fp32, the matmul in low precision
             a = F.relu(h).float().pow(2).to(h.dtype)
-        return self.w2(a)
+        return self.linear(self.w2, a)
+
+    def linear(self, layer, x):
+        if self.form != "einsum":
+            return layer(x)
+        # A bmm of batch 1 in the graph, between unsqueezes and permutes of size-1 dims.
+        y = torch.einsum("...i,oi->...o", x, layer.weight)
+        return y if layer.bias is None else y + layer.bias
 
 
 def masked_relu(h):
@@ -115,7 +122,7 @@ def test_every_form_matches_the_reference(form, tokens_3d):
                for r in optimized.fvcompile_report.pass_runs("sparse24") for n in r.result.notes)
 
 
-@pytest.mark.parametrize("form", ["relu_pow", "mul", "cast", "relu_inplace", "twin_relus", "clamp"])
+@pytest.mark.parametrize("form", ["relu_pow", "mul", "cast", "relu_inplace", "twin_relus", "clamp", "einsum"])
 def test_sparse_matmul_rewrite_forward_and_dx(form):
     """sparse_mm=True: the forward mm/addmm and the backward dX mm become sparse24_mm (emulated on CPU)."""
     torch.manual_seed(1)
@@ -320,6 +327,8 @@ class Relu2Variant(nn.Module):
             return (r ** 2).sum(-1)
         if self.kind == "relu_reused":
             return self.w2(r ** 2) + r.sum(-1, keepdim=True)
+        if self.kind == "reshaped":  # rows of 64 of the hidden units, not of the tokens
+            return (r ** 2).reshape(-1, 64) @ self.w2.weight[:, :64].t()
         return self.w2(r ** 2)
 
 
@@ -327,6 +336,7 @@ class Relu2Variant(nn.Module):
     ("plain_relu", 128, "relu is not squared"),
     ("not_a_matmul", 128, "relu² not consumed by a matmul"),
     ("relu_reused", 128, "relu output is also used by"),
+    ("reshaped", 128, "the matmul does not reduce over the hidden dim"),
     ("aligned", 30, "hidden width 30 is not a multiple of 64"),
     ("aligned", 96, "hidden width 96 is not a multiple of 64"),
 ])
@@ -503,11 +513,12 @@ def test_all_weight_grads_sparse(sparse_mm):
         Sparse24(sparse_weight_grad="dW1")
 
 
-@pytest.mark.parametrize("form", ["relu_inplace", "relu_module_inplace", "twin_relus", "clamp"])
+@pytest.mark.parametrize("form", ["relu_inplace", "relu_module_inplace", "twin_relus", "clamp", "einsum"])
 def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form):
     """In-place relus (whose gradient reads views, and with a bias copies), twin relus (whose
-    gradients are summed) and clamp(min=0) (whose gradient reads h): forward, dX, dW2 and dW1 all
-    become sparse24_mm as for `F.relu(h) ** 2`, with the same numbers."""
+    gradients are summed), clamp(min=0) (whose gradient reads h) and einsum linears (bmms of batch
+    1, whose weight gradients come transposed): forward, dX, dW2 and dW1 all become sparse24_mm as
+    for `F.relu(h) ** 2`, with the same numbers."""
     torch.manual_seed(6)
     plain = SquaredReluFFN(hidden=256, bias=True)
     other = SquaredReluFFN(hidden=256, bias=True, form=form)

@@ -1,0 +1,128 @@
+"""Batch-1 `bmm` as `mm`, and back: how a pass sees an einsum linear as the linear it is.
+
+`torch.einsum("btf,df->btd", a, w)` reaches the joint graph as a `bmm` of batch 1 between
+unsqueezes and permutes that only move size-1 dims, where `a @ w.t()` or `F.linear` reach it as
+views and an `mm`. `as_mm` rewrites every `bmm` of static batch 1 into
+`unsqueeze(mm(squeeze(a, 0), squeeze(b, 0)), 0)` (the same product), a batch transpose of an
+operand (`permute(x, [0, 2, 1])`) becoming a 2-D transpose of its squeeze, so that a pass matching
+`mm` and `permute(·, [1, 0])` also matches einsum's forms; `keeps_order` lets it follow the views
+in between. `as_bmm` then puts back a `bmm` wherever the pass left an `mm` unchanged, so that
+nothing it did not rewrite changes.
+"""
+from __future__ import annotations
+
+from torch import fx
+import torch
+
+aten = torch.ops.aten
+
+ORDER_KEEPING_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+                       aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
+PERMUTES = {aten.permute.default, aten.transpose.int}
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _permutation(node: fx.Node) -> list[int] | None:
+    shape = _shape(node.args[0])
+    if shape is None:
+        return None
+    rank = len(shape)
+    if node.target == aten.permute.default:
+        return [d % rank for d in node.args[1]]
+    dims = list(range(rank))
+    i, j = (d % rank for d in node.args[1:3])
+    dims[i], dims[j] = dims[j], dims[i]
+    return dims
+
+
+def keeps_order(node: fx.Node) -> bool:
+    """Whether `node` is a view whose elements, read in row-major order, are its input's in the
+    same order: a view or reshape, an unsqueeze or squeeze, a permute moving only size-1 dims."""
+    if node.op != "call_function":
+        return False
+    if node.target in ORDER_KEEPING_VIEWS:
+        return True
+    if node.target in PERMUTES:
+        dims, shape = _permutation(node), _shape(node.args[0])
+        if dims is None:
+            return False
+        sized = [d for d in dims if not (isinstance(shape[d], int) and shape[d] == 1)]
+        return sized == sorted(sized)
+    return False
+
+
+def _is_batch_transpose(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in PERMUTES and _permutation(node) == [0, 2, 1]
+
+
+def _call(graph: fx.Graph, target, *args) -> fx.Node:
+    node = graph.call_function(target, args)
+    node.meta["val"] = target(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
+    return node
+
+
+def as_mm(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """Every bmm of static batch 1 rewritten as an mm (see the module docstring); returns the
+    (mm, unsqueeze of it) pairs that replace them, for `as_bmm`."""
+    squeezed: dict[fx.Node, fx.Node] = {}
+
+    def two_d(x: fx.Node) -> fx.Node:
+        if x in squeezed:
+            return squeezed[x]
+        with graph.inserting_after(x):
+            if _is_batch_transpose(x):  # permute(y, [0, 2, 1]) -> permute(squeeze(y, 0), [1, 0])
+                inner = two_d(x.args[0])
+                with graph.inserting_after(inner):
+                    node = _call(graph, aten.permute.default, inner, [1, 0])
+            else:
+                node = _call(graph, aten.squeeze.dim, x, 0)
+        node.meta.update({k: v for k, v in x.meta.items() if k != "val"})
+        squeezed[x] = node
+        return node
+
+    mms = []
+    for bmm in list(graph.find_nodes(op="call_function", target=aten.bmm.default)):
+        shapes = [_shape(x) for x in bmm.args[:2]]
+        if not all(s is not None and len(s) == 3 and isinstance(s[0], int) and s[0] == 1 for s in shapes):
+            continue
+        a, b = (two_d(x) for x in bmm.args[:2])
+        with graph.inserting_before(bmm):
+            mm = _call(graph, aten.mm.default, a, b)
+            out = _call(graph, aten.unsqueeze.default, mm, 0)
+        for node in (mm, out):
+            node.meta.update({k: v for k, v in bmm.meta.items() if k != "val"})
+        bmm.replace_all_uses_with(out)
+        _erase_unused(graph, bmm)
+        mms.append((mm, out))
+    return mms
+
+
+def as_bmm(graph: fx.Graph, mms: list[tuple[fx.Node, fx.Node]]) -> None:
+    """Put back a bmm for every mm of `as_mm` still in the graph (the pass did not rewrite it)."""
+    alive = set(graph.nodes)
+    for mm, out in mms:
+        if mm not in alive or out not in alive or list(mm.users) != [out]:
+            continue
+        with graph.inserting_before(out):
+            a, b = (_call(graph, aten.unsqueeze.default, x, 0) for x in mm.args)
+            bmm = _call(graph, aten.bmm.default, a, b)
+        bmm.meta.update({k: v for k, v in mm.meta.items() if k != "val"})
+        out.replace_all_uses_with(bmm)
+        _erase_unused(graph, out)
+
+
+def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase `node` and then every view or mm above it that nothing reads any more."""
+    todo = [node]
+    while todo:
+        cur = todo.pop()
+        if cur.users or cur.op != "call_function":
+            continue
+        inputs = cur.all_input_nodes
+        graph.erase_node(cur)
+        todo += [i for i in inputs if i.op == "call_function"
+                 and (i.target in ORDER_KEEPING_VIEWS | PERMUTES or i.target == aten.mm.default)]
