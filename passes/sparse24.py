@@ -88,8 +88,8 @@ FP8 (`fp8=True`), the paper's path. The sparse matmuls (forward, dX, and dW2 wit
 tensor, the product rescaled (`kernels/sparse24_fp8.py` defines the formula, which is also the
 reference and the emulation). The row maxima behind those scales are not read again where the graph
 has them: in training the selection (`sparse24_relu_max`) also returns r's row maxima (the forward
-matmul's scales) and column maxima (the sparse dW2's), and dX's are an `amax` over dH in the graph,
-for Inductor to fuse where it can (the same numbers: a row's maximum is always kept); the dense
+matmul's scales) and column maxima (the sparse dW2's), and dX's and the sparse dW1's are `amax`es
+over dH's rows and columns in the graph, for Inductor to fuse where it can (the same numbers: a row's maximum is always kept); the dense
 matmuls and every other op keep the model's dtype, and gradients pass straight through the
 quantization. This is quantization on top of sparsity, so it is measured against both: the training
 study's loss, and speed against the bf16 dense FFN while the parts bench shows what FP8 dense
@@ -315,14 +315,15 @@ def _transposed(graph: fx.Graph, x: fx.Node) -> fx.Node:
     return t
 
 
-def _row_max_node(graph: fx.Graph, x: fx.Node, before: fx.Node) -> fx.Node:
-    """amax(|x|, dim 1), inserted before `before`: ops Inductor can fuse into x's own kernel."""
+def _abs_max_node(graph: fx.Graph, x: fx.Node, dim: int, before: fx.Node) -> fx.Node:
+    """amax(|x|, dim) (dim 1: of every row; 0: of every column), inserted before `before`: ops
+    Inductor can fuse into x's own kernel."""
     with graph.inserting_before(before):
         absolute = graph.call_function(aten.abs.default, (x,))
-        row_max = graph.call_function(aten.amax.default, (absolute, [1]))
+        abs_max = graph.call_function(aten.amax.default, (absolute, [dim]))
     absolute.meta = {**x.meta, "val": aten.abs.default(x.meta["val"])}
-    row_max.meta = {**x.meta, "val": aten.amax.default(absolute.meta["val"], [1])}
-    return row_max
+    abs_max.meta = {**x.meta, "val": aten.amax.default(absolute.meta["val"], [dim])}
+    return abs_max
 
 
 def _erase_unused(graph: fx.Graph, square: fx.Node, sparse: fx.Node) -> None:
@@ -528,7 +529,7 @@ class Sparse24(GraphPass):
               if u.target == aten.mm.default and u.args[0] is src and u.args[1] is not src] if training else []
         for mm in dx:
             # FP8: dH's row maxima in the graph, where Inductor can fuse them into dH's own kernel.
-            a_max = _row_max_node(graph, mm.args[0], mm) if self.fp8 else None
+            a_max = _abs_max_node(graph, mm.args[0], 1, mm) if self.fp8 else None
             self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8, a_max=a_max)
         if dx:
             done.append("dX matmul -> sparse24_mm")
@@ -537,7 +538,8 @@ class Sparse24(GraphPass):
     @staticmethod
     def _sparse_dw1(graph: fx.Graph, sparse: fx.Node, hidden, key: str, dense_steps: int, fp8: bool) -> list[str]:
         """dW1 = dHᵀ·X -> sparse24_mm(permute(dH), X): dHᵀ 2:4-selected along its last dim, the
-        tokens (grouped strided), its 5% densest rows (features) kept whole."""
+        tokens (grouped strided), its 5% densest rows (features) kept whole. FP8: the rows' maxima
+        are dH's column maxima, from the graph (beside dX's row maxima, over the same dH)."""
         done = []
         for d_h in dict.fromkeys(src for _, src in _dh_users(sparse, hidden)):
             for mm, other in _token_contractions(d_h):
@@ -545,9 +547,11 @@ class Sparse24(GraphPass):
                 with graph.inserting_before(mm):
                     d_h_t = _transposed(graph, d_h) if transposed else mm.args[0]
                     x = _transposed(graph, other) if transposed else other
+                a_max = {"a_max": _abs_max_node(graph, d_h, 0, mm)} if fp8 else {}
+                with graph.inserting_before(mm):
                     d_w = graph.call_function(fvc.sparse24_mm.default, (d_h_t, x, key, dense_steps, True),
                                               {"transpose_out": transposed, "fp8": fp8, "strided_k": True,
-                                               "dense_rows": DENSE_FEATURES})
+                                               "dense_rows": DENSE_FEATURES, **a_max})
                 d_w.meta = dict(mm.meta)
                 mm.replace_all_uses_with(d_w)
                 graph.erase_node(mm)
