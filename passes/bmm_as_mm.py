@@ -2,7 +2,7 @@
 
 `torch.einsum("btf,df->btd", a, w)` reaches the joint graph as a `bmm` of batch 1 between
 unsqueezes and permutes that only move size-1 dims, where `a @ w.t()` or `F.linear` reach it as
-views and an `mm`. `as_mm` rewrites every `bmm` of static batch 1 into
+views and an `mm`. `as_mm` rewrites the `bmm`s of static batch 1 that read given tensors into
 `unsqueeze(mm(squeeze(a, 0), squeeze(b, 0)), 0)` (the same product), a batch transpose of an
 operand (`permute(x, [0, 2, 1])`) becoming a 2-D transpose of its squeeze, so that a pass matching
 `mm` and `permute(·, [1, 0])` also matches einsum's forms; `keeps_order` lets it follow the views
@@ -65,9 +65,18 @@ def _call(graph: fx.Graph, target, *args) -> fx.Node:
     return node
 
 
-def as_mm(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
-    """Every bmm of static batch 1 rewritten as an mm (see the module docstring); returns the
-    (mm, unsqueeze of it) pairs that replace them, for `as_bmm`."""
+def reads(node: fx.Node, sources: set[fx.Node]) -> bool:
+    """Whether `node` is one of `sources`, or a view of one through order-keeping views and
+    batch transposes."""
+    while node not in sources and isinstance(node, fx.Node) and (keeps_order(node) or _is_batch_transpose(node)):
+        node = node.args[0]
+    return node in sources
+
+
+def as_mm(graph: fx.Graph, sources: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    """Every bmm of static batch 1 with an operand that `reads` one of `sources`, rewritten as an
+    mm (see the module docstring); returns the (mm, unsqueeze of it) pairs that replace them, for
+    `as_bmm`."""
     squeezed: dict[fx.Node, fx.Node] = {}
 
     def two_d(x: fx.Node) -> fx.Node:
@@ -88,6 +97,8 @@ def as_mm(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
     for bmm in list(graph.find_nodes(op="call_function", target=aten.bmm.default)):
         shapes = [_shape(x) for x in bmm.args[:2]]
         if not all(s is not None and len(s) == 3 and isinstance(s[0], int) and s[0] == 1 for s in shapes):
+            continue
+        if not any(reads(x, sources) for x in bmm.args[:2]):
             continue
         a, b = (two_d(x) for x in bmm.args[:2])
         with graph.inserting_before(bmm):

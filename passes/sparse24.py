@@ -258,15 +258,29 @@ def _relu_grad_nodes(relu: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _dh_users(sparse: fx.Node, hidden) -> list[tuple[fx.Node, fx.Node]]:
-    """(user, dH or its view) for every user of dH, relu's gradient read from the sparse relu:
-    where the backward's dX and dW1 matmuls are found."""
-    found = _relu_grad_nodes(sparse)
+def _dh_nodes(relu: fx.Node) -> list[fx.Node]:
+    """dH, the relu's gradient (one node, or the sum of two for merged twin relus)."""
+    found = _relu_grad_nodes(relu)
     # relu(h) * relu(h), its twin relus merged into one: each had a gradient, and dH is their sum.
     sums = {u for w in found for u in w.users
             if u.target == aten.add.Tensor and all(a in found for a in u.args[:2])}
-    dh = list(sums) + [w for w in found if not any(u in sums for u in w.users)]
-    return [(user, src) for node in dh for user, src in _forward_uses(node, set()) if _hidden_kept(src, hidden)]
+    return list(sums) + [w for w in found if not any(u in sums for u in w.users)]
+
+
+def _dh_users(sparse: fx.Node, hidden) -> list[tuple[fx.Node, fx.Node]]:
+    """(user, dH or its view) for every user of dH, relu's gradient read from the sparse relu:
+    where the backward's dX and dW1 matmuls are found."""
+    return [(user, src) for node in _dh_nodes(sparse) for user, src in _forward_uses(node, set())
+            if _hidden_kept(src, hidden)]
+
+
+def _squares_and_gradients(graph: fx.Graph) -> set[fx.Node]:
+    """Every relu's squares and gradients: the tensors whose einsum matmuls may be a site's."""
+    found = set()
+    for relu in (n for n in graph.nodes if _is_relu(n)):
+        found.update(_dh_nodes(relu))
+        found.update(u for u, src in _forward_uses(relu, set()) if _is_square_of(u, src))
+    return found
 
 
 def _same_views(graph: fx.Graph, operand: fx.Node, square: fx.Node, base: fx.Node,
@@ -423,8 +437,9 @@ class Sparse24(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
         result = PassResult()
-        # einsum's batch-1 bmms as the mms they are, put back wherever nothing was rewritten.
-        einsum_mms = bmm_as_mm.as_mm(graph)
+        _merge_twin_relus(graph, gradient_only_nodes(graph))
+        # einsum's batch-1 bmms of relu² and dH as the mms they are, put back where not rewritten.
+        einsum_mms = bmm_as_mm.as_mm(graph, _squares_and_gradients(graph))
         grad = gradient_only_nodes(graph)
         has_cores = k24.sparse_tensor_cores_available(ctx.device)
         has_fp8 = self.fp8 and k24.fp8_sparse_mm_available(ctx.device)
@@ -433,7 +448,6 @@ class Sparse24(GraphPass):
         sites_per_module: dict[str, int] = {}
         emulated = 0
 
-        _merge_twin_relus(graph, grad)
         for relu in [n for n in graph.nodes if _is_relu(n)]:
             if relu in grad:
                 continue  # a relu computing gradients is no activation

@@ -26,7 +26,9 @@ def test_as_mm_then_as_bmm_keep_the_numbers_and_put_every_bmm_back():
     expected = einsum_mlp(*args)
     assert targets(gm).count(aten.bmm.default) == 2 and aten.mm.default not in targets(gm)
 
-    mms = as_mm(gm.graph)
+    gelu = next(n for n in gm.graph.nodes if n.target == aten.gelu.default)
+    assert as_mm(gm.graph, set()) == []  # only bmms reading the given tensors
+    mms = as_mm(gm.graph, {gelu, *(n for n in gm.graph.nodes if n.op == "placeholder")})
     gm.recompile()
     assert len(mms) == 2 and aten.bmm.default not in targets(gm) and targets(gm).count(aten.mm.default) == 2
     # Each mm's token-side operand reaches x or gelu(h) through order-keeping views only.
