@@ -137,7 +137,8 @@ def kernels_sparse24():
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(h.grad, (k24.sparse24_relu_reference(h.detach()) > 0).half())
     return (f"{done} shape/dtype cases equal; {fp8}; sparse tensor cores: "
-            f"{k24.sparse_tensor_cores_available(torch.device(DEVICE))} ({k24.sparse_mm_backend(torch.device(DEVICE))})")
+            f"{k24.sparse_tensor_cores_available(torch.device(DEVICE))} ({k24.sparse_mm_backend(torch.device(DEVICE))})"
+            + (f"; {k24.cslt_search_off}" if k24.cslt_search_off else ""))
 
 
 @check("fvcompile.optimize on llama-tiny (CUDA, Inductor/Triton) matches eager fwd+bwd")

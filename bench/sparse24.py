@@ -255,8 +255,10 @@ def main(argv=None) -> dict:
     if not cores:
         print("no 2:4 sparse tensor cores: sparse24 runs emulated (masked dense), so this measures "
               "correctness and the emulation's cost; speed needs an sm80+ GPU")
+    if k24.cslt_search_off:
+        print(f"cuSPARSELt: {k24.cslt_search_off}")
     result = {"device": name, "sparse_tensor_cores": cores, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "ffn": [], "pack": []}
+              "cslt_search": k24.cslt_search_off or "on", "date": time.strftime("%Y-%m-%d"), "ffn": [], "pack": []}
     rows, pack_rows = result["ffn"], result["pack"]
     kind = f"{'gpu' if device.type == 'cuda' else 'cpu'}{'_cudagraphs' if args.cuda_graphs else ''}"
     out = Path(args.out) / f"sparse24_{kind}_{time.strftime('%Y-%m-%d')}_{'-'.join(map(str, tokens))}.json" \

@@ -43,6 +43,8 @@ bf16 relu² packing test uses inputs whose squares are exact.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -266,13 +268,27 @@ def fp8_probe(device) -> str:
 def _probe_in_child(device: str) -> tuple[str | None, str, str]:
     """Probe in a process of its own: a sparse matmul that fails can leave the CUDA context broken,
     which no exception handler can undo (on an H200 on 2026-11-26 a failing cuSPARSELt search was
-    followed by an illegal instruction at every later kernel). Returns (backend, FP8 probe's answer,
-    why no backend)."""
-    import os
+    followed by an illegal instruction at every later kernel). Where no backend works with
+    cuSPARSELt's algorithm search and one does without it, this process stops searching (`cslt_plan`
+    takes the defaults) and warns. Returns (backend, FP8 probe's answer, why no backend)."""
+    global _cslt_search, cslt_search_off
+    found = _probe_child(device, {})
+    if found[0] is None and _cslt_search:
+        retry = _probe_child(device, {"FVCOMPILE_CSLT_SEARCH": "0"})
+        if retry[0] is not None:
+            _cslt_search = False
+            cslt_search_off = (f"the 2:4 probe failed with cuSPARSELt's algorithm search ({found[2]}) and "
+                               "passed without it: default algorithms from now on")
+            warnings.warn(f"fvcompile.sparse24: {cslt_search_off}", stacklevel=2)
+            return retry
+    return found
+
+
+def _probe_child(device: str, env_extra: dict) -> tuple[str | None, str, str]:
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # import what we import
+    env = {**os.environ, **env_extra, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # import what we import
     try:
         proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD.format(device=device)], env=env,
                               capture_output=True, text=True, timeout=600)
@@ -356,18 +372,21 @@ def _cutlass_mm(*args, **kwargs) -> Tensor:
 
 
 _CSLT_PLANS: dict[tuple, dict] = {}  # (shapes, strides, dtype, device, out dtype) -> _cslt_sparse_mm kwargs
+# Whether cslt_plan searches; the probe turns it off where the search breaks the GPU (_probe_in_child).
+_cslt_search = os.environ.get("FVCOMPILE_CSLT_SEARCH", "1") != "0"
+cslt_search_off = ""  # why the probe turned it off, for reports
 
 
 def cslt_plan(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None) -> dict:
     """cuSPARSELt's fastest configuration for this problem, searched once per shape: the algorithm
     and, where this build's search reports them (`torch._C._cusparselt.mm_search`), its split-K
-    settings; {} (the defaults) where there is no search.
+    settings; {} (the defaults) where there is no search, or where the probe turned it off.
 
     A transposed result takes the defaults: on an H200 (torch 2.11+cu130, cuSPARSELt 0.8,
     2026-11-26) the search with transpose_result=True fails with "internal error" and leaves the
     CUDA context broken (illegal instruction at the next kernel), while the matmul itself is right
     (bench/cslt_diag.py)."""
-    if transpose_out:
+    if transpose_out or not _cslt_search:
         return {}
     key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, out_dtype)
     if key not in _CSLT_PLANS:

@@ -336,6 +336,19 @@ def test_probe_in_child_survives_a_crash(monkeypatch):
     assert backend is None and fp8 == "no" and "the probe process failed (exit code -6)" in why, why
 
 
+def test_probe_without_the_search_where_the_search_breaks_the_gpu(monkeypatch):
+    # A child that dies only while cuSPARSELt searches: the second child, searching nothing, finds
+    # the backend, and this process then takes cuSPARSELt's default plans.
+    monkeypatch.setattr(s24, "_PROBE_CHILD", "import os; os.environ.get('FVCOMPILE_CSLT_SEARCH') == '0' or os.abort(); "
+                                             "print('backend: cusparselt'); print('fp8: yes')  # {device}")
+    monkeypatch.setattr(s24, "_cslt_search", True)
+    monkeypatch.setattr(s24, "cslt_search_off", "")
+    with pytest.warns(UserWarning, match="failed with cuSPARSELt's algorithm search"):
+        assert s24._probe_in_child("cuda:0") == ("cusparselt", "yes", "")
+    assert "exit code -6" in s24.cslt_search_off
+    assert s24.cslt_plan(torch.zeros(64, 72), torch.zeros(128, 8), False) == {}
+
+
 @pytest.mark.parametrize("k", [64, 18])  # 18: padded to 64 like any K
 def test_sparse_mm_strided_k_selects_in_the_strided_order(k):
     from fvcompile.kernels.sparse24_cslt import strided_order
