@@ -242,7 +242,7 @@ def first_working_backend(device) -> str | None:
 
 
 _PROBE_CHILD = ("from fvcompile.kernels.sparse24 import first_working_backend as f, fp8_probe as p; "
-                "b = f({device!r}); print('backend:', b); print('fp8:', p({device!r}) if b == 'cusparselt' else 'no')")
+                "b = f({device!r}); print('backend:', b, flush=True); print('fp8:', p({device!r}) if b == 'cusparselt' else 'no')")
 
 
 def fp8_probe(device) -> str:
@@ -295,8 +295,8 @@ def _probe_child(device: str, env_extra: dict) -> tuple[str | None, str, str]:
     except subprocess.TimeoutExpired:
         return None, "no", "the probe process timed out"
     said = {key: value.strip() for key, _, value in (line.partition(":") for line in proc.stdout.splitlines())}
-    if proc.returncode == 0 and said.get("backend") in BACKENDS:
-        fp8 = said.get("fp8")
+    if said.get("backend") in BACKENDS:  # the FP8 probe may have died after it: then no FP8
+        fp8 = said.get("fp8") if proc.returncode == 0 else "no"
         return said["backend"], fp8 if fp8 in ("yes", "not transposed") else "no", ""
     if proc.returncode == 0 and "backend" in said:
         return None, "no", f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe"

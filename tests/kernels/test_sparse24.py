@@ -336,6 +336,11 @@ def test_probe_in_child_survives_a_crash(monkeypatch):
     assert backend is None and fp8 == "no" and "the probe process failed (exit code -6)" in why, why
 
 
+def test_a_probe_dying_in_its_fp8_part_keeps_the_backend(monkeypatch):
+    monkeypatch.setattr(s24, "_PROBE_CHILD", "import os; print('backend: cusparselt', flush=True); os.abort()  # {device}")
+    assert s24._probe_in_child("cuda:0") == ("cusparselt", "no", "")
+
+
 def test_probe_without_the_search_where_the_search_breaks_the_gpu(monkeypatch):
     # A child that dies only while cuSPARSELt searches: the second child, searching nothing, finds
     # the backend, and this process then takes cuSPARSELt's default plans.
