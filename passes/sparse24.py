@@ -59,9 +59,10 @@ t + T/4, t + T/2 and t + 3T/4, T padded with zero tokens to a multiple of 64 (`s
 the pack kernel reads them in place, so any token count runs sparse),
 not as neighbours: neighbouring tokens are alike, and dropping 2 of 4 alike tokens loses more. In
 the CPU study that took the sparse dW2 from +0.67% to -0.13% held-out loss
-(bench/results/sparse24_backward_study_cpu_2026-11-27.json), as the paper's token permutation does. Without it, at most 2 of the FFN's
-6 matmuls are sparse, so fwd+bwd cannot reach the paper's 1.3x even with perfect kernels (at 2x
-per sparse matmul: 6 / 5 = 1.2x); with it, 3 of 6 (6 / 4.5 = 1.33x). On an H100 or H200 in bf16
+(bench/results/sparse24_backward_study_cpu_2026-11-27.json), as the paper's token permutation does.
+Without it, at most 2 of the FFN's 6 matmuls are sparse, so fwd+bwd cannot reach the paper's 1.3x
+even with perfect kernels (at 2x per sparse matmul: 6 / 5 = 1.2x); with it, 3 of 6 (6 / 4.5 =
+1.33x). On an H100 or H200 in bf16
 the 2:4 matmul is ~1.5x faster than the dense one, not 2x: the bounds are 1.07x-1.08x and 1.12x
 (bench/README.md). A token-wise sparse dW1 as well cost 10.7% training loss with neighbouring
 tokens grouped, and 2.1% strided (1.5%-1.7% with the 5% densest features left dense;
@@ -89,12 +90,12 @@ tensor, the product rescaled (`kernels/sparse24_fp8.py` defines the formula, whi
 reference and the emulation). The row maxima behind those scales are not read again where the graph
 has them: in training the selection (`sparse24_relu_max`) also returns r's row maxima (the forward
 matmul's scales) and column maxima (the sparse dW2's), and dX's and the sparse dW1's are `amax`es
-over dH's rows and columns in the graph, for Inductor to fuse where it can (the same numbers: a row's maximum is always kept); the dense
-matmuls and every other op keep the model's dtype, and gradients pass straight through the
-quantization. This is quantization on top of sparsity, so it is measured against both: the training
-study's loss, and speed against the bf16 dense FFN while the parts bench shows what FP8 dense
-matmuls alone would give. The FP8 matmul needs Hopper (cuSPARSELt; a probe checks it); elsewhere the
-rewritten matmuls emulate the FP8 numbers.
+over dH's rows and columns in the graph, for Inductor to fuse where it can (the same numbers: a
+row's maximum is always kept); the dense matmuls and every other op keep the model's dtype, and
+gradients pass straight through the quantization. This is quantization on top of sparsity, so it
+is measured against both: the training study's loss, and speed against the bf16 dense FFN while
+the parts bench shows what FP8 dense matmuls alone would give. The FP8 matmul needs Hopper
+(cuSPARSELt; a probe checks it); elsewhere the rewritten matmuls emulate the FP8 numbers.
 
 Dense warm-up (`warmup_steps=N`). The rewritten ops get a schedule: a key per site (this pass
 object's token, the module path and the site's index in it), N, and whether the op counts a step.
