@@ -261,13 +261,14 @@ def test_low_precision_with_casts():
     assert len(sites(optimized)) == 1
 
 
-def test_inference_graph_and_dynamic_token_counts():
+@pytest.mark.parametrize("form", ["relu_pow", "einsum"])
+def test_inference_graph_and_dynamic_token_counts(form):
     torch.manual_seed(3)
-    model = SquaredReluFFN()
+    model = SquaredReluFFN(form=form)
     optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True)], codegen=False, dynamic=True)
     with torch.no_grad():
         for tokens in (10, 37, 64):  # off and on the kernels' 32-row alignment
-            x = torch.randn(tokens, 32)
+            x = torch.randn(2, tokens, 32)
             torch.testing.assert_close(optimized(x), reference(model, x), atol=1e-5, rtol=1e-4)
     report = optimized.fvcompile_report
     assert len(report.graphs) == 1 and report.pass_runs("sparse24")[0].graph_kind == "inference"
