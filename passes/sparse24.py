@@ -18,7 +18,10 @@ functionalization turns into relu and views back; einsum's unsqueezes and permut
 may sit in between, as long as the matmul reduces over the hidden dim. A linear written as an einsum
 (`torch.einsum("btf,df->btd", a, w)`) reaches the graph as a bmm of batch 1: the pass sees those as
 mms while it matches (passes/bmm_as_mm.py) and puts back every one it did not rewrite; their weight
-gradients come as Aᵀ·dY, not dYᵀ·A, and are rewritten as well. Other spellings of the same
+gradients come as Aᵀ·dY, not dYᵀ·A, and are rewritten as well. Dropout between relu² and the
+matmul (T5's and Primer's FFN) keeps the site: it only zeros more entries, so its output is still
+2:4 and the matmul reads it as it is; a factor computed from the model's activations (a relu²-GLU's
+gate) does not, and the site is skipped with the reason. Other spellings of the same
 function match too: `torch.clamp(h, min=0)` (`clamp_min(h, 0)`, whose gradient reads h, not r: the
 square's `2r` factor still zeroes the dropped entries) and `torch.relu(h) * torch.relu(h)` (two relu
 nodes of one input, merged into one; dH is then the sum of their two gradients). Every use of the
@@ -184,16 +187,45 @@ def _passes_values(node: fx.Node) -> bool:
     return node.op == "call_function" and (node.target in CASTS or keeps_order(node))
 
 
-def _forward_uses(node: fx.Node, grad: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+def _depends_on_no_input(node: fx.Node) -> bool:
+    """Whether `node` is computed from no graph input: from the graph's own randomness and
+    constants only (a dropout mask), not from the model's activations or parameters."""
+    seen, todo = set(), [node]
+    while todo:
+        cur = todo.pop()
+        if cur.op == "placeholder":
+            return False
+        seen.add(cur)
+        todo += [i for i in cur.all_input_nodes if i not in seen]
+    return True
+
+
+def _keeps_zeros(user: fx.Node, cur: fx.Node) -> bool:
+    """`cur` times (or over) a number, or times a tensor of the graph's own randomness (dropout's
+    mask): zero wherever `cur` is, same shape, so a 2:4 `cur` stays 2:4. A factor computed from the
+    model's activations (a GLU's gate) is not taken: the 2:4 choice would then ignore it."""
+    if user.target in (aten.div.Tensor, aten.div.Scalar):
+        return user.args[0] is cur and isinstance(user.args[1], (int, float))
+    if user.target not in (aten.mul.Tensor, aten.mul.Scalar) or len(user.args) != 2 or cur not in user.args:
+        return False
+    other = user.args[1] if user.args[0] is cur else user.args[0]
+    if isinstance(other, (int, float)):
+        return True
+    return (isinstance(other, fx.Node) and other is not cur and _same_shape(user, cur)
+            and _depends_on_no_input(other))
+
+
+def _forward_uses(node: fx.Node, grad: set[fx.Node], keeping_zeros: bool = False) -> list[tuple[fx.Node, fx.Node]]:
     """The (user, input) pairs where `node`'s values, followed through casts and order-keeping
-    views (`_passes_values`), are used in the forward (users in `grad` are skipped)."""
+    views (`_passes_values`), are used in the forward (users in `grad` are skipped); with
+    `keeping_zeros`, also through scalings that keep its zeros (`_keeps_zeros`: dropout)."""
     terminals, todo = [], [node]
     while todo:
         cur = todo.pop()
         for user in cur.users:
             if user in grad:
                 continue
-            passes = _passes_values(user) and user.args[0] is cur
+            passes = (_passes_values(user) and user.args[0] is cur) or (keeping_zeros and _keeps_zeros(user, cur))
             # copy(dst, cur) into a buffer of cur's shape holds cur's values (functionalized in-place ops)
             passes = passes or (user.target == aten.copy.default and user.args[1] is cur
                                 and _same_shape(user, cur))
@@ -413,7 +445,8 @@ class Sparse24(GraphPass):
             extra = (others + squares[1:])[0]
             return f"relu output is also used by {_describe(extra)}"
         square = squares[0]
-        consumers = _forward_uses(square, grad)
+        # Dropout may sit between relu² and the matmul: its zeros keep 2:4 what is 2:4.
+        consumers = _forward_uses(square, grad, keeping_zeros=True)
         if not consumers:
             return "relu² not consumed by a matmul (no forward use)"
         matmuls = []

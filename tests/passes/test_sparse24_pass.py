@@ -514,6 +514,59 @@ def test_all_weight_grads_sparse(sparse_mm):
         Sparse24(sparse_weight_grad="dW1")
 
 
+class DropoutFFN(nn.Module):
+    """T5's (and Primer's) FFN: dropout between the activation and the second linear."""
+
+    def __init__(self, p=0.25, gated=False):
+        super().__init__()
+        self.w1, self.w2, self.w3 = (nn.Linear(32, 256, bias=False), nn.Linear(256, 32, bias=False),
+                                     nn.Linear(32, 256, bias=False))
+        self.p, self.gated = p, gated
+
+    def forward(self, x):
+        a = F.relu(self.w1(x)) ** 2
+        if self.gated:  # relu²-GLU: the gate is an activation, not the graph's own randomness
+            a = a * self.w3(x)
+        return self.w2(F.dropout(a, self.p, self.training))
+
+
+def dropout_reference(model, x):
+    """The sparse FFN with dropout's mask drawn as the compiled graph draws it (`rand` > p)."""
+    a = masked_relu(model.w1(x)) ** 2
+    keep = torch.rand(a.shape) > model.p
+    return model.w2(keep * a * (1 / (1 - model.p)))
+
+
+@pytest.mark.parametrize("sparse_weight_grad", [False, "all"])
+def test_dropout_between_relu2_and_the_matmul_keeps_the_site(sparse_weight_grad):
+    """Dropout only zeros more entries: its output is still 2:4, so the matmul after it is sparse
+    (forward and dX; with "all" the weight gradients too), reading the dropped-out activation."""
+    torch.manual_seed(9)
+    model = DropoutFFN()
+    x, grad_out = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True, sparse_weight_grad=sparse_weight_grad)],
+                                   codegen=False)
+    torch.manual_seed(10)  # the compiled graph's one rand call draws what the reference's does
+    got = run_step(optimized, model, x, grad_out)
+    torch.manual_seed(10)
+    expected = run_step(lambda t: dropout_reference(model, t), model, x, grad_out)
+    (site,) = sites(optimized)
+    assert "1 forward matmul(s) -> sparse24_mm" in site.detail and "dX matmul -> sparse24_mm" in site.detail
+    if sparse_weight_grad:
+        assert "dW2 matmul" in site.detail and "dW1 matmul" in site.detail
+    else:
+        assert_step_close(got, expected)
+
+
+def test_a_gate_between_relu2_and_the_matmul_is_no_site():
+    model = DropoutFFN(gated=True)
+    optimized = fvcompile.optimize(model, passes=[Sparse24()], codegen=False)
+    optimized(torch.randn(4, 32))
+    assert sites(optimized) == []
+    (skipped,) = sites(optimized, "skipped")
+    assert "relu² not consumed by a matmul (used by mul" in skipped.detail
+
+
 @pytest.mark.parametrize("form", ["relu_inplace", "relu_module_inplace", "twin_relus", "clamp", "einsum"])
 def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form):
     """In-place relus (whose gradient reads views, and with a bias copies), twin relus (whose
