@@ -109,7 +109,9 @@ forward call of the compiled training graph: with gradient accumulation, count m
 counter lives in this Python process and is read by the ops at run time (they are opaque to
 Inductor), so it does not survive a restart and does not work under CUDA graphs. The token is
 part of the uuid when N > 0, so a second `Sparse24(warmup_steps=N)` never reuses the first one's
-compiled graph (and its counters) from Inductor's cache.
+compiled graph (and its counters) from Inductor's cache. Under activation checkpointing the counting
+op is marked to be saved, not recomputed in the backward (which would count a step twice and could
+recompute r sparse where the forward ran dense): with a warm-up, r stays in memory.
 """
 from __future__ import annotations
 
@@ -120,6 +122,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from fvcompile.kernels import sparse24 as k24
 from fvcompile.passes import bmm_as_mm
@@ -548,6 +551,13 @@ class Sparse24(GraphPass):
             else:
                 sparse = graph.call_function(fvc.sparse24_relu.default, args)
                 sparse.meta = dict(relu.meta)
+        if training and key:
+            # This op counts the warm-up's steps: activation checkpointing must not recompute it in
+            # the backward, which would count each step twice and could select where the forward
+            # ran dense. Its outputs are saved instead (r costs the memory checkpointing would save);
+            # with FP8 maxima, the op and its three outputs are all marked.
+            for node in (sparse,) if row_max is None else (sparse.args[0], sparse, row_max, col_max):
+                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         relu.replace_all_uses_with(sparse)
         graph.erase_node(relu)
         done = ["relu -> sparse24_relu" + ("_max (r, and its row and column maxima for FP8)" if row_max else "")]

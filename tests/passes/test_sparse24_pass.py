@@ -426,6 +426,32 @@ def test_dense_warmup_then_sparse(sparse_mm):
     assert any("dense warm-up" in n for r in optimized.fvcompile_report.pass_runs() for n in r.result.notes)
 
 
+class CheckpointedFFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ffn = SquaredReluFFN(hidden=256)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.ffn, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("codegen, fp8", [(False, False), (False, True), (True, False)])
+def test_dense_warmup_under_activation_checkpointing(codegen, fp8):
+    """Activation checkpointing recomputes the FFN in the backward; the op counting the warm-up's
+    steps is saved instead, so each step counts once and its backward runs as its forward did."""
+    torch.manual_seed(10)
+    model = CheckpointedFFN()
+    x, grad_out = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    p = Sparse24(warmup_steps=2, sparse_mm=True, fp8=fp8)
+    optimized = fvcompile.optimize(model, passes=[p], codegen=codegen,
+                                   options={"force_disable_caches": True} if codegen else {})
+    sparse_ref = reference_fp8 if fp8 else reference
+    expected = [run_step(model, model, x, grad_out)] * 2 + [run_step(lambda t: sparse_ref(model.ffn, t), model, x, grad_out)]
+    for want in expected:  # steps 0 and 1 dense, step 2 sparse
+        assert_step_close(run_step(optimized, model, x, grad_out), want, atol=1e-4, rtol=1e-3)
+    assert k24.warmup_steps_counted(f"{p.schedule_token}:ffn#0") == 3
+
+
 def test_options_feed_the_uuid():
     assert Sparse24().uuid() == Sparse24().uuid()
     assert Sparse24().uuid() != Sparse24(emulate=False).uuid()
