@@ -311,11 +311,14 @@ def _dh_users(sparse: fx.Node, hidden) -> list[tuple[fx.Node, fx.Node]]:
 
 
 def _squares_and_gradients(graph: fx.Graph) -> set[fx.Node]:
-    """Every relu's squares and gradients: the tensors whose einsum matmuls may be a site's."""
+    """Every relu's squares and gradients, and what their values reach (through views and
+    dropout): the tensors whose einsum matmuls may be a site's."""
     found = set()
     for relu in (n for n in graph.nodes if _is_relu(n)):
-        found.update(_dh_nodes(relu))
-        found.update(u for u, src in _forward_uses(relu, set()) if _is_square_of(u, src))
+        for node in _dh_nodes(relu):
+            found.update([node, *(src for _, src in _forward_uses(node, set()))])
+        for square in (u for u, src in _forward_uses(relu, set()) if _is_square_of(u, src)):
+            found.update([square, *(src for _, src in _forward_uses(square, set(), keeping_zeros=True))])
     return found
 
 

@@ -543,17 +543,18 @@ def test_all_weight_grads_sparse(sparse_mm):
 class DropoutFFN(nn.Module):
     """T5's (and Primer's) FFN: dropout between the activation and the second linear."""
 
-    def __init__(self, p=0.25, gated=False):
+    def __init__(self, p=0.25, gated=False, einsum=False):
         super().__init__()
         self.w1, self.w2, self.w3 = (nn.Linear(32, 256, bias=False), nn.Linear(256, 32, bias=False),
                                      nn.Linear(32, 256, bias=False))
-        self.p, self.gated = p, gated
+        self.p, self.gated, self.einsum = p, gated, einsum
 
     def forward(self, x):
         a = F.relu(self.w1(x)) ** 2
         if self.gated:  # relu²-GLU: the gate is an activation, not the graph's own randomness
             a = a * self.w3(x)
-        return self.w2(F.dropout(a, self.p, self.training))
+        a = F.dropout(a, self.p, self.training)
+        return torch.einsum("btf,df->btd", a, self.w2.weight) if self.einsum else self.w2(a)
 
 
 def dropout_reference(model, x):
@@ -563,12 +564,12 @@ def dropout_reference(model, x):
     return model.w2(keep * a * (1 / (1 - model.p)))
 
 
-@pytest.mark.parametrize("sparse_weight_grad", [False, "all"])
-def test_dropout_between_relu2_and_the_matmul_keeps_the_site(sparse_weight_grad):
+@pytest.mark.parametrize("sparse_weight_grad, einsum", [(False, False), ("all", False), (False, True)])
+def test_dropout_between_relu2_and_the_matmul_keeps_the_site(sparse_weight_grad, einsum):
     """Dropout only zeros more entries: its output is still 2:4, so the matmul after it is sparse
     (forward and dX; with "all" the weight gradients too), reading the dropped-out activation."""
     torch.manual_seed(9)
-    model = DropoutFFN()
+    model = DropoutFFN(einsum=einsum)
     x, grad_out = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
     optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True, sparse_weight_grad=sparse_weight_grad)],
                                    codegen=False)
