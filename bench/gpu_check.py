@@ -295,6 +295,10 @@ def main() -> None:
                           if k.startswith("speedup fwd+bwd of"))
               + (f"; both with CUDA graphs: fwd {r['speedup fwd, both with CUDA graphs']:.2f}x, fwd+bwd "
                  f"{r['speedup fwd+bwd, both with CUDA graphs']:.2f}x" if "speedup fwd, both with CUDA graphs" in r else ""))
+    for name in [n for n in bench if isinstance(bench[n], dict) and "ffn in progress" in bench[n]]:
+        r = bench[name]["ffn in progress"]  # a run cut short: what it timed before it stopped (unchecked)
+        print(f"{name}, cut short at {r['tokens']} tokens (unchecked): "
+              + "; ".join(f"{k[:-len(' fwd+bwd ms')]} {v:.3f} ms" for k, v in r.items() if k.endswith(" fwd+bwd ms")))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,10 @@ def check_against_reference(ffn: SquaredReLU, optimized, x, dtype, approximated:
             "ok": all(e < tol for name, e in errors.items() if name not in approximated)}
 
 
-def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, cuda_graphs: bool = False) -> dict:
+def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, cuda_graphs: bool = False,
+              progress=lambda row: None) -> dict:
+    """One row: every mode compiled, timed and checked at this token count. `progress(row)` gets
+    the row as it fills (after each mode's first timing and each round), for a run cut short."""
     torch.manual_seed(0)
     x = torch.randn(1, tokens, dim, device=device, dtype=dtype)
     grad = torch.randn_like(x)
@@ -124,7 +127,15 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
     # Dynamo silently runs a module eagerly (a "sparse" row would time dense eager).
     torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(modes))
-    steps = {}  # label -> (forward, forward_backward), all compiled and warmed up before any timing
+    steps = {}  # label -> (forward, forward_backward), compiled and warmed up
+    times = {}  # (label, phase) -> ms per round
+
+    def record():  # the medians so far, into the row
+        for (label, phase), values in times.items():
+            row[f"{label} {phase} ms"] = statistics.median(values)
+            row[f"{label} {phase} ms, per round"] = values
+        progress(row)
+
     checked = {}  # label -> (module, compiled) of the sparse modes, checked again after the timings
     for label, (module, kwargs) in modes.items():
         module = module.to(device=device, dtype=dtype)
@@ -156,6 +167,9 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
             row[f"{label} error"] = f"{type(e).__name__}: {e}"[:300]
             continue
         steps[label] = (forward, forward_backward)
+        # Round 0 right away, so that a run cut short (a GPU's time is short) keeps what it timed.
+        times[label, "fwd"], times[label, "fwd+bwd"] = [time_ms(forward, device)], [time_ms(forward_backward, device)]
+        record()
         if "sparse24" in label:
             checked[label] = (module, compiled)
         if label == "relu2 sparse24":
@@ -163,16 +177,12 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
             row["sparse24 notes"] = sorted({n for r in compiled.fvcompile_report.pass_runs() for n in r.result.notes})
             # The same compiled graphs (same shapes: no recompile) against the reference.
             row["sparse24 check"] = check_against_reference(module, compiled, x, dtype)
-    # Rounds over all modes, median per mode: clock and thermal drift hits every mode alike.
-    rounds = 3 if device.type == "cuda" else 1
-    times = {(label, phase): [] for label in steps for phase in ("fwd", "fwd+bwd")}
-    for _ in range(rounds):
+    # Two more rounds over all modes, median per mode: clock and thermal drift hits every mode alike.
+    for _ in range(2 if device.type == "cuda" else 0):
         for label, (forward, forward_backward) in steps.items():
             times[label, "fwd"].append(time_ms(forward, device))
             times[label, "fwd+bwd"].append(time_ms(forward_backward, device))
-    for (label, phase), values in times.items():
-        row[f"{label} {phase} ms"] = statistics.median(values)
-        row[f"{label} {phase} ms, per round"] = values
+        record()
     if device.type == "cuda":
         for label in [m for m in PROFILED if m in steps]:
             try:  # the profile helps the next optimization; its failure must not cost the timings
@@ -263,10 +273,17 @@ def main(argv=None) -> dict:
     kind = f"{'gpu' if device.type == 'cuda' else 'cpu'}{'_cudagraphs' if args.cuda_graphs else ''}"
     out = Path(args.out) / f"sparse24_{kind}_{time.strftime('%Y-%m-%d')}_{'-'.join(map(str, tokens))}.json" \
         if args.out else None
-    for t in tokens:  # written after each token count: a run cut short keeps what it measured
-        rows.append(bench_ffn(t, dim, hidden, dtype, device, args.cuda_graphs))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(in_progress=None):  # a run cut short keeps what it measured
         if out:
-            out.write_text(json.dumps(result, indent=1, default=str))
+            out.write_text(json.dumps({**result, **({"ffn in progress": in_progress} if in_progress else {})},
+                                      indent=1, default=str))
+
+    for t in tokens:
+        rows.append(bench_ffn(t, dim, hidden, dtype, device, args.cuda_graphs, progress=save))
+        save()
     if device.type == "cuda":
         pack_rows.append(bench_pack(tokens[0], hidden * 3 // 2, dtype, device))
     for r in rows:
