@@ -462,6 +462,12 @@ def test_options_feed_the_uuid():
     assert not Sparse24().pays_off_on(torch.device("cpu"))
 
 
+def test_the_uuid_covers_the_helper_modules(monkeypatch):
+    with_helpers = Sparse24().uuid()
+    monkeypatch.setattr(Sparse24, "helpers", ())
+    assert Sparse24().uuid() != with_helpers  # passes/bmm_as_mm.py's source is part of it
+
+
 # ---- real Inductor, and the GPU path ----------------------------------------------------------
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and k24.sparse_tensor_cores_available("cuda") else [])
