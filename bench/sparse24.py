@@ -228,18 +228,25 @@ def profile_table(fn, rows: int = 30) -> str:
 
 
 def bench_pack(tokens: int, hidden: int, dtype, device: torch.device) -> dict:
-    """Our fused relu²+2:4+pack kernel vs PyTorch's 2:4 tile (given relu(h)² precomputed)."""
+    """Our fused relu²+2:4+pack kernels vs PyTorch's 2:4 tile (given relu(h)² precomputed), in both
+    layouts: CUTLASS's (sm8x) and cuSPARSELt's (what Hopper runs). PyTorch's tile packs A and Aᵀ."""
+    from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
+
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device=device, dtype=dtype)
     a = torch.relu(h).square()
     row = {"tokens": tokens, "hidden": hidden, "dtype": str(dtype),
-           "fvcompile relu2_sparse24_pack ms": time_ms(lambda: torch.ops.fvcompile.relu2_sparse24_pack(h), device)}
+           "fvcompile relu2_sparse24_pack (CUTLASS layout) ms":
+               time_ms(lambda: torch.ops.fvcompile.relu2_sparse24_pack(h), device)}
     if device.type == "cuda":
-        try:
-            row["torch _sparse_semi_structured_tile ms"] = time_ms(
-                lambda: torch._sparse_semi_structured_tile(a), device)
-        except Exception as e:  # not built for every arch / release
-            row["torch _sparse_semi_structured_tile ms"] = f"unavailable: {type(e).__name__}: {e}"[:200]
+        row["fvcompile cslt_pack_triton(relu, square) (cuSPARSELt layout) ms"] = time_ms(
+            lambda: cslt_pack_triton(h, square=True, relu=True), device)
+        for layout, use_cutlass in (("CUTLASS", True), ("cuSPARSELt", False)):
+            key = f"torch _sparse_semi_structured_tile ({layout} layout) ms"
+            try:
+                row[key] = time_ms(lambda: torch._sparse_semi_structured_tile(a, "", use_cutlass), device)
+            except Exception as e:  # not built for every arch / release
+                row[key] = f"unavailable: {type(e).__name__}: {e}"[:200]
     return row
 
 
