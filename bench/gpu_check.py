@@ -192,7 +192,8 @@ def run_in_subprocess(cmd: list[str], timeout: int) -> dict:
 def ffn_bench(out: Path, tokens: str, timeout: float, cuda_graphs: bool = False) -> dict:
     """bench/sparse24.py at these token counts, in a process of its own (a cuSPARSELt call that
     breaks the CUDA context, as one did on the H200, then costs these numbers only). It writes its
-    JSON after each token count, so a run cut short still returns the rows it finished."""
+    JSON as each row fills ('ffn in progress' until the row is done), so a run cut short still
+    returns what it timed."""
     kind = f"{'gpu' if DEVICE == 'cuda' else 'cpu'}{'_cudagraphs' if cuda_graphs else ''}"
     run = run_in_subprocess([sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", DEVICE,
                              "--tokens", tokens, "--out", str(out)] + (["--cuda-graphs"] if cuda_graphs else []),

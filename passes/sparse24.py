@@ -608,8 +608,7 @@ class Sparse24(GraphPass):
                 with graph.inserting_before(mm):
                     d_h_t = _transposed(graph, d_h) if transposed else mm.args[0]
                     x = _transposed(graph, other) if transposed else other
-                a_max = {"a_max": _abs_max_node(graph, d_h, 0, mm)} if fp8 else {}
-                with graph.inserting_before(mm):
+                    a_max = {"a_max": _abs_max_node(graph, d_h, 0, mm)} if fp8 else {}
                     d_w = graph.call_function(fvc.sparse24_mm.default, (d_h_t, x, key, dense_steps, True),
                                               {"transpose_out": transposed, "fp8": fp8, "strided_k": True,
                                                "dense_rows": DENSE_FEATURES, **a_max})
