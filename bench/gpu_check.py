@@ -127,11 +127,14 @@ def kernels_sparse24():
         fp8 = "FP8 pack equal; no FP8 2:4 matmul here"
         if k24.fp8_sparse_mm_available(DEVICE):
             b = torch.randn(21504, 256, device=DEVICE, dtype=torch.bfloat16)
+            scaled_by = k24.fp8_scales_in_matmul(DEVICE)  # the probe's choice; both ways where it can
             for flags in ((True, False, False), (False, True, True)):
-                got = f8.fp8_mm_cusparselt(h, b, *flags, False).float()
                 expected = f8.fp8_mm_reference(h, b, *flags, False).float()
-                assert ((got - expected).norm() / expected.norm()).item() < 1e-2, flags
-            fp8 = "FP8 pack equal; FP8 2:4 matmul equals its formula"
+                for in_matmul in {False, scaled_by}:
+                    got = f8.fp8_mm_cusparselt(h, b, *flags, False, scales_in_matmul=in_matmul).float()
+                    assert ((got - expected).norm() / expected.norm()).item() < 1e-2, (flags, in_matmul)
+            fp8 = (f"FP8 pack equal; FP8 2:4 matmul equals its formula (scaled "
+                   f"{'in cuSPARSELt' if scaled_by else 'by our rescale: the epilogue failed its probe'})")
     h = torch.randn(256, 512, device=DEVICE, dtype=torch.float16, requires_grad=True)
     out = torch.ops.fvcompile.sparse24_relu(h)
     out.backward(torch.ones_like(out))

@@ -275,7 +275,8 @@ def main(argv=None) -> dict:
     if k24.cslt_search_off:
         print(f"cuSPARSELt: {k24.cslt_search_off}")
     result = {"device": name, "sparse_tensor_cores": cores, "torch": torch.__version__,
-              "cslt_search": k24.cslt_search_off or "on", "date": time.strftime("%Y-%m-%d"), "ffn": [], "pack": []}
+              "cslt_search": k24.cslt_search_off or "on", "fp8_scales_in_matmul": k24.fp8_scales_in_matmul(device),
+              "date": time.strftime("%Y-%m-%d"), "ffn": [], "pack": []}
     rows, pack_rows = result["ffn"], result["pack"]
     kind = f"{'gpu' if device.type == 'cuda' else 'cpu'}{'_cudagraphs' if args.cuda_graphs else ''}"
     out = Path(args.out) / f"sparse24_{kind}_{time.strftime('%Y-%m-%d')}_{'-'.join(map(str, tokens))}.json" \

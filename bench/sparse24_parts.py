@@ -110,10 +110,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         record("fp8  Y = A W2ᵀ dense torch._scaled_mm", lambda: lambda: torch._scaled_mm(
             a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), flops=f)
 
-        def fp8_sparse(search):
+        def fp8_sparse(search, alpha=None):
             compressed = torch._cslt_compress(a8)
-            plan = k24.cslt_plan(compressed, w8.t(), False, torch.bfloat16) if search else {}
-            return lambda: torch._cslt_sparse_mm(compressed, w8.t(), out_dtype=torch.bfloat16, **plan)
+            plan = k24.cslt_plan(compressed, w8.t(), False, torch.bfloat16, alpha) if search else {}
+            return lambda: torch._cslt_sparse_mm(compressed, w8.t(), alpha=alpha, out_dtype=torch.bfloat16, **plan)
 
         scale = a.abs().amax(1).float().clamp_min(1e-12) / 448
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, row scale",
@@ -137,6 +137,9 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
                lambda: lambda: fp8_mm(a, w2.t(), dtype), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, alg 0", lambda: fp8_sparse(False), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched", lambda: fp8_sparse(True), flops=f)
+        if k24.fp8_scales_in_matmul(a.device):  # the probe found the epilogue right (else it may break the GPU)
+            record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched, row scales in its epilogue (alpha vector)",
+                   lambda: fp8_sparse(True, torch.rand(m, device=device)), flops=f)
     rows.append({"part": f"  (sparse matmul backend: {k24.sparse_mm_backend(a.device)})", "ms": None})
     sparse_mm = torch.ops.fvcompile.sparse24_mm
     record("op   sparse24_mm(A, W2ᵀ, select=False) (pack + mm)",

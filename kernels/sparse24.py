@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -212,6 +213,7 @@ def _use_triton(t: Tensor) -> bool:
 _BACKENDS: dict[int, str | None] = {}  # CUDA device index -> "cutlass", "cusparselt" or None
 _NO_BACKEND_REASONS: dict[int, str] = {}  # CUDA device index -> why the probe found no backend
 _FP8_PROBED: dict[int, str] = {}  # CUDA device index -> "yes", "not transposed" (no transposed result) or "no"
+_FP8_SCALES_IN_MATMUL: dict[int, bool] = {}  # CUDA device index -> whether cuSPARSELt's epilogue scales FP8 products
 
 
 def _probe(backend: str, device: torch.device) -> bool:
@@ -241,22 +243,33 @@ def first_working_backend(device) -> str | None:
     return None
 
 
-_PROBE_CHILD = ("from fvcompile.kernels.sparse24 import first_working_backend as f, fp8_probe as p; "
-                "b = f({device!r}); print('backend:', b, flush=True); print('fp8:', p({device!r}) if b == 'cusparselt' else 'no')")
+_PROBE_CHILD = "from fvcompile.kernels.sparse24 import probe_report; probe_report({device!r})"
 
 
-def fp8_probe(device) -> str:
+def probe_report(device) -> None:
+    """What the probe child prints: a line per finding, each flushed as soon as it is known, the
+    riskiest last, so that a crash loses only the findings after it."""
+    backend = first_working_backend(device)
+    print("backend:", backend, flush=True)
+    fp8 = fp8_probe(device) if backend == "cusparselt" else "no"
+    print("fp8:", fp8, flush=True)
+    if fp8 != "no":
+        print("fp8 scales in matmul:", "yes" if fp8_probe(device, True) == fp8 else "no", flush=True)
+
+
+def fp8_probe(device, scales_in_matmul: bool = False) -> str:
     """Whether the FP8 2:4 matmul (our FP8 pack + cuSPARSELt) matches its reference here: "yes",
-    "not transposed" (it does, but not with a transposed result) or "no"."""
+    "not transposed" (it does, but not with a transposed result) or "no". scales_in_matmul: with
+    cuSPARSELt's epilogue applying the scales (its alpha vector), not a pass of ours after it."""
     from fvcompile.kernels.sparse24_fp8 import fp8_exact_operands, fp8_mm_cusparselt, fp8_mm_reference
 
     a, b = (t.to(device) for t in fp8_exact_operands(96, 128, 64))
 
     def matches(transpose_out: bool) -> bool:
         try:
-            got = fp8_mm_cusparselt(a, b, True, False, False, transpose_out).float()
-            expected = fp8_mm_reference(a, b, True, False, False, transpose_out).float()
-            return bool(torch.allclose(got, expected, atol=0.1, rtol=2e-2))
+            got = fp8_mm_cusparselt(a, b, True, False, False, transpose_out, scales_in_matmul=scales_in_matmul)
+            expected = fp8_mm_reference(a, b, True, False, False, transpose_out)
+            return bool(torch.allclose(got.float(), expected.float(), atol=0.1, rtol=2e-2))
         except Exception:  # noqa: BLE001 - any failure means "not here"
             return False
 
@@ -265,12 +278,19 @@ def fp8_probe(device) -> str:
     return "yes" if matches(True) else "not transposed"
 
 
-def _probe_in_child(device: str) -> tuple[str | None, str, str]:
+class ProbeResult(NamedTuple):
+    backend: str | None  # one of BACKENDS, or None
+    fp8: str  # fp8_probe's answer
+    why: str  # why no backend ("" where there is one)
+    fp8_scales_in_matmul: bool = False  # fp8_probe(scales_in_matmul=True) answered as fp8_probe did
+
+
+def _probe_in_child(device: str) -> ProbeResult:
     """Probe in a process of its own: a sparse matmul that fails can leave the CUDA context broken,
     which no exception handler can undo (on an H200 on 2026-11-26 a failing cuSPARSELt search was
     followed by an illegal instruction at every later kernel). Where no backend works with
     cuSPARSELt's algorithm search and one does without it, this process stops searching (`cslt_plan`
-    takes the defaults) and warns. Returns (backend, FP8 probe's answer, why no backend)."""
+    takes the defaults) and warns."""
     global _cslt_search, cslt_search_off
     found = _probe_child(device, {})
     if found[0] is None and _cslt_search:
@@ -284,7 +304,7 @@ def _probe_in_child(device: str) -> tuple[str | None, str, str]:
     return found
 
 
-def _probe_child(device: str, env_extra: dict) -> tuple[str | None, str, str]:
+def _probe_child(device: str, env_extra: dict) -> ProbeResult:
     import subprocess
     import sys
 
@@ -293,15 +313,17 @@ def _probe_child(device: str, env_extra: dict) -> tuple[str | None, str, str]:
         proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD.format(device=device)], env=env,
                               capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        return None, "no", "the probe process timed out"
+        return ProbeResult(None, "no", "the probe process timed out")
+    # Every line printed was found before any crash; a line missing is a "no" (probe_report).
     said = {key: value.strip() for key, _, value in (line.partition(":") for line in proc.stdout.splitlines())}
-    if said.get("backend") in BACKENDS:  # the FP8 probe may have died after it: then no FP8
-        fp8 = said.get("fp8") if proc.returncode == 0 else "no"
-        return said["backend"], fp8 if fp8 in ("yes", "not transposed") else "no", ""
+    if said.get("backend") in BACKENDS:
+        fp8 = said.get("fp8", "no")
+        return ProbeResult(said["backend"], fp8 if fp8 in ("yes", "not transposed") else "no", "",
+                           said.get("fp8 scales in matmul") == "yes")
     if proc.returncode == 0 and "backend" in said:
-        return None, "no", f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe"
+        return ProbeResult(None, "no", f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe")
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return None, "no", f"the probe process failed (exit code {proc.returncode}): {last[:200]}"
+    return ProbeResult(None, "no", f"the probe process failed (exit code {proc.returncode}): {last[:200]}")
 
 
 def sparse_mm_backend(device) -> str | None:
@@ -321,11 +343,9 @@ def sparse_mm_backend(device) -> str | None:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _BACKENDS:
-        if torch.cuda.get_device_capability(index) >= (8, 0):
-            _BACKENDS[index], _FP8_PROBED[index], _NO_BACKEND_REASONS[index] = _probe_in_child(f"cuda:{index}")
-        else:
-            _BACKENDS[index], _FP8_PROBED[index] = None, "no"
-            _NO_BACKEND_REASONS[index] = "2:4 sparse tensor cores need sm80 or newer"
+        found = (_probe_in_child(f"cuda:{index}") if torch.cuda.get_device_capability(index) >= (8, 0)
+                 else ProbeResult(None, "no", "2:4 sparse tensor cores need sm80 or newer"))
+        _BACKENDS[index], _FP8_PROBED[index], _NO_BACKEND_REASONS[index], _FP8_SCALES_IN_MATMUL[index] = found
     return _BACKENDS[index]
 
 
@@ -348,6 +368,14 @@ def fp8_sparse_mm_available(device, transposed: bool = False) -> bool:
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _FP8_PROBED[index] in (("yes",) if transposed else ("yes", "not transposed"))
+
+
+def fp8_scales_in_matmul(device) -> bool:
+    """Whether cuSPARSELt's epilogue applies the FP8 scales on `device` (else a pass of ours does)."""
+    if not fp8_sparse_mm_available(device):
+        return False
+    device = torch.device(device)
+    return _FP8_SCALES_IN_MATMUL[device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def sparse_tensor_cores_available(device) -> bool:
@@ -377,7 +405,7 @@ _cslt_search = os.environ.get("FVCOMPILE_CSLT_SEARCH", "1") != "0"
 cslt_search_off = ""  # why the probe turned it off, for reports
 
 
-def cslt_plan(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None) -> dict:
+def cslt_plan(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None, alpha: Tensor | None = None) -> dict:
     """cuSPARSELt's fastest configuration for this problem, searched once per shape: the algorithm
     and, where this build's search reports them (`torch._C._cusparselt.mm_search`), its split-K
     settings; {} (the defaults) where there is no search, or where the probe turned it off.
@@ -388,29 +416,32 @@ def cslt_plan(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None
     (bench/cslt_diag.py)."""
     if transpose_out or not _cslt_search:
         return {}
-    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, out_dtype)
+    key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, out_dtype, alpha is not None)
     if key not in _CSLT_PLANS:
         plan = {}
         try:
-            alg_id, split_k, split_k_mode, _ = torch._C._cusparselt.mm_search(compressed, b, None, None, out_dtype,
+            alg_id, split_k, split_k_mode, _ = torch._C._cusparselt.mm_search(compressed, b, None, alpha, out_dtype,
                                                                               False)
             plan = {"alg_id": int(alg_id), "split_k": int(split_k), "split_k_mode": int(split_k_mode)}
         except (RuntimeError, AttributeError, TypeError, ValueError):  # an older build: the algorithm only
             try:
-                plan = {"alg_id": int(torch._cslt_sparse_mm_search(compressed, b, out_dtype=out_dtype))}
+                plan = {"alg_id": int(torch._cslt_sparse_mm_search(compressed, b, alpha=alpha, out_dtype=out_dtype))}
             except (RuntimeError, AttributeError):  # no search in this build
                 pass
         _CSLT_PLANS[key] = plan
     return _CSLT_PLANS[key]
 
 
-def _cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool, out_dtype=None) -> Tensor:
+def _cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool, out_dtype=None,
+             alpha: Tensor | None = None) -> Tensor:
     """compressed (m_pad rows) @ b, sliced to m rows; transpose_out: its transpose, (n, m),
-    written in that layout by cuSPARSELt itself (the weight gradient's layout: no copy)."""
+    written in that layout by cuSPARSELt itself (the weight gradient's layout: no copy).
+    alpha: fp32 (m_pad,), row i of the product times alpha[i] in cuSPARSELt's epilogue (its
+    "alpha vector scaling"), before the product is rounded to out_dtype."""
     n = b.shape[1]
     b = _pad_cols(b, 8)
-    out = torch._cslt_sparse_mm(compressed, b, out_dtype=out_dtype, transpose_result=transpose_out,
-                                **cslt_plan(compressed, b, transpose_out, out_dtype))
+    out = torch._cslt_sparse_mm(compressed, b, alpha=alpha, out_dtype=out_dtype, transpose_result=transpose_out,
+                                **cslt_plan(compressed, b, transpose_out, out_dtype, alpha))
     # Padding sliced off; the copy keeps the output contiguous, as the op's fake promises.
     out = out[:n, :m] if transpose_out else out[:m, :n]
     return out if out.is_contiguous() else out.contiguous()
@@ -609,7 +640,7 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
         # Without a transposed FP8 result on this GPU, the product is transposed by a copy.
         native = not transpose_out or fp8_sparse_mm_available(a.device, transposed=True)
         out = sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out and native, strided_k,
-                                             a_max)
+                                             a_max, fp8_scales_in_matmul(a.device))
         return out if native else out.t()
     if cslt_pack:
         return _cusparselt_mm(a, b, select, square, relu, transpose_out, strided_k)

@@ -164,6 +164,20 @@ def cslt_unpack_reference(compressed: Tensor, rows: int, k: int) -> Tensor:
     return dense.view(m_pad, k)[:rows]
 
 
+def cslt_sparse_mm_reference(compressed: Tensor, b: Tensor, bias=None, alpha: Tensor | None = None, out_dtype=None,
+                             transpose_result: bool = False, **plan) -> Tensor:
+    """`torch._cslt_sparse_mm` on our layout in plain PyTorch (the tests' stand-in for the CUDA-only
+    op, with its signature): the unpacked operand (all M_pad rows) times b in fp32, row i times
+    alpha[i] where an alpha vector is given, rounded once to out_dtype (b's dtype by default)."""
+    assert bias is None, "the stand-in has no bias"
+    out = cslt_unpack_reference(compressed, compressed.shape[0], b.shape[0]).float() @ b.float()
+    if alpha is not None:
+        assert alpha.dtype == torch.float32 and alpha.shape == (out.shape[0],), "one fp32 alpha per row of M_pad"
+        out = out * alpha[:, None]
+    out = out.to(out_dtype or b.dtype)
+    return out.t().contiguous() if transpose_result else out
+
+
 if triton is not None:
     import triton.language as tl
 

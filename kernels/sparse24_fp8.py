@@ -5,15 +5,18 @@ selected, optionally of relu(a), optionally squared) is scaled per row, so that 
 largest kept value maps to e4m3's largest (448), and the dense operand b per tensor:
 
     sa = rowmax|S(a)| / 448,   sb = max|b| / 448
-    out = dtype( bf16(e4m3(S(a) / sa) @ e4m3(b / sb)) * (sa * sb)[:, None] )
+    out = dtype( fp32(e4m3(S(a) / sa) @ e4m3(b / sb)) * (sa * sb)[:, None] )
 
-The product accumulates in fp32 and is rounded to bf16 before the scales are applied, as the GPU
-path does (cuSPARSELt writes a bf16 product; we rescale it into a's dtype). bf16, not a's dtype:
-the unscaled product reaches 448² · K, far past fp16's largest value (65504) for an fp16 model,
-and bf16's rounding (2⁻⁹) is small next to e4m3's (2⁻⁴). `fp8_mm_reference` is that
-formula in plain PyTorch: the test oracle and the emulation on devices without FP8 2:4 sparse
-tensor cores. On Hopper, `fp8_mm_cusparselt` packs S(a) straight into cuSPARSELt's FP8 layout
-(kernels/sparse24_cslt.py) and multiplies with `torch._cslt_sparse_mm`.
+The product accumulates in fp32, is scaled in fp32 and is rounded once, to a's dtype.
+`fp8_mm_reference` is that formula in plain PyTorch: the test oracle and the emulation on devices
+without FP8 2:4 sparse tensor cores. On Hopper, `fp8_mm_cusparselt` packs S(a) straight into
+cuSPARSELt's FP8 layout (kernels/sparse24_cslt.py) and multiplies with `torch._cslt_sparse_mm`,
+which applies sa · sb itself, in its epilogue (cuSPARSELt's "alpha vector scaling": one factor
+per row of the sparse operand): the product is written once, already scaled. Where the one-time
+probe finds that epilogue wrong or missing (`sparse24.fp8_scales_in_matmul`), the product comes
+out in bf16 and one more pass (`rescale_triton`) scales it: one more rounding, 2⁻⁹ relative,
+small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled product reaches 448² · K, far
+past fp16's largest value (65504) for an fp16 model.
 
 Gradients (the op's autograd) pass straight through the quantization, as FP8 training recipes do.
 """
@@ -26,7 +29,7 @@ from fvcompile.kernels.sparse24 import mask24, triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-PRODUCT = torch.bfloat16  # the FP8 matmul's output, before the scales (module docstring)
+PRODUCT = torch.bfloat16  # the unscaled FP8 product, where the matmul cannot scale it (module docstring)
 _TINY = 1e-12  # an all-zero row or tensor gets a scale that cannot divide by zero
 
 
@@ -144,22 +147,28 @@ def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: boo
     # values are S(a)[²] already; a_max, given, is of S(a): the same scale, squared
     sa = row_scale(values, False, False) if a_max is None else row_scale(a, square, False, a_max)
     sb = tensor_scale(b)
-    product = (quantize(values, sa[:, None]).float() @ quantize(b, sb).float()).to(PRODUCT)
+    product = quantize(values, sa[:, None]).float() @ quantize(b, sb).float()
     return _rescale(product.t() if transpose_out else product, sa, sb, transpose_out, a.dtype)
 
 
-def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool,
-                      transpose_out: bool, strided_k: bool = False, a_max: Tensor | None = None) -> Tensor:
-    """The same on Hopper: our pack into cuSPARSELt's FP8 layout + `torch._cslt_sparse_mm`."""
+def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool, transpose_out: bool,
+                      strided_k: bool = False, a_max: Tensor | None = None, scales_in_matmul: bool = True) -> Tensor:
+    """The same on Hopper: our pack into cuSPARSELt's FP8 layout + `torch._cslt_sparse_mm`, which
+    scales the product in its epilogue; scales_in_matmul=False: a bf16 product + `rescale_triton`."""
     from fvcompile.kernels.sparse24 import _cslt_mm
     from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
 
     sa, sb = row_scale(a, square, relu, a_max), tensor_scale(b)
     compressed = cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa, strided_k=strided_k)
-    n = b.shape[1]
+    m, n = a.shape[0], b.shape[1]
     if n % 16:  # FP8 wants N in 16s; padding copies, so only where needed
         b = torch.nn.functional.pad(b, (0, (-n) % 16))
     b8 = quantize_column_major_triton(b, sb)
-    product = _cslt_mm(compressed, b8, a.shape[0], transpose_out, out_dtype=PRODUCT)
+    if scales_in_matmul:  # one factor per row of the (row-padded) sparse operand
+        alpha = torch.nn.functional.pad(sa * sb, (0, compressed.shape[0] - m))
+        out = _cslt_mm(compressed, b8, m, transpose_out, out_dtype=a.dtype, alpha=alpha)
+        out = out[:n] if transpose_out else out[:, :n]
+        return out if out.is_contiguous() else out.contiguous()
+    product = _cslt_mm(compressed, b8, m, transpose_out, out_dtype=PRODUCT)
     product = product[:n] if transpose_out else product[:, :n]
     return rescale_triton(product, sa, sb, transpose_out, a.dtype)

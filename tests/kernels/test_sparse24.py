@@ -325,20 +325,30 @@ def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend, s
 # ---- the probe runs in a child process ---------------------------------------------------------
 
 def test_probe_in_child_finds_no_sparse_matmul_on_cpu():
-    backend, fp8, why = s24._probe_in_child("cpu")  # the real child: imports us, probes every backend
-    assert backend is None and fp8 == "no" and "no sparse matmul" in why, why
+    backend, fp8, why, scales_in_matmul = s24._probe_in_child("cpu")  # the real child: imports us, probes all
+    assert backend is None and fp8 == "no" and "no sparse matmul" in why and not scales_in_matmul, why
 
 
 def test_probe_in_child_survives_a_crash(monkeypatch):
     # A probe that kills its process (as a broken CUDA context can) costs the backend, not us.
     monkeypatch.setattr(s24, "_PROBE_CHILD", "import os; os.abort()  # {device}")
-    backend, fp8, why = s24._probe_in_child("cuda:0")
+    backend, fp8, why, _ = s24._probe_in_child("cuda:0")
     assert backend is None and fp8 == "no" and "the probe process failed (exit code -6)" in why, why
 
 
 def test_a_probe_dying_in_its_fp8_part_keeps_the_backend(monkeypatch):
     monkeypatch.setattr(s24, "_PROBE_CHILD", "import os; print('backend: cusparselt', flush=True); os.abort()  # {device}")
-    assert s24._probe_in_child("cuda:0") == ("cusparselt", "no", "")
+    assert s24._probe_in_child("cuda:0") == ("cusparselt", "no", "", False)
+
+
+def test_a_probe_dying_in_its_fp8_epilogue_part_keeps_fp8(monkeypatch):
+    # The epilogue's alpha vector is probed last: a crash there costs only the epilogue.
+    monkeypatch.setattr(s24, "_PROBE_CHILD", "import os; print('backend: cusparselt'); print('fp8: yes', flush=True); "
+                                             "os.abort()  # {device}")
+    assert s24._probe_in_child("cuda:0") == ("cusparselt", "yes", "", False)
+    monkeypatch.setattr(s24, "_PROBE_CHILD", "print('backend: cusparselt'); print('fp8: not transposed'); "
+                                             "print('fp8 scales in matmul: yes')  # {device}")
+    assert s24._probe_in_child("cuda:0") == ("cusparselt", "not transposed", "", True)
 
 
 def test_probe_without_the_search_where_the_search_breaks_the_gpu(monkeypatch):
@@ -349,7 +359,7 @@ def test_probe_without_the_search_where_the_search_breaks_the_gpu(monkeypatch):
     monkeypatch.setattr(s24, "_cslt_search", True)
     monkeypatch.setattr(s24, "cslt_search_off", "")
     with pytest.warns(UserWarning, match="failed with cuSPARSELt's algorithm search"):
-        assert s24._probe_in_child("cuda:0") == ("cusparselt", "yes", "")
+        assert s24._probe_in_child("cuda:0") == ("cusparselt", "yes", "", False)
     assert "exit code -6" in s24.cslt_search_off
     assert s24.cslt_plan(torch.zeros(64, 72), torch.zeros(128, 8), False) == {}
 
@@ -382,7 +392,7 @@ def test_cslt_plan_takes_the_search_split_k_settings_and_skips_transposed_result
 
     def mm_search(compressed, b, bias, alpha, out_dtype, transpose_result):
         searched.append(transpose_result)
-        return 7, 2, 1, 40
+        return (7, 2, 1, 40) if alpha is None else (3, 1, 1, 40)
 
     monkeypatch.setattr(torch._C, "_cusparselt", SimpleNamespace(mm_search=mm_search), raising=False)
     monkeypatch.setattr(s24, "_CSLT_PLANS", {})
@@ -390,4 +400,5 @@ def test_cslt_plan_takes_the_search_split_k_settings_and_skips_transposed_result
     assert s24.cslt_plan(c, b, False) == {"alg_id": 7, "split_k": 2, "split_k_mode": 1}
     assert s24.cslt_plan(c, b, False) == {"alg_id": 7, "split_k": 2, "split_k_mode": 1}  # cached
     assert s24.cslt_plan(c, b, True) == {}  # the transposed search breaks the CUDA context (H200)
-    assert searched == [False]
+    assert s24.cslt_plan(c, b, False, alpha=torch.ones(64)) == {"alg_id": 3, "split_k": 1, "split_k_mode": 1}
+    assert searched == [False, False]  # an alpha vector is searched for on its own

@@ -6,7 +6,7 @@ import torch
 
 from fvcompile.kernels import sparse24 as s24
 from fvcompile.kernels import sparse24_fp8 as f8
-from fvcompile.kernels.sparse24_cslt import cslt_unpack_reference
+from fvcompile.kernels.sparse24_cslt import cslt_sparse_mm_reference
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,39 +74,92 @@ def test_quantize_column_major_kernel(transposed):
 
 @pytest.fixture
 def cusparselt_fp8_on_cpu(monkeypatch):
-    def cslt_sparse_mm(compressed, b, out_dtype=None, transpose_result=False, alg_id=0):
+    def cslt_sparse_mm(compressed, b, **kwargs):
         assert compressed.dtype == f8.FP8 and b.dtype == f8.FP8 and b.stride(0) == 1  # B column-major
-        dense = cslt_unpack_reference(compressed, compressed.shape[0], b.shape[0])
-        out = (dense.float() @ b.float()).to(out_dtype)
-        return out.t().contiguous() if transpose_result else out
+        assert kwargs["out_dtype"] in (torch.float16, torch.bfloat16)  # FP8 output is never asked for
+        return cslt_sparse_mm_reference(compressed, b, **kwargs)
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm", cslt_sparse_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 0, raising=False)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
+@pytest.mark.parametrize("scales_in_matmul", [True, False])
 @pytest.mark.parametrize("transpose_out", [False, True])
 @pytest.mark.parametrize("m", [64, 37])
-def test_hopper_path_equals_the_reference(cusparselt_fp8_on_cpu, transpose_out, m):
+def test_hopper_path_equals_the_reference(cusparselt_fp8_on_cpu, transpose_out, m, scales_in_matmul):
     a, b = exact_operands(m, 128, 24, seed=m)  # 24 columns: padded to 16s for FP8, sliced back
-    got = f8.fp8_mm_cusparselt(a, b, True, False, False, transpose_out)
+    got = f8.fp8_mm_cusparselt(a, b, True, False, False, transpose_out, scales_in_matmul=scales_in_matmul)
     expected = f8.fp8_mm_reference(a, b, True, False, False, transpose_out)
-    assert got.shape == expected.shape
+    assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_scales_in_the_matmul_round_once(cusparselt_fp8_on_cpu, monkeypatch, dtype, transpose_out):
+    """On random operands the epilogue's scaling is the formula to the bit: fp32 product, fp32 scale,
+    one rounding; the bf16 product + rescale pass rounds twice.
+    The interpreter rounds to FP8 its own way: the pack and B's quantization are their references
+    here (the kernels equal them on GPUs: test_sparse24_cslt, and the column-major test above)."""
+    from fvcompile.kernels import sparse24_cslt as cslt
+
+    monkeypatch.setattr(cslt, "cslt_pack_triton", cslt.cslt_pack_reference)
+    monkeypatch.setattr(f8, "quantize_column_major_triton", lambda b, scale: f8.quantize(b.t(), scale).contiguous().t())
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(70, 128, generator=gen).to(dtype)
+    b = torch.randn(128, 32, generator=gen).to(dtype)
+    expected = f8.fp8_mm_reference(a, b, True, False, False, transpose_out)
+    assert expected.dtype == dtype
+    got = f8.fp8_mm_cusparselt(a, b, True, False, False, transpose_out, scales_in_matmul=True)
+    assert torch.equal(got, expected)
+    twice = f8.fp8_mm_cusparselt(a, b, True, False, False, transpose_out, scales_in_matmul=False)
+    # bf16's rounding (2⁻⁹), then a's dtype's: an fp16 ulp, or two bf16 ulps (the interpreter truncates)
+    torch.testing.assert_close(twice, expected, atol=1e-2, rtol=2 ** -8 if dtype == torch.float16 else 2 ** -6)
+    assert not torch.equal(twice, expected)  # the second rounding shows on random operands
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
 def test_probe_tells_whether_a_transposed_fp8_result_works(cusparselt_fp8_on_cpu, monkeypatch):
-    assert s24.fp8_probe("cpu") == "yes"
+    assert s24.fp8_probe("cpu") == "yes" and s24.fp8_probe("cpu", scales_in_matmul=True) == "yes"
     plain = torch._cslt_sparse_mm
 
-    def no_transposed_result(compressed, b, out_dtype=None, transpose_result=False, alg_id=0):
+    def no_transposed_result(compressed, b, transpose_result=False, **kwargs):
         if transpose_result:
             raise RuntimeError("not supported")
-        return plain(compressed, b, out_dtype=out_dtype, alg_id=alg_id)
+        return plain(compressed, b, **kwargs)
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm", no_transposed_result)
     assert s24.fp8_probe("cpu") == "not transposed"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
+@pytest.mark.parametrize("epilogue", ["ignores alpha", "scales columns", "rejects alpha"])
+def test_probe_tells_whether_the_matmul_scales_fp8_products(cusparselt_fp8_on_cpu, monkeypatch, epilogue):
+    """An epilogue that ignores the alpha vector, applies it along the wrong axis or fails: the
+    probe says no, and the plain FP8 matmul (scaled by our pass after it) still passes."""
+    plain = torch._cslt_sparse_mm
+
+    def wrong_epilogue(compressed, b, alpha=None, transpose_result=False, **kwargs):
+        out = plain(compressed, b, transpose_result=transpose_result, **kwargs)
+        if alpha is None or epilogue == "ignores alpha":
+            return out
+        if epilogue == "rejects alpha":
+            raise RuntimeError("CUDA error: an alpha vector")
+        out = out.float() * alpha[: out.shape[-1]]  # the wrong axis: along the product's columns
+        return out.to(kwargs["out_dtype"])
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", wrong_epilogue)
+    assert s24.fp8_probe("cpu", scales_in_matmul=True) == "no"
+    assert s24.fp8_probe("cpu") == "yes"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
+def test_probe_child_reports_what_the_parent_reads(cusparselt_fp8_on_cpu, monkeypatch, capsys):
+    monkeypatch.setattr(s24, "first_working_backend", lambda device: "cusparselt")
+    s24.probe_report("cpu")
+    assert capsys.readouterr().out.splitlines() == ["backend: cusparselt", "fp8: yes", "fp8 scales in matmul: yes"]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
@@ -114,6 +167,7 @@ def test_op_transposes_by_copy_where_the_gpu_has_no_transposed_fp8_result(cuspar
     monkeypatch.setattr(s24, "sparse_mm_applies", lambda a, b: True)
     monkeypatch.setattr(s24, "sparse_mm_backend", lambda device: "cusparselt")
     monkeypatch.setattr(s24, "fp8_sparse_mm_available", lambda device, transposed=False: not transposed)
+    monkeypatch.setattr(s24, "fp8_scales_in_matmul", lambda device: True)
     a, b = exact_operands(64, 128, 32, seed=9)
     out = torch.ops.fvcompile.sparse24_mm(a, b, fp8=True, transpose_out=True)
     assert out.shape == (32, 64) and out.is_contiguous()
