@@ -263,7 +263,8 @@ def fp8_probe(device, scales_in_matmul: bool = False) -> str:
     cuSPARSELt's epilogue applying the scales (its alpha vector), not a pass of ours after it."""
     from fvcompile.kernels.sparse24_fp8 import fp8_exact_operands, fp8_mm_cusparselt, fp8_mm_reference
 
-    a, b = (t.to(device) for t in fp8_exact_operands(96, 128, 64))
+    # One output tile and a long K: the search may split K (and a split-K epilogue must scale too)
+    a, b = (t.to(device) for t in fp8_exact_operands(96, 512, 64))
 
     def matches(transpose_out: bool) -> bool:
         try:
