@@ -520,6 +520,10 @@ class Sparse24(GraphPass):
                                    use_mm=self.sparse_mm or (self.sparse_mm is None and (on_cores or self.fp8)))
             if self.fp8:
                 detail += "; matmuls in FP8 e4m3 (rows of the sparse operand scaled, the dense one per tensor)"
+                if on_cores:
+                    detail += (", the scales applied in cuSPARSELt's epilogue" if k24.fp8_scales_in_matmul(ctx.device)
+                               else ", the scales applied by a pass after the matmul (cuSPARSELt's epilogue "
+                                    "failed its probe here)")
             if not on_cores:
                 detail += f" (emulated on {ctx.device.type}: dense matmuls of the masked tensors)"
             result.rewritten.append(Site(found.relu.name, module, detail))

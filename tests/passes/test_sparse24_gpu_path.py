@@ -130,6 +130,8 @@ def test_fp8_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu, monkeypatch,
     optimized = fvcompile.optimize(model, passes=[Sparse24(fp8=True, sparse_weight_grad="all")], codegen=False)
     got = run_step(optimized, model, x, grad_out)
     assert len(hopper_on_cpu) == 4  # forward, dX, dW2 and dW1, each an FP8 sparse matmul
+    (site,) = sites(optimized)
+    assert ("applied in cuSPARSELt's epilogue" in site.detail) == scales_in_matmul, site.detail
 
     monkeypatch.setattr(k24, "sparse_mm_backend", lambda device: None)  # now a device without one
     monkeypatch.setattr(k24, "sparse_tensor_cores_available", lambda device: False)
