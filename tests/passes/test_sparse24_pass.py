@@ -600,6 +600,44 @@ def test_a_gate_between_relu2_and_the_matmul_is_no_site():
     assert "relu² not consumed by a matmul (used by mul" in skipped.detail
 
 
+class RoutedExperts(nn.Module):
+    """A top-1 mixture of Squared-ReLU experts, as MoE code loops over them (Nemotron-style relu²
+    experts): each expert gets the tokens routed to it, a count known only at run time."""
+
+    def __init__(self, dim=32, hidden=64, experts=3):
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(SquaredReluFFN(dim, hidden) for _ in range(experts))
+
+    def forward(self, x, ffn=None):
+        weight, index = self.router(x).softmax(-1).max(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = (index == e).nonzero().squeeze(-1)
+            y = (ffn or (lambda m, t: m(t)))(expert, x[rows])
+            out = out.index_add(0, rows, y * weight[rows, None])
+        return out
+
+
+@pytest.mark.parametrize("capture_dynamic_output_shapes", [False, True])
+def test_routed_experts_with_data_dependent_token_counts(capture_dynamic_output_shapes):
+    """Each expert's FFN is a site, whether Dynamo breaks the graph at the routing (the default) or
+    captures it with unbacked token counts (`capture_dynamic_output_shape_ops`)."""
+    torch.manual_seed(12)
+    model = RoutedExperts()
+    x, grad_out = torch.randn(40, 32), torch.randn(40, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24()], codegen=False)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=capture_dynamic_output_shapes):
+        got = run_step(optimized, model, x, grad_out)
+    expected = run_step(lambda t: model(t, ffn=reference), model, x, grad_out)
+    assert_step_close(got, expected)
+    rewritten = sites(optimized)
+    if capture_dynamic_output_shapes:  # one graph: every expert its own site
+        assert sorted(s.module for s in rewritten) == ["experts.0", "experts.1", "experts.2"]
+    else:  # a graph per expert call, one compiled FFN shared by the experts (their weights are inputs)
+        assert rewritten and all(s.detail.startswith("relu -> sparse24_relu") for s in rewritten)
+
+
 @pytest.mark.parametrize("form", ["relu_inplace", "relu_module_inplace", "twin_relus", "clamp", "einsum"])
 def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form):
     """In-place relus (whose gradient reads views, and with a bias copies), twin relus (whose
