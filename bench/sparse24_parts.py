@@ -72,7 +72,11 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     record("torch._cslt_compress(A)", lambda: lambda: torch._cslt_compress(a), rw * 3 // 4)
     record("torch._sparse_semi_structured_tile(A) cuSPARSELt (2:4 both ways)",
            lambda: lambda: torch._sparse_semi_structured_tile(a, "", False), rw)
-    record("triton relu2+2:4+pack CUTLASS layout 16x256", lambda: lambda: cutlass.relu2_sparse24_pack_triton(h), rw)
+    # CUTLASS's metadata is column-major in pairs of int16 words, rows permuted in blocks of 32: a
+    # tile of whole 32-row blocks writes it in 128-byte runs, a 16-row tile every other 8 bytes of them.
+    for bm, bk in ((32, 128), (16, 256), (64, 64), (32, 256)):
+        record(f"triton relu2+2:4+pack CUTLASS layout {bm}x{bk}",
+               lambda bm=bm, bk=bk: lambda: cutlass.relu2_sparse24_pack_triton(h, block_m=bm, block_k=bk), rw)
     packed = rw * 3 // 4  # read one activation, write half of it plus metadata
     for bm, bk in ((32, 128), (16, 256), (64, 64), (32, 256), (64, 128)):
         record(f"triton 2:4 select+pack cuSPARSELt layout, A, {bm}x{bk}",
