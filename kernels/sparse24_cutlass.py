@@ -139,9 +139,10 @@ if triton is not None:
 
 
 def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 32, block_k: int = 128) -> tuple[Tensor, Tensor]:
-    # 32 rows: a whole block of CUTLASS's metadata row permutation, written in 128-byte runs (16 rows
-    # filled every other 8 bytes of them: 1.56 ms at 8192 x 21504 on an H200, where PyTorch's tile
-    # took 0.62 ms; the parts bench times both tile shapes). Not yet measured.
+    # 32 rows: a whole block of CUTLASS's metadata row permutation, written in 128-byte runs (a
+    # 16-row tile fills every other 8 bytes of them). Not yet measured: the parts bench times four
+    # tile shapes (the H200 timed only the kernel before tiles, 1.56 ms at 8192 x 21504, where
+    # PyTorch's tile took 0.62 ms).
     _need_triton()
     _check_packable(x)
     x = x.reshape(-1, x.shape[-1])  # a 2-D view stays a view, transposed or not
