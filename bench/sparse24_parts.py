@@ -165,7 +165,7 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
            lambda: lambda: sparse_mm(dh.t(), x, strided_k=True, dense_rows=0.05), flops=f)
     record("     of which: densest_rows(dHᵀ, 0.05) (count nonzeros per feature, top 5%)",
            lambda: lambda: k24.densest_rows(dh.t(), 0.05), m * k * elem)
-    # FP8: scales, pack, B quantized column-major, the FP8 2:4 matmul and the rescale, all in.
+    # FP8: scales, pack, B quantized column-major, the FP8 2:4 matmul and its scaling (epilogue or pass), all in.
     record("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)",
            lambda: lambda: sparse_mm(r, w2.t(), select=False, square=True, fp8=True), flops=f)
     record("op   sparse24_mm(dH, W1, select=False, fp8=True)",

@@ -89,8 +89,8 @@ not; token counts are free (dynamic shapes work; the kernels pad rows).
 
 FP8 (`fp8=True`), the paper's path. The sparse matmuls (forward, dX, and dW2 with
 `sparse_weight_grad`) run in float8_e4m3fn: the sparse operand scaled per row, the dense one per
-tensor, the product rescaled (`kernels/sparse24_fp8.py` defines the formula, which is also the
-reference and the emulation). The row maxima behind those scales are not read again where the graph
+tensor, the product scaled back by both (in cuSPARSELt's epilogue where the probe finds that
+right; `kernels/sparse24_fp8.py` defines the formula, which is also the reference and the emulation). The row maxima behind those scales are not read again where the graph
 has them: in training the selection (`sparse24_relu_max`) also returns r's row maxima (the forward
 matmul's scales) and column maxima (the sparse dW2's), and dX's and the sparse dW1's are `amax`es
 over dH's rows and columns in the graph, for Inductor to fuse where it can (the same numbers: a
