@@ -210,10 +210,11 @@ def _use_triton(t: Tensor) -> bool:
 # Devices: is there a 2:4 sparse matmul, and which one
 # ---------------------------------------------------------------------------------------------
 
-_BACKENDS: dict[int, str | None] = {}  # CUDA device index -> "cutlass", "cusparselt" or None
-_NO_BACKEND_REASONS: dict[int, str] = {}  # CUDA device index -> why the probe found no backend
-_FP8_PROBED: dict[int, str] = {}  # CUDA device index -> "yes", "not transposed" (no transposed result) or "no"
-_FP8_SCALES_IN_MATMUL: dict[int, bool] = {}  # CUDA device index -> whether cuSPARSELt's epilogue scales FP8 products
+_PROBED: dict[int, ProbeResult] = {}  # CUDA device index -> what its one-time probe found
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _probe(backend: str, device: torch.device) -> bool:
@@ -342,12 +343,11 @@ def sparse_mm_backend(device) -> str | None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _BACKENDS:
-        found = (_probe_in_child(f"cuda:{index}") if torch.cuda.get_device_capability(index) >= (8, 0)
-                 else ProbeResult(None, "no", "2:4 sparse tensor cores need sm80 or newer"))
-        _BACKENDS[index], _FP8_PROBED[index], _NO_BACKEND_REASONS[index], _FP8_SCALES_IN_MATMUL[index] = found
-    return _BACKENDS[index]
+    index = _cuda_index(device)
+    if index not in _PROBED:
+        _PROBED[index] = (_probe_in_child(f"cuda:{index}") if torch.cuda.get_device_capability(index) >= (8, 0)
+                          else ProbeResult(None, "no", "2:4 sparse tensor cores need sm80 or newer"))
+    return _PROBED[index].backend
 
 
 def no_sparse_mm_reason(device) -> str:
@@ -357,8 +357,8 @@ def no_sparse_mm_reason(device) -> str:
         return ""
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"{device} has no 2:4 sparse tensor cores"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"{torch.cuda.get_device_name(index)}: {_NO_BACKEND_REASONS[index]}"
+    index = _cuda_index(device)
+    return f"{torch.cuda.get_device_name(index)}: {_PROBED[index].why}"
 
 
 def fp8_sparse_mm_available(device, transposed: bool = False) -> bool:
@@ -366,17 +366,14 @@ def fp8_sparse_mm_available(device, transposed: bool = False) -> bool:
     with `transposed`, whether also with a transposed result."""
     if sparse_mm_backend(device) != "cusparselt":
         return False
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _FP8_PROBED[index] in (("yes",) if transposed else ("yes", "not transposed"))
+    return _PROBED[_cuda_index(torch.device(device))].fp8 in (("yes",) if transposed else ("yes", "not transposed"))
 
 
 def fp8_scales_in_matmul(device) -> bool:
     """Whether cuSPARSELt's epilogue applies the FP8 scales on `device` (else a pass of ours does)."""
     if not fp8_sparse_mm_available(device):
         return False
-    device = torch.device(device)
-    return _FP8_SCALES_IN_MATMUL[device.index if device.index is not None else torch.cuda.current_device()]
+    return _PROBED[_cuda_index(torch.device(device))].fp8_scales_in_matmul
 
 
 def sparse_tensor_cores_available(device) -> bool:
