@@ -101,6 +101,11 @@ def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool,
     return out
 
 
+def quantize_column_major_reference(b: Tensor, scale: Tensor) -> Tensor:
+    """`quantize(b, scale)` laid out column-major: what `quantize_column_major_triton` writes."""
+    return quantize(b.t(), scale).contiguous().t()
+
+
 def quantize_column_major_triton(b: Tensor, scale: Tensor, block_k: int = 64, block_n: int = 64) -> Tensor:
     """e4m3(b / scale) for b (K, N) of any strides, laid out column-major (the FP8 B operand
     cuSPARSELt wants): one pass over b, where eager PyTorch makes five (float, divide, clamp,

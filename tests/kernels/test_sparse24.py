@@ -278,14 +278,15 @@ def fake_sparse_matmuls(monkeypatch):
     """Stand-ins with the real call signatures: the CUTLASS matmul unpacks our CUTLASS metadata,
     the cuSPARSELt matmul unpacks our cuSPARSELt layout, and cuSPARSELt's own "compression" keeps
     the tensor as it is (so a missing selection would show)."""
-    from fvcompile.kernels.sparse24_cslt import cslt_unpack_reference
+    from fvcompile.kernels.sparse24_cslt import cslt_sparse_mm_reference
 
     def cutlass_mm(values, meta, b):
         return cutlass.unpack_reference(values, meta, values.shape[0]) @ b
 
     def cslt_mm(c, b, transpose_result=False, **kwargs):
-        dense = c if c.shape[1] == b.shape[0] else cslt_unpack_reference(c, c.shape[0], b.shape[0])
-        return (dense @ b).t().contiguous() if transpose_result else dense @ b
+        if c.shape[1] != b.shape[0]:  # our packed layout
+            return cslt_sparse_mm_reference(c, b, transpose_result=transpose_result, **kwargs)
+        return (c @ b).t().contiguous() if transpose_result else c @ b  # "compressed" by the stand-in above
 
     monkeypatch.setattr(torch, "_sparse_semi_structured_mm", cutlass_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_compress", lambda a: a, raising=False)
