@@ -48,7 +48,7 @@ STEPS = {
                      "torch.equal(k.sparse24_select_triton(h.t()), k.sparse24_mask_reference(h.t())))\n"
                      "from fvcompile.kernels import sparse24_cutlass as c\n"
                      "v, m = c.relu2_sparse24_pack_triton(h); torch.cuda.synchronize(); print(v.shape, m.shape)",
-    "backend probe": "import torch; from fvcompile.kernels import sparse24 as k; print(k.sparse_mm_backend('cuda'))",
+    "backend probe": "import torch; from fvcompile.kernels import sparse24_backends as k; print(k.sparse_mm_backend('cuda'))",
 }
 
 

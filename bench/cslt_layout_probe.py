@@ -1,4 +1,4 @@
-"""Record what cuSPARSELt's compressed format looks like on this GPU (for kernels/sparse24.py).
+"""Record what cuSPARSELt's compressed format looks like on this GPU (for kernels/sparse24_cslt.py).
 
 torch._cslt_compress is slow on H100 (6.7 ms for 8192 x 21504 bf16, 2026-11-26): a Triton kernel
 that writes the same format is the fix, and the format is undocumented. This compresses 2:4 inputs

@@ -72,6 +72,7 @@ def kernels_sparse24():
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
     from fvcompile.kernels import sparse24 as k24
+    from fvcompile.kernels import sparse24_backends as backends
     from fvcompile.kernels import sparse24_cslt as cslt
     from fvcompile.kernels import sparse24_cutlass as cutlass
 
@@ -130,21 +131,21 @@ def kernels_sparse24():
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(h.grad, (k24.sparse24_relu_reference(h.detach()) > 0).half())
     return (f"{done} shape/dtype cases equal; {fp8}; sparse tensor cores: "
-            f"{k24.sparse_tensor_cores_available(torch.device(DEVICE))} ({k24.sparse_mm_backend(torch.device(DEVICE))})"
-            + (f"; {k24.cslt_search_off}" if k24.cslt_search_off else ""))
+            f"{backends.sparse_tensor_cores_available(torch.device(DEVICE))} ({backends.sparse_mm_backend(torch.device(DEVICE))})"
+            + (f"; {backends.cslt_search_off}" if backends.cslt_search_off else ""))
 
 
 @check("FP8 2:4 matmul at full size vs its formula (both scalings, transposed results)")
 def fp8_matmul_full_size():
     """A check of its own, run after the main numbers: an FP8 cuSPARSELt call that breaks the CUDA
     context (as a search did on the H200) then costs only the steps after it in this process."""
-    from fvcompile.kernels import sparse24 as k24
+    from fvcompile.kernels import sparse24_backends as backends
     from fvcompile.kernels import sparse24_fp8 as f8
 
-    if not k24.fp8_sparse_mm_available(DEVICE):
-        return f"no FP8 2:4 matmul here ({k24.no_sparse_mm_reason(DEVICE) or 'its FP8 probe failed'})"
-    scaled_by = k24.fp8_scales_in_matmul(DEVICE)  # the probe's choice; the rescale pass always
-    transposed = k24.fp8_sparse_mm_available(DEVICE, transposed=True)
+    if not backends.fp8_sparse_mm_available(DEVICE):
+        return f"no FP8 2:4 matmul here ({backends.no_sparse_mm_reason(DEVICE) or 'its FP8 probe failed'})"
+    scaled_by = backends.fp8_scales_in_matmul(DEVICE)  # the probe's choice; the rescale pass always
+    transposed = backends.fp8_sparse_mm_available(DEVICE, transposed=True)
     h = torch.randn(4096, 21504, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(21504, 256, device=DEVICE, dtype=torch.bfloat16)
     done = []

@@ -25,6 +25,7 @@ from torch import nn
 
 import fvcompile
 from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels import sparse24_backends as backends
 from fp8_dense import Fp8SquaredReLU  # bench/, beside this script
 from fvcompile.models.llama import SquaredReLU, SwiGLU
 from fvcompile.passes.sparse24 import Sparse24
@@ -110,9 +111,9 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
         "relu2 sparse24+dW1+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                    dict(passes=[Sparse24(sparse_weight_grad="all")])),
     }
-    if device.type == "cuda" and not k24.fp8_sparse_mm_available(device):
+    if device.type == "cuda" and not backends.fp8_sparse_mm_available(device):
         # Emulated FP8 at these shapes would time plain-PyTorch formulas, not the path, and take minutes.
-        why = k24.no_sparse_mm_reason(device) or "its FP8 probe failed"
+        why = backends.no_sparse_mm_reason(device) or "its FP8 probe failed"
         for label in [m for m in modes if "sparse24-fp8" in m]:
             modes.pop(label)
             skipped[label] = f"skipped: no FP8 2:4 sparse matmul on this GPU ({why})"
@@ -265,7 +266,7 @@ def main(argv=None) -> dict:
         dtype, dim, hidden = torch.bfloat16, 4096, 14336
         tokens = [int(t) for t in (args.tokens or "4096,8192,16384").split(",")]
         name = torch.cuda.get_device_name(device)
-        cores = k24.sparse_tensor_cores_available(device)
+        cores = backends.sparse_tensor_cores_available(device)
     else:
         dtype, dim, hidden = torch.float32, 256, 512
         tokens = [int(t) for t in (args.tokens or "1024").split(",")]
@@ -274,10 +275,10 @@ def main(argv=None) -> dict:
     if not cores:
         print("no 2:4 sparse tensor cores: sparse24 runs emulated (masked dense), so this measures "
               "correctness and the emulation's cost; speed needs an sm80+ GPU")
-    if k24.cslt_search_off:
-        print(f"cuSPARSELt: {k24.cslt_search_off}")
+    if backends.cslt_search_off:
+        print(f"cuSPARSELt: {backends.cslt_search_off}")
     result = {"device": name, "sparse_tensor_cores": cores, "torch": torch.__version__,
-              "cslt_search": k24.cslt_search_off or "on", "fp8_scales_in_matmul": k24.fp8_scales_in_matmul(device),
+              "cslt_search": backends.cslt_search_off or "on", "fp8_scales_in_matmul": backends.fp8_scales_in_matmul(device),
               "date": time.strftime("%Y-%m-%d"), "ffn": [], "pack": []}
     rows, pack_rows = result["ffn"], result["pack"]
     kind = f"{'gpu' if device.type == 'cuda' else 'cpu'}{'_cudagraphs' if args.cuda_graphs else ''}"

@@ -26,6 +26,8 @@ import json
 import torch
 
 from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels import sparse24_backends as backends
+from fvcompile.kernels import sparse24_mm as mm24
 from fvcompile.kernels import sparse24_cslt as cslt
 from fvcompile.kernels import sparse24_cutlass as cutlass
 
@@ -89,7 +91,7 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
 
     def cusparselt(sparse, b, search=False):
         compressed = torch._cslt_compress(sparse)
-        plan = k24.cslt_plan(compressed, b, False) if search else {}  # what sparse24_mm runs with
+        plan = backends.cslt_plan(compressed, b, False) if search else {}  # what sparse24_mm runs with
         if search:
             rows.append({"part": f"  (searched cuSPARSELt plan: {plan})", "ms": None})
         return lambda: torch._cslt_sparse_mm(compressed, b, **plan)
@@ -116,7 +118,7 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
 
         def fp8_sparse(search, alpha=None):
             compressed = torch._cslt_compress(a8)
-            plan = k24.cslt_plan(compressed, w8.t(), False, torch.bfloat16, alpha) if search else {}
+            plan = backends.cslt_plan(compressed, w8.t(), False, torch.bfloat16, alpha) if search else {}
             return lambda: torch._cslt_sparse_mm(compressed, w8.t(), alpha=alpha, out_dtype=torch.bfloat16, **plan)
 
         scale = a.abs().amax(1).float().clamp_min(1e-12) / 448
@@ -141,10 +143,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
                lambda: lambda: fp8_mm(a, w2.t(), dtype), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, alg 0", lambda: fp8_sparse(False), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched", lambda: fp8_sparse(True), flops=f)
-        if k24.fp8_scales_in_matmul(a.device):  # the probe found the epilogue right (else it may break the GPU)
+        if backends.fp8_scales_in_matmul(a.device):  # the probe found the epilogue right (else it may break the GPU)
             record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched, row scales in its epilogue (alpha vector)",
                    lambda: fp8_sparse(True, torch.rand(m, device=device)), flops=f)
-    rows.append({"part": f"  (sparse matmul backend: {k24.sparse_mm_backend(a.device)})", "ms": None})
+    rows.append({"part": f"  (sparse matmul backend: {backends.sparse_mm_backend(a.device)})", "ms": None})
     sparse_mm = torch.ops.fvcompile.sparse24_mm
     record("op   sparse24_mm(A, W2ᵀ, select=False) (pack + mm)",
            lambda: lambda: sparse_mm(a, w2.t(), select=False), flops=f)
@@ -164,7 +166,7 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     record("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05) (the sparse dW1)",
            lambda: lambda: sparse_mm(dh.t(), x, strided_k=True, dense_rows=0.05), flops=f)
     record("     of which: densest_rows(dHᵀ, 0.05) (count nonzeros per feature, top 5%)",
-           lambda: lambda: k24.densest_rows(dh.t(), 0.05), m * k * elem)
+           lambda: lambda: mm24.densest_rows(dh.t(), 0.05), m * k * elem)
     # FP8: scales, pack, B quantized column-major, the FP8 2:4 matmul and its scaling (epilogue or pass), all in.
     record("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)",
            lambda: lambda: sparse_mm(r, w2.t(), select=False, square=True, fp8=True), flops=f)
@@ -198,10 +200,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         torch.cuda.synchronize() if device == "cuda" else None
         return elapsed
 
-    compressed = cslt.cslt_pack_triton(a) if k24.sparse_mm_backend(a.device) == "cusparselt" else None
+    compressed = cslt.cslt_pack_triton(a) if backends.sparse_mm_backend(a.device) == "cusparselt" else None
     for name, fn in (("dense torch.mm", lambda: torch.mm(a, w2.t())),
                      ("torch._cslt_sparse_mm alone (packed beforehand; plan as sparse24_mm runs it)",
-                      lambda: k24._cslt_mm(compressed, w2.t(), m, False)),
+                      lambda: backends.cslt_mm(compressed, w2.t(), m, False)),
                      ("sparse24_mm(r, W2ᵀ, square=True)", lambda: sparse_mm(r, w2.t(), select=False, square=True)),
                      ("sparse24_mm(r, W2ᵀ, square=True, fp8=True)",
                       lambda: sparse_mm(r, w2.t(), select=False, square=True, fp8=True))):

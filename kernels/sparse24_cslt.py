@@ -26,8 +26,8 @@ the nibble j % 2 of byte 16 * (i % 8) + i // 8 + 2 * bit3(j) + 4 * bit1(j) + 8 *
 tensor is (M_pad, K/2 + K/8) of the 8-bit type, and K must be a multiple of 64.
 
 That is cuSPARSELt's layout on Hopper (with the cuSPARSELt of torch 2.11 + CUDA 13); other GPUs
-may differ, which is why `sparse24.sparse_mm_backend` uses it only after a probe matmul through it
-matches the dense product, and falls back to `torch._cslt_compress` otherwise.
+may differ, which is why `sparse24_backends.sparse_mm_backend` uses it only after a probe matmul
+through it matches the dense product, and falls back to `torch._cslt_compress` otherwise.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """2:4 packing in CUTLASS's layout: what `torch._sparse_semi_structured_mm` reads, on sm8x GPUs.
 
-The sparse matmul backend "cutlass" of `kernels/sparse24.py` (PyTorch's CUTLASS kernel runs on
-sm8x only; Hopper takes cuSPARSELt's layout, `kernels/sparse24_cslt.py`). Ops:
+The sparse matmul backend "cutlass" of `kernels/sparse24_backends.py` (PyTorch's CUTLASS kernel
+runs on sm8x only; Hopper takes cuSPARSELt's layout, `kernels/sparse24_cslt.py`). Ops:
 
 - `relu2_sparse24_pack(h) -> (values, meta)`: fused relu, square, 2:4 selection and packing.
 - `sparse24_pack(x) -> (values, meta)`: the same for any tensor (2 of 4 by magnitude); exact for

@@ -13,7 +13,7 @@ without FP8 2:4 sparse tensor cores. On Hopper, `fp8_mm_cusparselt` packs S(a) s
 cuSPARSELt's FP8 layout (kernels/sparse24_cslt.py) and multiplies with `torch._cslt_sparse_mm`,
 which applies sa · sb itself, in its epilogue (cuSPARSELt's "alpha vector scaling": one factor
 per row of the sparse operand): the product is written once, already scaled. Where the one-time
-probe finds that epilogue wrong or missing (`sparse24.fp8_scales_in_matmul`), the product comes
+probe finds that epilogue wrong or missing (`sparse24_backends.fp8_scales_in_matmul`), the product comes
 out in bf16 and one more pass (`rescale_triton`) scales it: one more rounding, 2⁻⁹ relative,
 small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled product reaches 448² · K, far
 past fp16's largest value (65504) for an fp16 model.
@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fvcompile.kernels import sparse24_cslt as cslt
 from fvcompile.kernels.sparse24 import mask24, triton
+from fvcompile.kernels.sparse24_backends import cslt_mm
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -160,20 +162,14 @@ def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bo
                       strided_k: bool = False, a_max: Tensor | None = None, scales_in_matmul: bool = True) -> Tensor:
     """The same on Hopper: our pack into cuSPARSELt's FP8 layout + `torch._cslt_sparse_mm`, which
     scales the product in its epilogue; scales_in_matmul=False: a bf16 product + `rescale_triton`."""
-    from fvcompile.kernels.sparse24 import _cslt_mm
-    from fvcompile.kernels.sparse24_cslt import cslt_pack_triton
-
     sa, sb = row_scale(a, square, relu, a_max), tensor_scale(b)
-    compressed = cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa, strided_k=strided_k)
+    compressed = cslt.cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa, strided_k=strided_k)
     m, n = a.shape[0], b.shape[1]
     if n % 16:  # FP8 wants N in 16s; padding copies, so only where needed
         b = torch.nn.functional.pad(b, (0, (-n) % 16))
     b8 = quantize_column_major_triton(b, sb)
     if scales_in_matmul:  # one factor per row of the (row-padded) sparse operand
         alpha = torch.nn.functional.pad(sa * sb, (0, compressed.shape[0] - m))
-        out = _cslt_mm(compressed, b8, m, transpose_out, out_dtype=a.dtype, alpha=alpha)
-        out = out[:n] if transpose_out else out[:, :n]
-        return out if out.is_contiguous() else out.contiguous()
-    product = _cslt_mm(compressed, b8, m, transpose_out, out_dtype=PRODUCT)
-    product = product[:n] if transpose_out else product[:, :n]
+        return cslt_mm(compressed, b8, m, transpose_out, out_dtype=a.dtype, alpha=alpha, n=n)
+    product = cslt_mm(compressed, b8, m, transpose_out, out_dtype=PRODUCT, n=n)
     return rescale_triton(product, sa, sb, transpose_out, a.dtype)

@@ -74,7 +74,7 @@ that all four sparse-able matmuls are sparse (`sparse24_mm(dense_rows=0.05)` mul
 features whole, a small dense matmul after the sparse one).
 
 Devices. On a GPU where a one-time probe of the 2:4 sparse matmul succeeds
-(`fvcompile.kernels.sparse24.sparse_tensor_cores_available`) and the activation is fp16/bf16, the
+(`fvcompile.kernels.sparse24_backends.sparse_tensor_cores_available`) and the activation is fp16/bf16, the
 forward matmul consuming A and the backward matmul consuming dH become `fvcompile.sparse24_mm`.
 The forward one reads r and squares as it packs (A = r² is never written for it); in an inference
 graph it reads h itself and the sparse relu disappears: relu, 2:4 selection, square and packing
@@ -125,6 +125,7 @@ from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels import sparse24_backends as backends
 from fvcompile.passes import bmm_as_mm
 from fvcompile.passes.bmm_as_mm import keeps_order
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site, module_path
@@ -433,7 +434,7 @@ class Sparse24(GraphPass):
         return opts
 
     def pays_off_on(self, device: torch.device) -> bool:
-        return k24.sparse_tensor_cores_available(device)
+        return backends.sparse_tensor_cores_available(device)
 
     # -- matching ---------------------------------------------------------------------------
 
@@ -481,8 +482,8 @@ class Sparse24(GraphPass):
         # einsum's batch-1 bmms of relu² and dH as the mms they are, put back where not rewritten.
         einsum_mms = bmm_as_mm.as_mm(graph, _squares_and_gradients(graph))
         grad = gradient_only_nodes(graph)
-        has_cores = k24.sparse_tensor_cores_available(ctx.device)
-        has_fp8 = self.fp8 and k24.fp8_sparse_mm_available(ctx.device)
+        has_cores = backends.sparse_tensor_cores_available(ctx.device)
+        has_fp8 = self.fp8 and backends.fp8_sparse_mm_available(ctx.device)
         training = ctx.graph_kind == "joint"
         matched_squares: set[fx.Node] = set()
         sites_per_module: dict[str, int] = {}
@@ -505,7 +506,7 @@ class Sparse24(GraphPass):
             dtype = found.matmuls[0].meta["val"].dtype  # what the matmul would pack
             on_cores = has_cores and dtype in k24.PACK_DTYPES and (not self.fp8 or has_fp8)
             if not on_cores and not self.emulate:
-                why = (k24.no_sparse_mm_reason(ctx.device) if not has_cores
+                why = (backends.no_sparse_mm_reason(ctx.device) if not has_cores
                        else f"{dtype} has no 2:4 sparse matmul (needs fp16/bf16)" if dtype not in k24.PACK_DTYPES
                        else f"no FP8 2:4 sparse matmul on {ctx.device}")
                 result.skipped.append(Site(relu.name, module, f"{why} and emulate=False: left dense"))
@@ -521,7 +522,7 @@ class Sparse24(GraphPass):
             if self.fp8:
                 detail += "; matmuls in FP8 e4m3 (rows of the sparse operand scaled, the dense one per tensor)"
                 if on_cores:
-                    detail += (", the scales applied in cuSPARSELt's epilogue" if k24.fp8_scales_in_matmul(ctx.device)
+                    detail += (", the scales applied in cuSPARSELt's epilogue" if backends.fp8_scales_in_matmul(ctx.device)
                                else ", the scales applied by a pass after the matmul (cuSPARSELt's epilogue "
                                     "failed its probe here)")
             if not on_cores:
@@ -531,7 +532,7 @@ class Sparse24(GraphPass):
         self._report_other_squares(graph, grad, matched_squares, result)
         bmm_as_mm.as_bmm(graph, einsum_mms)
         if emulated:
-            where = (k24.no_sparse_mm_reason(ctx.device) if not has_cores
+            where = (backends.no_sparse_mm_reason(ctx.device) if not has_cores
                      else f"no FP8 2:4 sparse matmul on {ctx.device}" if self.fp8 and not has_fp8
                      else "the activations are not fp16/bf16")
             result.notes.append(f"emulated: {where}; {emulated} site(s) run the 2:4 masked-dense "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fvcompile.kernels import sparse24 as s24
+from fvcompile.kernels import sparse24_backends as backends
 from fvcompile.kernels import sparse24_cslt as cslt
 
 pytest.importorskip("triton")
@@ -142,8 +143,8 @@ def test_kernel_rejects_widths_it_cannot_pack():
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("m", [64, 100, 4096])
 def test_packed_operand_multiplies_like_the_dense_one_on_gpu(m, fp8):
-    if s24.sparse_mm_backend("cuda") != "cusparselt":
-        pytest.skip(f"this GPU's backend is {s24.sparse_mm_backend('cuda')}")
+    if backends.sparse_mm_backend("cuda") != "cusparselt":
+        pytest.skip(f"this GPU's backend is {backends.sparse_mm_backend('cuda')}")
     x = randn(m, 512, dtype=torch.bfloat16)
     w = randn(256, 512, dtype=torch.bfloat16)  # (N, K) row-major: wᵀ is the column-major B FP8 wants
     # FP8: per row, the largest value maps to 448; e4m3 keeps 3 mantissa bits.

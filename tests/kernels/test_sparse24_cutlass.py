@@ -7,7 +7,7 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_fro
 
 from fvcompile.kernels import sparse24 as s24
 from fvcompile.kernels import sparse24_cutlass as cutlass
-from test_sparse24 import DEVICE, PACK_DTYPES, SHAPES, exact_square_inputs, groups, randn
+from test_sparse24 import DEVICE, PACK_DTYPES, SHAPES, exact_square_inputs, randn
 
 pytest.importorskip("triton")
 

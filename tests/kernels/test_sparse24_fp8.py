@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from fvcompile.kernels import sparse24 as s24
+from fvcompile.kernels import sparse24_backends as backends
+from fvcompile.kernels import sparse24_mm as mm24
 from fvcompile.kernels import sparse24_fp8 as f8
 from fvcompile.kernels.sparse24_cslt import cslt_sparse_mm_reference
 
@@ -122,7 +124,7 @@ def test_scales_in_the_matmul_round_once(cusparselt_fp8_on_cpu, monkeypatch, dty
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
 def test_probe_tells_whether_a_transposed_fp8_result_works(cusparselt_fp8_on_cpu, monkeypatch):
-    assert s24.fp8_probe("cpu") == "yes" and s24.fp8_probe("cpu", scales_in_matmul=True) == "yes"
+    assert backends.fp8_probe("cpu") == "yes" and backends.fp8_probe("cpu", scales_in_matmul=True) == "yes"
     plain = torch._cslt_sparse_mm
 
     def no_transposed_result(compressed, b, transpose_result=False, **kwargs):
@@ -131,7 +133,7 @@ def test_probe_tells_whether_a_transposed_fp8_result_works(cusparselt_fp8_on_cpu
         return plain(compressed, b, **kwargs)
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm", no_transposed_result)
-    assert s24.fp8_probe("cpu") == "not transposed"
+    assert backends.fp8_probe("cpu") == "not transposed"
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
@@ -151,23 +153,23 @@ def test_probe_tells_whether_the_matmul_scales_fp8_products(cusparselt_fp8_on_cp
         return out.to(kwargs["out_dtype"])
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm", wrong_epilogue)
-    assert s24.fp8_probe("cpu", scales_in_matmul=True) == "no"
-    assert s24.fp8_probe("cpu") == "yes"
+    assert backends.fp8_probe("cpu", scales_in_matmul=True) == "no"
+    assert backends.fp8_probe("cpu") == "yes"
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
 def test_probe_child_reports_what_the_parent_reads(cusparselt_fp8_on_cpu, monkeypatch, capsys):
-    monkeypatch.setattr(s24, "first_working_backend", lambda device: "cusparselt")
-    s24.probe_report("cpu")
+    monkeypatch.setattr(backends, "first_working_backend", lambda device: "cusparselt")
+    backends.probe_report("cpu")
     assert capsys.readouterr().out.splitlines() == ["backend: cusparselt", "fp8: yes", "fp8 scales in matmul: yes"]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a stand-in for the CUDA-only matmul")
 def test_op_transposes_by_copy_where_the_gpu_has_no_transposed_fp8_result(cusparselt_fp8_on_cpu, monkeypatch):
-    monkeypatch.setattr(s24, "sparse_mm_applies", lambda a, b: True)
-    monkeypatch.setattr(s24, "sparse_mm_backend", lambda device: "cusparselt")
-    monkeypatch.setattr(s24, "fp8_sparse_mm_available", lambda device, transposed=False: not transposed)
-    monkeypatch.setattr(s24, "fp8_scales_in_matmul", lambda device: True)
+    monkeypatch.setattr(mm24, "sparse_mm_applies", lambda a, b: True)
+    monkeypatch.setattr(backends, "sparse_mm_backend", lambda device: "cusparselt")
+    monkeypatch.setattr(backends, "fp8_sparse_mm_available", lambda device, transposed=False: not transposed)
+    monkeypatch.setattr(backends, "fp8_scales_in_matmul", lambda device: True)
     a, b = exact_operands(64, 128, 32, seed=9)
     out = torch.ops.fvcompile.sparse24_mm(a, b, fp8=True, transpose_out=True)
     assert out.shape == (32, 64) and out.is_contiguous()

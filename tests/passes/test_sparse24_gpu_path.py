@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fvcompile
-from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels import sparse24_backends as backends
 from fvcompile.kernels.sparse24_cslt import cslt_sparse_mm_reference
 from fvcompile.passes.sparse24 import Sparse24
 
@@ -36,8 +36,8 @@ def hopper_on_cpu(monkeypatch):
     def no_search(*args, **kwargs):
         raise RuntimeError("no algorithm search in the stand-in")
 
-    monkeypatch.setattr(k24, "sparse_mm_backend", lambda device: "cusparselt")
-    monkeypatch.setattr(k24, "sparse_tensor_cores_available", lambda device: True)
+    monkeypatch.setattr(backends, "sparse_mm_backend", lambda device: "cusparselt")
+    monkeypatch.setattr(backends, "sparse_tensor_cores_available", lambda device: True)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", cslt_sparse_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", no_search, raising=False)
     torch._dynamo.reset()
@@ -122,8 +122,8 @@ def test_fp8_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu, monkeypatch,
 
     monkeypatch.setattr(cslt, "cslt_pack_triton", cslt.cslt_pack_reference)
     monkeypatch.setattr(f8, "quantize_column_major_triton", f8.quantize_column_major_reference)
-    monkeypatch.setattr(k24, "fp8_sparse_mm_available", lambda device, transposed=False: True)
-    monkeypatch.setattr(k24, "fp8_scales_in_matmul", lambda device: scales_in_matmul)
+    monkeypatch.setattr(backends, "fp8_sparse_mm_available", lambda device, transposed=False: True)
+    monkeypatch.setattr(backends, "fp8_scales_in_matmul", lambda device: scales_in_matmul)
     model, _ = half_model()
     emulated_model = copy.deepcopy(model)
     x, grad_out = torch.randn(2, tokens, 64).half(), torch.randn(2, tokens, 64).half()
@@ -133,8 +133,8 @@ def test_fp8_all_weight_grads_on_the_cusparselt_path(hopper_on_cpu, monkeypatch,
     (site,) = sites(optimized)
     assert ("applied in cuSPARSELt's epilogue" in site.detail) == scales_in_matmul, site.detail
 
-    monkeypatch.setattr(k24, "sparse_mm_backend", lambda device: None)  # now a device without one
-    monkeypatch.setattr(k24, "sparse_tensor_cores_available", lambda device: False)
+    monkeypatch.setattr(backends, "sparse_mm_backend", lambda device: None)  # now a device without one
+    monkeypatch.setattr(backends, "sparse_tensor_cores_available", lambda device: False)
     torch._dynamo.reset()
     emulated = fvcompile.optimize(emulated_model, passes=[Sparse24(fp8=True, sparse_weight_grad="all")],
                                   codegen=False)

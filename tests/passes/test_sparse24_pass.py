@@ -13,6 +13,7 @@ from torch import nn
 
 import fvcompile
 from fvcompile.kernels import sparse24 as k24
+from fvcompile.kernels import sparse24_backends as backends
 from fvcompile.kernels.sparse24_cslt import strided_order
 from fvcompile.kernels.sparse24_fp8 import fp8_mm_reference
 from fvcompile.models import get
@@ -470,7 +471,7 @@ def test_the_uuid_covers_the_helper_modules(monkeypatch):
 
 # ---- real Inductor, and the GPU path ----------------------------------------------------------
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and k24.sparse_tensor_cores_available("cuda") else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and backends.sparse_tensor_cores_available("cuda") else [])
 
 
 @pytest.mark.inductor
