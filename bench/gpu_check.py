@@ -125,7 +125,11 @@ def kernels_sparse24():
         scale = f8.row_scale(h, False, False)
         assert torch.equal(cslt.cslt_pack_triton(h, out_dtype=f8.FP8, scale=scale).view(torch.uint8),
                            cslt.cslt_pack_reference(h, out_dtype=f8.FP8, scale=scale).view(torch.uint8))
-        fp8 = "FP8 pack equal (the FP8 matmul: a later check)"
+        dy = torch.randn(8000, 4096, device=DEVICE, dtype=torch.bfloat16)  # the sparse dW2's B: tokens strided
+        sb = f8.tensor_scale(dy)
+        assert torch.equal(f8.quantize_column_major_triton(dy, sb, strided_k=True, n_multiple=16).view(torch.uint8),
+                           f8.quantize_column_major_reference(dy, sb, strided_k=True, n_multiple=16).view(torch.uint8))
+        fp8 = "FP8 pack and strided quantization equal (the FP8 matmul: a later check)"
     h = torch.randn(256, 512, device=DEVICE, dtype=torch.float16, requires_grad=True)
     out = torch.ops.fvcompile.sparse24_relu(h)
     out.backward(torch.ones_like(out))

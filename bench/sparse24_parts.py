@@ -133,6 +133,10 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
                lambda: lambda: f8.quantize_column_major_triton(w1, sw), w1.numel() * (elem + 1))
         record("fp8  row scales of A (amax per row)", lambda: lambda: f8.row_scale(a, False, False), m * k * elem)
         y, sa = torch.randn(m, n, device=device, dtype=dtype), scale[:m]
+        record("fp8  quantize dY (T, D) in the strided token order: gather, then quantize (two passes)",
+               lambda: lambda: f8.quantize_column_major_triton(cslt.to_strided_k(y, 0), sw), m * n * (3 * elem + 1))
+        record("fp8  quantize dY (T, D) in the strided token order, read in place (one pass)",
+               lambda: lambda: f8.quantize_column_major_triton(y, sw, strided_k=True), m * n * (elem + 1))
         record("fp8  rescale the product Y, eager (float, 2 multiplies, cast)",
                lambda: lambda: f8._rescale(y, sa, sw, False, dtype), 2 * m * n * elem)
         record("fp8  rescale the product Y, triton (one pass)",

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fvcompile.kernels import sparse24_cslt as cslt
-from fvcompile.kernels.sparse24 import mask24, triton
+from fvcompile.kernels.sparse24 import _pad_cols, mask24, triton
 from fvcompile.kernels.sparse24_backends import cslt_mm
 
 FP8 = torch.float8_e4m3fn
@@ -58,19 +58,21 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _quantize_t_kernel(b_ptr, out_ptr, scale_ptr, K, N, stride_bk, stride_bn,
-                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        # out[n, k] = e4m3(b[k, n] / scale): one (BLOCK_K, BLOCK_N) tile read, transposed in registers.
-        ks = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    def _quantize_t_kernel(b_ptr, out_ptr, scale_ptr, K, N, K_OUT, N_OUT, stride_bk, stride_bn,
+                           STRIDED_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        # out[n, i] = e4m3(b[k, n] / scale), k = i or, STRIDED_K, the i-th row of the strided order
+        # (sparse24_cslt.strided_order: position i holds row (i % 4) · K_OUT/4 + i // 4); rows past K
+        # and columns past N (the padding) are zeros. One (BLOCK_K, BLOCK_N) tile, transposed in registers.
+        i = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
         ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        ks = (i % 4) * (K_OUT // 4) + i // 4 if STRIDED_K else i
         mask = (ks[:, None] < K) & (ns[None, :] < N)
         b = tl.load(b_ptr + ks[:, None] * stride_bk + ns[None, :] * stride_bn, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr)
         # IEEE division (a plain / is approximate on GPUs): the bytes equal `quantize`'s.
         q = tl.math.div_rn(b, tl.broadcast_to(scale, (BLOCK_K, BLOCK_N)))
         q = tl.minimum(tl.maximum(q, -448.0), 448.0).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + ns[None, :] * K + ks[:, None], q, mask=mask)
-
+        tl.store(out_ptr + ns[None, :] * K_OUT + i[:, None], q, mask=(i[:, None] < K_OUT) & (ns[None, :] < N_OUT))
 
     @triton.jit
     def _rescale_kernel(p_ptr, out_ptr, sa_ptr, sb_ptr, M, N, stride_pm, stride_pn,
@@ -103,20 +105,28 @@ def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool,
     return out
 
 
-def quantize_column_major_reference(b: Tensor, scale: Tensor) -> Tensor:
-    """`quantize(b, scale)` laid out column-major: what `quantize_column_major_triton` writes."""
-    return quantize(b.t(), scale).contiguous().t()
+def quantize_column_major_reference(b: Tensor, scale: Tensor, strided_k: bool = False, n_multiple: int = 1) -> Tensor:
+    """`quantize(b, scale)` laid out column-major: what `quantize_column_major_triton` writes. With
+    strided_k, b's rows (K) first padded and put in the strided order (`sparse24_cslt.to_strided_k`);
+    its columns padded with zeros to a multiple of n_multiple."""
+    b = cslt.to_strided_k(b, 0) if strided_k else b
+    return quantize(_pad_cols(b, n_multiple).t(), scale).contiguous().t()
 
 
-def quantize_column_major_triton(b: Tensor, scale: Tensor, block_k: int = 64, block_n: int = 64) -> Tensor:
+def quantize_column_major_triton(b: Tensor, scale: Tensor, strided_k: bool = False, n_multiple: int = 1,
+                                 block_k: int = 64, block_n: int = 64) -> Tensor:
     """e4m3(b / scale) for b (K, N) of any strides, laid out column-major (the FP8 B operand
     cuSPARSELt wants): one pass over b, where eager PyTorch makes five (float, divide, clamp,
-    cast, transposing copy: ~0.8 ms for a 4096 x 21504 weight on an H100's bandwidth)."""
+    cast, transposing copy: ~0.8 ms for a 4096 x 21504 weight on an H100's bandwidth). The strided
+    order of a weight gradient's tokens and the padding are read into place in the same pass
+    (`quantize_column_major_reference`), not copied first."""
     k, n = b.shape
-    out = torch.empty((n, k), dtype=FP8, device=b.device)
-    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
-    _quantize_t_kernel[grid](b, out, scale.float().reshape(1), k, n, b.stride(0), b.stride(1),
-                             BLOCK_K=block_k, BLOCK_N=block_n)
+    k_out = cslt.strided_k_padded(k) if strided_k else k
+    n_out = -(-n // n_multiple) * n_multiple
+    out = torch.empty((n_out, k_out), dtype=FP8, device=b.device)
+    grid = (triton.cdiv(k_out, block_k), triton.cdiv(n_out, block_n))
+    _quantize_t_kernel[grid](b, out, scale.float().reshape(1), k, n, k_out, n_out, b.stride(0), b.stride(1),
+                             STRIDED_K=strided_k, BLOCK_K=block_k, BLOCK_N=block_n)
     return out.t()
 
 
@@ -161,13 +171,13 @@ def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: boo
 def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool, transpose_out: bool,
                       strided_k: bool = False, a_max: Tensor | None = None, scales_in_matmul: bool = True) -> Tensor:
     """The same on Hopper: our pack into cuSPARSELt's FP8 layout + `torch._cslt_sparse_mm`, which
-    scales the product in its epilogue; scales_in_matmul=False: a bf16 product + `rescale_triton`."""
+    scales the product in its epilogue; scales_in_matmul=False: a bf16 product + `rescale_triton`.
+    strided_k: K in the strided order (`sparse24_cslt.strided_order`), padded to a multiple of 64;
+    both operands are read into that order by the passes that quantize them."""
     sa, sb = row_scale(a, square, relu, a_max), tensor_scale(b)
     compressed = cslt.cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa, strided_k=strided_k)
+    b8 = quantize_column_major_triton(b, sb, strided_k=strided_k, n_multiple=16)  # FP8 wants N in 16s
     m, n = a.shape[0], b.shape[1]
-    if n % 16:  # FP8 wants N in 16s; padding copies, so only where needed
-        b = torch.nn.functional.pad(b, (0, (-n) % 16))
-    b8 = quantize_column_major_triton(b, sb)
     if scales_in_matmul:  # one factor per row of the (row-padded) sparse operand
         alpha = torch.nn.functional.pad(sa * sb, (0, compressed.shape[0] - m))
         return cslt_mm(compressed, b8, m, transpose_out, out_dtype=a.dtype, alpha=alpha, n=n)

@@ -82,7 +82,8 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
     cslt_pack = (a.dtype in PACK_DTYPES and b.dtype == a.dtype and (strided_k or a.shape[1] % ALIGN_K == 0)
                  and backends.sparse_mm_backend(a.device) == "cusparselt"
                  and (not fp8 or backends.fp8_sparse_mm_available(a.device)))
-    if strided_k:  # K padded with zeros and reordered on both sides: the product is the same
+    if strided_k and not (fp8 and cslt_pack):  # the FP8 path reads both operands into that order itself
+        # K padded with zeros and reordered on both sides: the product is the same.
         b = to_strided_k(b, 0)  # a gather of its rows
         if not cslt_pack:  # elsewhere `a` is copied in that order; our cuSPARSELt pack reads it in place
             a = to_strided_k(a, 1)

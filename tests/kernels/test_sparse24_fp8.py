@@ -6,8 +6,9 @@ import torch
 
 from fvcompile.kernels import sparse24 as s24
 from fvcompile.kernels import sparse24_backends as backends
-from fvcompile.kernels import sparse24_mm as mm24
+from fvcompile.kernels import sparse24_cslt as cslt
 from fvcompile.kernels import sparse24_fp8 as f8
+from fvcompile.kernels import sparse24_mm as mm24
 from fvcompile.kernels.sparse24_cslt import cslt_sparse_mm_reference
 
 pytest.importorskip("triton")
@@ -69,6 +70,14 @@ def test_quantize_column_major_kernel(transposed):
     got = f8.quantize_column_major_triton(b, scale)
     assert got.shape == b.shape and got.stride() == (1, 72) and got.dtype == f8.FP8
     assert torch.equal(got.view(torch.uint8), f8.quantize(b, scale).view(torch.uint8))
+    # A weight gradient's dense operand: rows (tokens) read into the strided order, K padded to 128
+    # and N to 208 with zeros, in the same pass.
+    got = f8.quantize_column_major_triton(b, scale, strided_k=True, n_multiple=16)
+    assert got.shape == (128, 208) and got.stride() == (1, 128)
+    expected = f8.quantize(torch.nn.functional.pad(b, (0, 8, 0, 56))[cslt.strided_order(128, DEVICE)], scale)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(f8.quantize_column_major_reference(b, scale, strided_k=True, n_multiple=16).view(torch.uint8),
+                       expected.view(torch.uint8))
     big = torch.full((64, 16), 1000.0, device=DEVICE, dtype=torch.bfloat16)  # saturates at 448
     assert torch.equal(f8.quantize_column_major_triton(big, torch.tensor(1.0, device=DEVICE)).float(),
                        torch.full((64, 16), 448.0, device=DEVICE))
@@ -105,8 +114,6 @@ def test_scales_in_the_matmul_round_once(cusparselt_fp8_on_cpu, monkeypatch, dty
     one rounding; the bf16 product + rescale pass rounds twice.
     The interpreter rounds to FP8 its own way: the pack and B's quantization are their references
     here (the kernels equal them on GPUs: test_sparse24_cslt, and the column-major test above)."""
-    from fvcompile.kernels import sparse24_cslt as cslt
-
     monkeypatch.setattr(cslt, "cslt_pack_triton", cslt.cslt_pack_reference)
     monkeypatch.setattr(f8, "quantize_column_major_triton", f8.quantize_column_major_reference)
     gen = torch.Generator().manual_seed(11)
