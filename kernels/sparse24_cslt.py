@@ -103,8 +103,12 @@ def to_strided_k(x: Tensor, dim: int) -> Tensor:
     unchanged when both operands go through this."""
     k = x.shape[dim]
     k_pad = strided_k_padded(k)
-    padding = (0, k_pad - k) if dim == 1 else (0, 0, 0, k_pad - k)
-    return torch.nn.functional.pad(x, padding).index_select(dim, strided_order(k_pad, x.device))
+    # One copy (padding first would copy twice): padding's places read row k - 1, then are zeroed.
+    out = x.index_select(dim, strided_order(k_pad, x.device).clamp_max(k - 1))
+    if k_pad > k:  # where the padding rows k..k_pad-1 sit: the inverse of strided_order
+        pad = torch.arange(k, k_pad, device=x.device)
+        out.index_fill_(dim, 4 * (pad % (k_pad // 4)) + pad // (k_pad // 4), 0)
+    return out
 
 
 def from_strided_k(x: Tensor, k: int) -> Tensor:

@@ -173,6 +173,10 @@ def test_strided_k_keeps_products_and_round_trips():
     assert torch.equal(a_s[:, :4], torch.stack([a[:, 0], a[:, 16], torch.zeros(5), torch.zeros(5)], 1).double())
     torch.testing.assert_close(a_s @ b_s, a @ b)
     assert torch.equal(cslt.from_strided_k(a_s, 18), a)
+    for k in (1, 63, 64, 100, 130):  # the definition: padded with zeros, then put in the strided order
+        x = randn(k, 3, dtype=torch.float32)
+        order = cslt.strided_order(cslt.strided_k_padded(k), x.device)
+        assert torch.equal(cslt.to_strided_k(x, 0), torch.nn.functional.pad(x, (0, 0, 0, -k % 64))[order])
 
 
 @pytest.mark.parametrize("fp8", [False, True])
