@@ -65,7 +65,10 @@ if triton is not None:
         # and columns past N (the padding) are zeros. One (BLOCK_K, BLOCK_N) tile, transposed in registers.
         i = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
         ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        ks = (i % 4) * (K_OUT // 4) + i // 4 if STRIDED_K else i
+        if STRIDED_K:
+            ks = (i % 4) * (K_OUT // 4) + i // 4
+        else:
+            ks = i
         mask = (ks[:, None] < K) & (ns[None, :] < N)
         b = tl.load(b_ptr + ks[:, None] * stride_bk + ns[None, :] * stride_bn, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr)

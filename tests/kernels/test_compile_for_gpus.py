@@ -1,0 +1,129 @@
+"""Every Triton kernel compiles for the GPUs it is meant for (sm80, sm90), on a machine without one.
+
+The interpreter tests (TRITON_INTERPRET=1) run the kernels' Python, not Triton's compiler: a kernel
+the compiler rejects (an unsupported construct, a type it will not cast, an FP8 store on sm80)
+passes them and fails only on a GPU, whose time is short. Triton compiles down to a cubin without
+a GPU, so this file launches every kernel the way our ops do, with the launch replaced by a
+compile for each target. It runs in a child process: Triton decides at `@triton.jit` time whether a
+kernel is interpreted, and this test run's kernels are (tests/conftest.py).
+
+Compiled with this machine's Triton, not the GPU machine's (3.6): a version-specific failure can
+still pass here.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SM80, SM90 = 80, 90
+
+TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float8_e4m3fn": "fp8e4nv",
+                "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """Triton's signature (name -> type) and constexprs (name -> value) of one launch."""
+    import torch
+
+    bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+    signature, constexprs = {}, {}
+    for name, param in inspect.signature(fn.fn).parameters.items():
+        value = bound.arguments[name]
+        if "constexpr" in str(param.annotation) or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_TYPES[str(value.dtype).removeprefix("torch.")]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: no Triton type for argument {name}={value!r}")
+    return signature, constexprs
+
+
+def compile_every_kernel() -> None:
+    """Run every kernel launch of our ops with the launch replaced by compiles; print one line each."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from fvcompile.kernels import sparse24, sparse24_cslt, sparse24_cutlass, sparse24_fp8
+
+    targets: list[int] = []  # the compute capabilities the next launches compile for
+    done: set[tuple] = set()
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        signature, constexprs = _signature(self, args, kwargs)
+        for cc in targets:
+            key = (self.__name__, tuple(signature.items()), tuple(constexprs.items()), cc)
+            if key in done:
+                continue
+            src = ASTSource(fn=self, signature=signature, constexprs=constexprs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+            assert compiled.asm.get("cubin"), f"{self.__name__}: no cubin for sm{cc}"
+            done.add(key)
+            shown = ", ".join(f"{k}={v}" for k, v in constexprs.items())
+            print(f"sm{cc} {self.__name__}({', '.join(t for t in signature.values() if t != 'constexpr')}; {shown})",
+                  flush=True)
+
+    JITFunction.run = compile_instead
+
+    def x(*shape, dtype=torch.bfloat16):  # never read: no kernel runs
+        return torch.empty(*shape, dtype=dtype)
+
+    # Every GPU with 2:4 sparse tensor cores: the selection, and CUTLASS's layout (sm8x's matmul).
+    targets[:] = [SM80, SM90]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        sparse24.sparse24_relu_triton(x(64, 256, dtype=dtype))
+        sparse24.sparse24_relu_max_triton(x(64, 256, dtype=dtype))
+        sparse24.sparse24_select_triton(x(64, 256, dtype=dtype))
+    for dtype in (torch.float16, torch.bfloat16):
+        for bm, bk in ((32, 128), (16, 256), (64, 64), (32, 256)):  # the parts bench's tile shapes
+            sparse24_cutlass.relu2_sparse24_pack_triton(x(64, 256, dtype=dtype), block_m=bm, block_k=bk)
+        sparse24_cutlass.sparse24_pack_triton(x(64, 256, dtype=dtype))
+    # Hopper (cuSPARSELt's layout and FP8; e4m3 needs sm89+).
+    targets[:] = [SM90]
+    for dtype in (torch.float16, torch.bfloat16):
+        for square, relu, strided_k in ((False, False, False), (True, False, False), (True, True, False),
+                                        (False, False, True), (True, False, True)):
+            sparse24_cslt.cslt_pack_triton(x(64, 256, dtype=dtype), square, relu, strided_k=strided_k)
+            scale = x(64, dtype=torch.float32)
+            sparse24_cslt.cslt_pack_triton(x(64, 256, dtype=dtype), square, relu, out_dtype=sparse24_fp8.FP8,
+                                           scale=scale, strided_k=strided_k)
+        for bm, bk in ((32, 128), (64, 64), (32, 256), (64, 128)):
+            sparse24_cslt.cslt_pack_triton(x(64, 256, dtype=dtype), block_m=bm, block_k=bk)
+        one = x(1, dtype=torch.float32)
+        for strided_k in (False, True):
+            sparse24_fp8.quantize_column_major_triton(x(256, 64, dtype=dtype), one, strided_k=strided_k, n_multiple=16)
+        for transpose_out in (False, True):
+            sparse24_fp8.rescale_triton(x(64, 32), x(64, dtype=torch.float32), one, transpose_out, dtype)
+    print(f"compiled {len(done)} kernel variants", flush=True)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's CUDA toolchain (ptxas) ships for Linux")
+def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a real compile, not a cache hit from an earlier run
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's current default, stated (it warns otherwise)
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "compiled" in proc.stdout.splitlines()[-1]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    compile_every_kernel()
