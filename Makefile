@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench install clean
+.PHONY: test bench install clean gpu-compile
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
+# Every Triton kernel compiled for sm80/sm90 with the GPU machine's Triton (make test uses the
+# newest): run before a GPU session. The second Triton goes into a folder of its own.
+GPU_TRITON_SPEC ?= triton==3.6.0
+gpu-compile: $(STAMP)
+	$(PY) -m pip install -q --no-deps --upgrade --target .triton-gpu "$(GPU_TRITON_SPEC)"
+	env -u TRITON_INTERPRET PYTHONPATH=.triton-gpu $(PY) tests/kernels/test_compile_for_gpus.py
+
 bench: $(STAMP)
 	$(VENV)/bin/fvcompile bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .triton-gpu build *.egg-info

@@ -111,7 +111,7 @@ def compile_every_kernel() -> None:
             sparse24_fp8.quantize_column_major_triton(x(256, 64, dtype=dtype), one, strided_k=strided_k, n_multiple=16)
         for transpose_out in (False, True):
             sparse24_fp8.rescale_triton(x(64, 32), x(64, dtype=torch.float32), one, transpose_out, dtype)
-    print(f"compiled {len(done)} kernel variants", flush=True)
+    print(f"compiled {len(done)} kernel variants with Triton {triton.__version__}", flush=True)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's CUDA toolchain (ptxas) ships for Linux")
