@@ -13,9 +13,9 @@ without FP8 2:4 sparse tensor cores. On Hopper, `fp8_mm_cusparselt` packs S(a) s
 cuSPARSELt's FP8 layout (kernels/sparse24_cslt.py) and multiplies with `torch._cslt_sparse_mm`,
 which applies sa · sb itself, in its epilogue (cuSPARSELt's "alpha vector scaling": one factor
 per row of the sparse operand): the product is written once, already scaled. Where the one-time
-probe finds that epilogue wrong or missing (`sparse24_backends.fp8_scales_in_matmul`), the product comes
-out in bf16 and one more pass (`rescale_triton`) scales it: one more rounding, 2⁻⁹ relative,
-small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled product reaches 448² · K, far
+probe finds that epilogue wrong or missing (`sparse24_backends.fp8_scales_in_matmul`), the product
+comes out in bf16 and one more pass (`rescale_triton`) scales it: one more rounding, 2⁻⁹
+relative, small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled product reaches 448² · K, far
 past fp16's largest value (65504) for an fp16 model.
 
 Gradients (the op's autograd) pass straight through the quantization, as FP8 training recipes do.
