@@ -371,7 +371,9 @@ def _transposed(graph: fx.Graph, x: fx.Node) -> fx.Node:
 
 def _abs_max_node(graph: fx.Graph, x: fx.Node, dim: int, before: fx.Node) -> fx.Node:
     """amax(|x|, dim) (dim 1: of every row; 0: of every column), inserted before `before`: ops
-    Inductor can fuse into x's own kernel."""
+    for Inductor to fuse into x's own kernel where it can. On CPU (torch 2.13) it does not where x
+    also feeds a matmul, as dH does: x's layout is then fixed and its loop flattened, so the
+    maxima read x once more; the GPU profile of the FP8 modes (bench/sparse24.py) shows Triton's."""
     with graph.inserting_before(before):
         absolute = graph.call_function(aten.abs.default, (x,))
         abs_max = graph.call_function(aten.amax.default, (absolute, [dim]))
