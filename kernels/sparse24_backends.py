@@ -101,10 +101,9 @@ def cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool, rel
     return cslt_mm(torch._cslt_compress(a), b, m, transpose_out)
 
 
+# In order of preference.
 SPARSE_MM = {"cutlass": cutlass_mm, "cusparselt": cusparselt_mm, "cusparselt-compress": cusparselt_compress_mm}
-
-
-BACKENDS = ("cutlass", "cusparselt", "cusparselt-compress")  # in order of preference
+BACKENDS = tuple(SPARSE_MM)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ which applies sa · sb itself, in its epilogue (cuSPARSELt's "alpha vector scali
 per row of the sparse operand): the product is written once, already scaled. Where the one-time
 probe finds that epilogue wrong or missing (`sparse24_backends.fp8_scales_in_matmul`), the product
 comes out in bf16 and one more pass (`rescale_triton`) scales it: one more rounding, 2⁻⁹
-relative, small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled product reaches 448² · K, far
-past fp16's largest value (65504) for an fp16 model.
+relative, small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled product reaches
+448² · K, far past fp16's largest value (65504) for an fp16 model.
 
 Gradients (the op's autograd) pass straight through the quantization, as FP8 training recipes do.
 """

@@ -33,9 +33,10 @@ def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict]:
     """Triton's signature (name -> type) and constexprs (name -> value) of one launch."""
     import torch
 
-    bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+    params = inspect.signature(fn.fn)
+    bound = params.bind(*args, **kwargs)
     signature, constexprs = {}, {}
-    for name, param in inspect.signature(fn.fn).parameters.items():
+    for name, param in params.parameters.items():
         value = bound.arguments[name]
         if "constexpr" in str(param.annotation) or value is None:
             signature[name], constexprs[name] = "constexpr", value
