@@ -125,7 +125,8 @@ def kernels_sparse24():
         scale = f8.row_scale(h, False, False)
         assert torch.equal(cslt.cslt_pack_triton(h, out_dtype=f8.FP8, scale=scale).view(torch.uint8),
                            cslt.cslt_pack_reference(h, out_dtype=f8.FP8, scale=scale).view(torch.uint8))
-        dy = torch.randn(8000, 4096, device=DEVICE, dtype=torch.bfloat16)  # the sparse dW2's B: tokens strided
+        # The sparse dW2's B: tokens strided, both dims ragged (8005 -> 8064 tokens, 4104 -> 4112 columns).
+        dy = torch.randn(8005, 4104, device=DEVICE, dtype=torch.bfloat16)
         sb = f8.tensor_scale(dy)
         assert torch.equal(f8.quantize_column_major_triton(dy, sb, strided_k=True, n_multiple=16).view(torch.uint8),
                            f8.quantize_column_major_reference(dy, sb, strided_k=True, n_multiple=16).view(torch.uint8))
