@@ -134,7 +134,11 @@ def first_working_backend(device) -> str | None:
     return None
 
 
-_PROBE_CHILD = "from fvcompile.kernels.sparse24_backends import probe_report; probe_report({device!r})"
+# The child searches the parent's sys.path first, in the parent's order: a PYTHONPATH would come
+# after the child's cwd, where a checkout's bare fvcompile/ folder can shadow the package that the
+# parent imported (it did on the GPU machine, 2026-11-27: "No module named 'fvcompile.passes'").
+_PROBE_CHILD = ("import sys; sys.path[:0] = {path!r}; "
+                "from fvcompile.kernels.sparse24_backends import probe_report; probe_report({device!r})")
 
 
 def probe_report(device) -> None:
@@ -200,9 +204,10 @@ def _probe_child(device: str, env_extra: dict) -> ProbeResult:
     import subprocess
     import sys
 
-    env = {**os.environ, **env_extra, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # import what we import
+    path = [os.path.abspath(p) for p in sys.path]  # import what we import ('' is the cwd)
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD.format(device=device)], env=env,
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD.format(path=path, device=device)],
+                              env={**os.environ, **env_extra},
                               capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         return ProbeResult(None, "no", "the probe process timed out")

@@ -170,7 +170,7 @@ def test_strided_k_keeps_products_and_round_trips():
     a, b = randn(5, 18, dtype=torch.float64), randn(18, 3, dtype=torch.float64)
     a_s, b_s = cslt.to_strided_k(a, 1), cslt.to_strided_k(b, 0)
     assert a_s.shape == (5, 64) and b_s.shape == (64, 3)
-    assert torch.equal(a_s[:, :4], torch.stack([a[:, 0], a[:, 16], torch.zeros(5), torch.zeros(5)], 1).double())
+    assert torch.equal(a_s[:, :4], torch.stack([a[:, 0], a[:, 16], torch.zeros_like(a[:, 0]), torch.zeros_like(a[:, 0])], 1))
     torch.testing.assert_close(a_s @ b_s, a @ b)
     assert torch.equal(cslt.from_strided_k(a_s, 18), a)
     for k in (1, 63, 64, 100, 130):  # the definition: padded with zeros, then put in the strided order
