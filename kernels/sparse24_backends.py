@@ -165,7 +165,10 @@ def fp8_probe(device, scales_in_matmul: bool = False) -> str:
         try:
             got = fp8_mm_cusparselt(a, b, True, False, False, transpose_out, scales_in_matmul=scales_in_matmul)
             expected = fp8_mm_reference(a, b, True, False, False, transpose_out)
-            return bool(torch.allclose(got.float(), expected.float(), atol=0.1, rtol=2e-2))
+            # Relative to the largest entry: Hopper's FP8 tensor cores accumulate with fewer bits
+            # than fp32 (H200: errors ~7e-4 of the largest), which elementwise rtol fails near zero.
+            got, expected = got.float(), expected.float()
+            return bool((got - expected).abs().max() <= 1e-2 * expected.abs().max())
         except Exception:  # noqa: BLE001 - any failure means "not here"
             return False
 
