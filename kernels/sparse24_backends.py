@@ -153,9 +153,9 @@ def probe_report(device) -> None:
 
 
 def fp8_probe(device, scales_in_matmul: bool = False) -> str:
-    """Whether the FP8 2:4 matmul (our FP8 pack + cuSPARSELt) matches its reference here: "yes",
-    "not transposed" (it does, but not with a transposed result) or "no". scales_in_matmul: with
-    cuSPARSELt's epilogue applying the scales (its alpha vector), not a pass of ours after it."""
+    """Whether the FP8 2:4 matmul (our FP8 pack + cuSPARSELt) matches its reference here, with and
+    without a transposed result: "yes" or "no". scales_in_matmul: with cuSPARSELt's epilogue
+    applying the scales (its alpha vector), not a pass of ours after it."""
     from fvcompile.kernels.sparse24_fp8 import fp8_exact_operands, fp8_mm_cusparselt, fp8_mm_reference
 
     # One output tile and a long K: the search may split K (and a split-K epilogue must scale too)
@@ -172,9 +172,7 @@ def fp8_probe(device, scales_in_matmul: bool = False) -> str:
         except Exception:  # noqa: BLE001 - any failure means "not here"
             return False
 
-    if not matches(False):
-        return "no"
-    return "yes" if matches(True) else "not transposed"
+    return "yes" if matches(False) and matches(True) else "no"
 
 
 class ProbeResult(NamedTuple):
@@ -217,8 +215,7 @@ def _probe_child(device: str, env_extra: dict) -> ProbeResult:
     # Every line printed was found before any crash; a line missing is a "no" (probe_report).
     said = {key: value.strip() for key, _, value in (line.partition(":") for line in proc.stdout.splitlines())}
     if said.get("backend") in BACKENDS:
-        fp8 = said.get("fp8", "no")
-        return ProbeResult(said["backend"], fp8 if fp8 in ("yes", "not transposed") else "no", "",
+        return ProbeResult(said["backend"], "yes" if said.get("fp8") == "yes" else "no", "",
                            said.get("fp8 scales in matmul") == "yes")
     if proc.returncode == 0 and "backend" in said:
         return ProbeResult(None, "no", f"no sparse matmul of {', '.join(BACKENDS)} matched the dense product in the probe")
@@ -270,12 +267,11 @@ def no_sparse_mm_reason(device) -> str:
     return f"{torch.cuda.get_device_name(index)}: {_PROBED[index].why}"
 
 
-def fp8_sparse_mm_available(device, transposed: bool = False) -> bool:
-    """Whether `device` runs FP8 2:4 matmuls (cuSPARSELt on Hopper; one-time probe, cached), and
-    with `transposed`, whether also with a transposed result."""
+def fp8_sparse_mm_available(device) -> bool:
+    """Whether `device` runs FP8 2:4 matmuls (cuSPARSELt on Hopper; one-time probe, cached)."""
     if sparse_mm_backend(device) != "cusparselt":
         return False
-    return _PROBED[_cuda_index(torch.device(device))].fp8 in (("yes",) if transposed else ("yes", "not transposed"))
+    return _PROBED[_cuda_index(torch.device(device))].fp8 == "yes"
 
 
 def fp8_scales_in_matmul(device) -> bool:

@@ -7,14 +7,16 @@ largest kept value maps to e4m3's largest (448), and the dense operand b per ten
     sa = rowmax|S(a)| / 448,   sb = max|b| / 448
     out = dtype( fp32(e4m3(S(a) / sa) @ e4m3(b / sb)) * (sa * sb)[:, None] )
 
-The product accumulates in fp32, is scaled in fp32 and is rounded once, to a's dtype.
+The product accumulates in fp32 (on Hopper's FP8 tensor cores with fewer bits: errors ~1e-3 of
+the largest entry, H200), is scaled in fp32 and is rounded once, to a's dtype.
 `fp8_mm_reference` is that formula in plain PyTorch: the test oracle and the emulation on devices
 without FP8 2:4 sparse tensor cores. On Hopper, `fp8_mm_cusparselt` packs S(a) straight into
 cuSPARSELt's FP8 layout (kernels/sparse24_cslt.py) and multiplies with `torch._cslt_sparse_mm`,
 which applies sa · sb itself, in its epilogue (cuSPARSELt's "alpha vector scaling": one factor
 per row of the sparse operand): the product is written once, already scaled. Where the one-time
 probe finds that epilogue wrong or missing (`sparse24_backends.fp8_scales_in_matmul`), the product
-comes out in bf16 and one more pass (`rescale_triton`) scales it: one more rounding, 2⁻⁹
+comes out in bf16 and one more pass (`rescale_triton`) scales it (on an H200 with torch 2.11 and
+cuSPARSELt 0.8 the alpha vector is "operation not supported" for FP8): one more rounding, 2⁻⁹
 relative, small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled product reaches
 448² · K, far past fp16's largest value (65504) for an fp16 model.
 
@@ -79,31 +81,31 @@ if triton is not None:
 
     @triton.jit
     def _rescale_kernel(p_ptr, out_ptr, sa_ptr, sb_ptr, M, N, stride_pm, stride_pn,
-                        SCALE_COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # out[m, n] = dtype(fp32(p[m, n]) * (sa[m or n] * sb)): `_rescale`, one multiply each, equal bytes.
+                        TRANSPOSE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # out = dtype(fp32(p) * (sa * sb)[:, None]), (M, N), or its transpose (N, M): `_rescale`,
+        # one multiply each, equal bytes. The transpose costs nothing more: the pass copies anyway.
         ms = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (ms[:, None] < M) & (ns[None, :] < N)
         p = tl.load(p_ptr + ms[:, None] * stride_pm + ns[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
-        sb = tl.load(sb_ptr)
-        if SCALE_COLUMNS:
-            out = p * (tl.load(sa_ptr + ns, mask=ns < N, other=0.0) * sb)[None, :]
+        out = p * (tl.load(sa_ptr + ms, mask=ms < M, other=0.0) * tl.load(sb_ptr))[:, None]
+        if TRANSPOSE_OUT:
+            tl.store(out_ptr + ns[None, :] * M + ms[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            out = p * (tl.load(sa_ptr + ms, mask=ms < M, other=0.0) * sb)[:, None]
-        tl.store(out_ptr + ms[:, None] * N + ns[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + ms[:, None] * N + ns[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype=None,
                    block_m: int = 32, block_n: int = 128) -> Tensor:
-    """`_rescale` in one pass, into a new contiguous tensor: product may be a padded matmul
+    """`_rescale` in one pass, into a new contiguous tensor: product (M, N) may be a padded matmul
     output sliced to size (any strides). Eager PyTorch makes four passes (float, two multiplies,
     cast) over fp32 temporaries: ~0.3 ms for an 8192 x 4096 product on an H100, where one pass
     takes ~0.05 ms, against ~0.75 ms for the FP8 2:4 matmul itself."""
     m, n = product.shape
-    out = torch.empty((m, n), dtype=dtype or product.dtype, device=product.device)
+    out = torch.empty((n, m) if transpose_out else (m, n), dtype=dtype or product.dtype, device=product.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _rescale_kernel[grid](product, out, sa.float().contiguous(), sb.float().reshape(1), m, n,
-                          product.stride(0), product.stride(1), SCALE_COLUMNS=transpose_out,
+                          product.stride(0), product.stride(1), TRANSPOSE_OUT=transpose_out,
                           BLOCK_M=block_m, BLOCK_N=block_n)
     return out
 
@@ -151,9 +153,9 @@ def fp8_exact_operands(m: int, k: int, n: int, seed: int = 0) -> tuple[Tensor, T
 
 
 def _rescale(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype) -> Tensor:
-    scale = sa * sb  # one multiply per element below, so that a kernel cannot round it otherwise
-    # a's rows are the output's columns when transposed
-    return (product.float() * (scale[None, :] if transpose_out else scale[:, None])).to(dtype)
+    """product (M, N) scaled by sa·sb per row, rounded to dtype; transpose_out: its transpose."""
+    out = (product.float() * (sa * sb)[:, None]).to(dtype)  # one multiply per element, as the kernel does
+    return out.t() if transpose_out else out
 
 
 def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool,
@@ -168,21 +170,25 @@ def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: boo
     sa = row_scale(values, False, False) if a_max is None else row_scale(a, square, False, a_max)
     sb = tensor_scale(b)
     product = quantize(values, sa[:, None]).float() @ quantize(b, sb).float()
-    return _rescale(product.t() if transpose_out else product, sa, sb, transpose_out, a.dtype)
+    return _rescale(product, sa, sb, transpose_out, a.dtype)
 
 
 def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool, transpose_out: bool,
                       strided_k: bool = False, a_max: Tensor | None = None, scales_in_matmul: bool = True) -> Tensor:
     """The same on Hopper: our pack into cuSPARSELt's FP8 layout + `torch._cslt_sparse_mm`, which
-    scales the product in its epilogue; scales_in_matmul=False: a bf16 product + `rescale_triton`.
+    scales the product in its epilogue; scales_in_matmul=False or transpose_out: a bf16 product +
+    `rescale_triton`.
     strided_k: K in the strided order (`sparse24_cslt.strided_order`), padded to a multiple of 64;
     both operands are read into that order by the passes that quantize them."""
     sa, sb = row_scale(a, square, relu, a_max), tensor_scale(b)
     compressed = cslt.cslt_pack_triton(a, square=square, relu=relu, out_dtype=FP8, scale=sa, strided_k=strided_k)
     b8 = quantize_column_major_triton(b, sb, strided_k=strided_k, n_multiple=16)  # FP8 wants N in 16s
     m, n = a.shape[0], b.shape[1]
-    if scales_in_matmul:  # one factor per row of the (row-padded) sparse operand
+    if scales_in_matmul and not transpose_out:  # one factor per row of the (row-padded) sparse operand
         alpha = torch.nn.functional.pad(sa * sb, (0, compressed.shape[0] - m))
-        return cslt_mm(compressed, b8, m, transpose_out, out_dtype=a.dtype, alpha=alpha, n=n)
-    product = cslt_mm(compressed, b8, m, transpose_out, out_dtype=PRODUCT, n=n)
+        return cslt_mm(compressed, b8, m, False, out_dtype=a.dtype, alpha=alpha, n=n)
+    # Never a transposed result from cuSPARSELt: its algorithm search skips those (`cslt_plan`), and
+    # in FP8 its default algorithm took 1.35 ms where the searched one takes 0.64 ms (H200, 2026-11-27,
+    # the sparse dW2 at 8192 tokens). The rescale pass writes the transpose instead, at no extra cost.
+    product = cslt_mm(compressed, b8, m, False, out_dtype=PRODUCT)[:, :n]  # b8's padded columns: a view
     return rescale_triton(product, sa, sb, transpose_out, a.dtype)

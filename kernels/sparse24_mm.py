@@ -91,11 +91,8 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
     if fp8:
         if not cslt_pack:  # emulated
             return sparse24_fp8.fp8_mm_reference(a, b, select, square, relu, transpose_out, a_max)
-        # Without a transposed FP8 result on this GPU, the product is transposed by a copy.
-        native = not transpose_out or backends.fp8_sparse_mm_available(a.device, transposed=True)
-        out = sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out and native, strided_k,
-                                             a_max, backends.fp8_scales_in_matmul(a.device))
-        return out if native else out.t()
+        return sparse24_fp8.fp8_mm_cusparselt(a, b, select, square, relu, transpose_out, strided_k, a_max,
+                                              backends.fp8_scales_in_matmul(a.device))
     if cslt_pack:
         return backends.cusparselt_mm(a, b, select, square, relu, transpose_out, strided_k)
     if sparse_mm_applies(a, b):

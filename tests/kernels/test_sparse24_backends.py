@@ -107,9 +107,9 @@ def test_a_probe_dying_in_its_fp8_epilogue_part_keeps_fp8(monkeypatch):
     monkeypatch.setattr(backends, "_PROBE_CHILD", "import os; print('backend: cusparselt'); print('fp8: yes', flush=True); "
                                              "os.abort()  # {device}")
     assert backends._probe_in_child("cuda:0") == ("cusparselt", "yes", "", False)
-    monkeypatch.setattr(backends, "_PROBE_CHILD", "print('backend: cusparselt'); print('fp8: not transposed'); "
+    monkeypatch.setattr(backends, "_PROBE_CHILD", "print('backend: cusparselt'); print('fp8: yes'); "
                                              "print('fp8 scales in matmul: yes')  # {device}")
-    assert backends._probe_in_child("cuda:0") == ("cusparselt", "not transposed", "", True)
+    assert backends._probe_in_child("cuda:0") == ("cusparselt", "yes", "", True)
 
 
 def test_probe_without_the_search_where_the_search_breaks_the_gpu(monkeypatch):
