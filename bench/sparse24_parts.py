@@ -68,7 +68,7 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     rw = 2 * m * k * elem  # read one activation, write one
     record("relu(h)^2 eager (2 kernels)", lambda: lambda: torch.relu(h).square(), 2 * rw)
     record("triton 2:4 relu select 16x256", lambda: lambda: k24.sparse24_relu_triton(h), rw)
-    record("triton 2:4 relu select 16x256 + row and column maxima (atomics; FP8 training)",
+    record("triton 2:4 relu select 16x256 + row and column maxima (tile maxima, reduced; FP8 training)",
            lambda: lambda: k24.sparse24_relu_max_triton(h), rw)
     record("Aᵀ.contiguous() (a plain transpose copy)", lambda: lambda: a.t().contiguous(), rw)
     record("torch._cslt_compress(A)", lambda: lambda: torch._cslt_compress(a), rw * 3 // 4)

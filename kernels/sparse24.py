@@ -117,14 +117,16 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BLOCK_M, BLOCK_K))
 
     @triton.jit
-    def _select24_kernel(x_ptr, out_ptr, row_max_ptr, col_max_ptr, M, K, stride_xm, stride_xk, stride_out,
+    def _select24_kernel(x_ptr, out_ptr, row_part_ptr, col_part_ptr, M, K, stride_xm, stride_xk, stride_out,
                          RELU: tl.constexpr, WITH_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_K: tl.constexpr):
         # RELU: keep the 2 largest of relu(x); else keep the 2 largest magnitudes of x. One
         # (BLOCK_M, BLOCK_K) tile per program, split into groups in registers. x may be a transposed
         # view (the weight gradient selects along tokens): the tile load reads it in place.
-        # WITH_MAX: also the largest kept |value| of every row and column (fp32, zero-initialized),
-        # by atomic max over the tiles: the FP8 scales of both matmuls that read the output.
+        # WITH_MAX: also the largest kept |value| of each of the tile's rows and columns, into
+        # row_part (M, tiles along K) and col_part (tiles along M, K): the FP8 scales of both
+        # matmuls that read the output, once reduced. Plain stores: atomic maxima, 512 per column
+        # at 8192 tokens, made this kernel 3.5x slower (0.67 ms against 0.19 ms, H200).
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)  # K % 4 == 0: groups are all in or all out
@@ -141,8 +143,10 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
         if WITH_MAX:
             kept = tl.abs(out.to(tl.float32))  # zero outside the tile's mask (loaded as 0)
-            tl.atomic_max(row_max_ptr + rows, tl.max(kept, 1), mask=rows < M)
-            tl.atomic_max(col_max_ptr + cols, tl.max(kept, 0), mask=cols < K)
+            part_ty = row_part_ptr.dtype.element_ty
+            tl.store(row_part_ptr + rows * tl.num_programs(1) + tl.program_id(1), tl.max(kept, 1).to(part_ty),
+                     mask=rows < M)
+            tl.store(col_part_ptr + tl.program_id(0) * K + cols, tl.max(kept, 0).to(part_ty), mask=cols < K)
 
     @triton.jit
     def _pick(idx, w0, w1, w2, w3):
@@ -160,13 +164,15 @@ def _select_triton(h: Tensor, relu: bool, block_m: int, block_k: int, with_max: 
     x = h.reshape(-1, h.shape[-1])  # a 2-D view stays a view, transposed or not
     out = torch.empty(x.shape, dtype=h.dtype, device=h.device)
     m, k = x.shape
-    # Without maxima the kernel never touches these: `out` is a placeholder pointer, no allocation.
-    row_max, col_max = ((torch.zeros(n, dtype=torch.float32, device=h.device) for n in (m, k)) if with_max
-                        else (out, out))
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
-    _select24_kernel[grid](x, out, row_max, col_max, m, k, x.stride(0), x.stride(1), out.stride(0), RELU=relu,
+    # The tiles' maxima, in h's dtype (a maximum of its values is one of them: exact). Without
+    # maxima the kernel never touches these: `out` is a placeholder pointer, no allocation.
+    row_part, col_part = ((out.new_empty(m, grid[1]), out.new_empty(grid[0], k)) if with_max else (out, out))
+    _select24_kernel[grid](x, out, row_part, col_part, m, k, x.stride(0), x.stride(1), out.stride(0), RELU=relu,
                            WITH_MAX=with_max, BLOCK_M=block_m, BLOCK_K=block_k)
-    return (out.view(h.shape), row_max, col_max) if with_max else out.view(h.shape)
+    if with_max:
+        return out.view(h.shape), row_part.amax(1).float(), col_part.amax(0).float()
+    return out.view(h.shape)
 
 
 def sparse24_relu_triton(h: Tensor, block_m: int = 16, block_k: int = 256) -> Tensor:

@@ -52,7 +52,7 @@ def test_relu_kernel_equals_reference(shape, dtype):
 @pytest.mark.parametrize("shape", RELU_SHAPES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_relu_kernel_with_row_and_column_maxima(shape, dtype):
-    """The FP8 scales' maxima, by atomic max over tiles, equal the reference's reductions."""
+    """The FP8 scales' maxima, reduced from the tiles' maxima, equal the reference's reductions."""
     h = randn(*shape, dtype=dtype)
     r, rows, cols = s24.sparse24_relu_max_triton(h)
     r_ref, rows_ref, cols_ref = s24.sparse24_relu_max_reference(h)
