@@ -124,6 +124,9 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         scale = a.abs().amax(1).float().clamp_min(1e-12) / 448
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, row scale",
                lambda: lambda: cslt.cslt_pack_triton(a, out_dtype=fp8, scale=scale), m * k * elem + m * k * 5 // 8)
+        # The FP8 pack took 0.38 ms where the bf16 one takes 0.18 (H200): is it the IEEE division?
+        record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, no scale (no division)",
+               lambda: lambda: cslt.cslt_pack_triton(a, out_dtype=fp8), m * k * elem + m * k * 5 // 8)
         from fvcompile.kernels import sparse24_fp8 as f8
 
         sw = f8.tensor_scale(w1)
