@@ -12,24 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-
-
-def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (M, K) -> e4m3 values and (M, 1) fp32 scales, each row's max |value| mapped to 448."""
-    scale = x.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def fp8_mm(a: Tensor, b: Tensor, out_dtype) -> Tensor:
-    """a (M, K) @ b (K, N) in FP8, a scaled per row and b per column (both along K)."""
-    a8, sa = _quantize_rows(a)
-    bt8, sb = _quantize_rows(b.t())  # b's columns, as rows
-    # bt8 row-major, so that bt8.t() is the column-major B _scaled_mm wants (the quantization keeps
-    # the strides of b.t(), and Inductor would choose them too, unless told).
-    return torch._scaled_mm(a8.contiguous(), bt8.contiguous().t(), scale_a=sa.contiguous(),
-                            scale_b=sb.t().contiguous(), out_dtype=out_dtype)  # CUDA wants contiguous scales
+from fvcompile.kernels.sparse24_fp8 import fp8_rowwise_mm as fp8_mm  # the formula Sparse24(fp8=True) uses
 
 
 class Fp8Linear(torch.autograd.Function):

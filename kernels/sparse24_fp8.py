@@ -56,6 +56,39 @@ def quantize(x: Tensor, scale: Tensor) -> Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, K) -> its e4m3 values and (M, 1) fp32 scales, each row's max |value| mapped to 448."""
+    scale = x.abs().amax(1, keepdim=True).float().clamp_min(_TINY) / FP8_MAX
+    return quantize(x, scale), scale
+
+
+def fp8_rowwise_mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a (M, K) @ b (K, N), dense, in FP8 e4m3: each operand scaled along K (a per row, b per
+    column: the usual "rowwise" training recipe), accumulated by `torch._scaled_mm` and rounded to
+    bf16 (the one type CUDA's rowwise scaling writes), then to out_dtype. The formula of the FFN's
+    dense matmuls under `Sparse24(fp8=True)`: passes/fp8_matmuls.py writes the same ops into the
+    graph (K and N multiples of 16, as `_scaled_mm` needs)."""
+    a8, sa = quantize_rows(a)
+    bt8, sb = quantize_rows(b.t())  # b's columns, as rows
+    # Row-major a8 and column-major b8: what CUDA's _scaled_mm takes.
+    return fp8_scaled_mm(a8.contiguous(), bt8.contiguous().t(), sa.reshape(-1), sb.reshape(-1), out_dtype)
+
+
+@torch.library.custom_op("fvcompile::fp8_scaled_mm", mutates_args=())
+def fp8_scaled_mm(a8: Tensor, b8: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """`torch._scaled_mm(a8, b8)` with row-wise scales given 1-D ((M,) and (N,) fp32), rounded to
+    bf16 (what CUDA's rowwise scaling writes), then to out_dtype. An op of its own so that a compiled
+    graph hands the scales over as they are: Inductor gives the size-1 dim of a (M, 1) tensor the
+    stride 0, which `_scaled_mm` rejects (torch 2.13)."""
+    out = torch._scaled_mm(a8, b8, scale_a=scale_a[:, None], scale_b=scale_b[None, :], out_dtype=torch.bfloat16)
+    return out.to(out_dtype)
+
+
+@fp8_scaled_mm.register_fake
+def _(a8, b8, scale_a, scale_b, out_dtype):
+    return a8.new_empty((a8.shape[0], b8.shape[1]), dtype=out_dtype)
+
+
 if triton is not None:
     import triton.language as tl
 

@@ -110,3 +110,12 @@ def module_path(node: fx.Node) -> str:
     # function calls the module): drop the root, make them "layers.0.feed_forward".
     path = re.sub(r"^L\['[^']*'\]\.?", "", path)
     return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
+    """A call_function node at the graph's insertion point, with the fake value its inputs' fake
+    values give (meta["val"], as tracing would have set it)."""
+    node = graph.call_function(target, args, kwargs)
+    args_val, kwargs_val = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    node.meta["val"] = target(*args_val, **kwargs_val)
+    return node

@@ -14,6 +14,8 @@ from __future__ import annotations
 from torch import fx
 import torch
 
+from fvcompile.passes.base import call
+
 aten = torch.ops.aten
 
 ORDER_KEEPING_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
@@ -59,12 +61,6 @@ def _is_batch_transpose(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in PERMUTES and _permutation(node) == [0, 2, 1]
 
 
-def _call(graph: fx.Graph, target, *args) -> fx.Node:
-    node = graph.call_function(target, args)
-    node.meta["val"] = target(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
-    return node
-
-
 def reads(node: fx.Node, sources: set[fx.Node]) -> bool:
     """Whether `node` is one of `sources`, or a view of one through order-keeping views and
     batch transposes."""
@@ -86,9 +82,9 @@ def as_mm(graph: fx.Graph, sources: set[fx.Node]) -> list[tuple[fx.Node, fx.Node
             if _is_batch_transpose(x):  # permute(y, [0, 2, 1]) -> permute(squeeze(y, 0), [1, 0])
                 inner = two_d(x.args[0])
                 with graph.inserting_after(inner):
-                    node = _call(graph, aten.permute.default, inner, [1, 0])
+                    node = call(graph, aten.permute.default, inner, [1, 0])
             else:
-                node = _call(graph, aten.squeeze.dim, x, 0)
+                node = call(graph, aten.squeeze.dim, x, 0)
         node.meta.update({k: v for k, v in x.meta.items() if k != "val"})
         squeezed[x] = node
         return node
@@ -102,8 +98,8 @@ def as_mm(graph: fx.Graph, sources: set[fx.Node]) -> list[tuple[fx.Node, fx.Node
             continue
         a, b = (two_d(x) for x in bmm.args[:2])
         with graph.inserting_before(bmm):
-            mm = _call(graph, aten.mm.default, a, b)
-            out = _call(graph, aten.unsqueeze.default, mm, 0)
+            mm = call(graph, aten.mm.default, a, b)
+            out = call(graph, aten.unsqueeze.default, mm, 0)
         for node in (mm, out):
             node.meta.update({k: v for k, v in bmm.meta.items() if k != "val"})
         bmm.replace_all_uses_with(out)
@@ -119,8 +115,8 @@ def as_bmm(graph: fx.Graph, mms: list[tuple[fx.Node, fx.Node]]) -> None:
         if mm not in alive or out not in alive or list(mm.users) != [out]:
             continue
         with graph.inserting_before(out):
-            a, b = (_call(graph, aten.unsqueeze.default, x, 0) for x in mm.args)
-            bmm = _call(graph, aten.bmm.default, a, b)
+            a, b = (call(graph, aten.unsqueeze.default, x, 0) for x in mm.args)
+            bmm = call(graph, aten.bmm.default, a, b)
         bmm.meta.update({k: v for k, v in mm.meta.items() if k != "val"})
         out.replace_all_uses_with(bmm)
         _erase_unused(graph, out)

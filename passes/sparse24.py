@@ -87,18 +87,23 @@ testing the full rewrite on CPU. The hidden width must be a multiple of 64 (the 
 alignment) on every device, so that the emulation never makes a site sparse that the GPU could
 not; token counts are free (dynamic shapes work; the kernels pad rows).
 
-FP8 (`fp8=True`), the paper's path. The sparse matmuls (forward, dX, and dW2 with
-`sparse_weight_grad`) run in float8_e4m3fn: the sparse operand scaled per row, the dense one per
-tensor, the product scaled back by both (in cuSPARSELt's epilogue where the probe finds that
-right; `kernels/sparse24_fp8.py` defines the formula, which is also the reference and the emulation). The row maxima behind those scales are not read again where the graph
-has them: in training the selection (`sparse24_relu_max`) also returns r's row maxima (the forward
-matmul's scales) and column maxima (the sparse dW2's), and dX's and the sparse dW1's are `amax`es
-over dH's rows and columns in the graph, for Inductor to fuse where it can (the same numbers: a
-row's maximum is always kept); the dense matmuls and every other op keep the model's dtype, and
-gradients pass straight through the quantization. This is quantization on top of sparsity, so it
-is measured against both: the training study's loss, and speed against the bf16 dense FFN while
-the parts bench shows what FP8 dense matmuls alone would give. The FP8 matmul needs Hopper
-(cuSPARSELt; a probe checks it); elsewhere the rewritten matmuls emulate the FP8 numbers.
+FP8 (`fp8=True`), the paper's path: all six FFN matmuls in float8_e4m3fn. The 2:4 sparse ones
+(forward, dX, and dW2/dW1 with `sparse_weight_grad`) scale the sparse operand per row and the
+dense one per tensor, the product scaled back by both (in cuSPARSELt's epilogue where the probe
+finds that right; `kernels/sparse24_fp8.py` defines the formula, which is also the reference and
+the emulation). The row maxima behind those scales are not read again where the graph has them:
+in training the selection (`sparse24_relu_max`) also returns r's row maxima (the forward matmul's
+scales) and column maxima (the sparse dW2's), and dX's and the sparse dW1's are `amax`es over dH's
+rows and columns in the graph, for Inductor to fuse where it can (the same numbers: a row's
+maximum is always kept). The matmuls left dense (h = X W1ᵀ, dA = dY W2, and dW1 and dW2 where they
+are not sparse) run FP8 with row-wise scales (`fp8_rowwise_mm`, passes/fp8_matmuls.py): first
+measured on an H200, the FFN with only its sparse matmuls in FP8 ran 1.08x-1.10x against bf16
+dense while the dense FFN with all six in FP8 ran 1.33x, so FP8 for the sparse matmuls alone
+cannot win. Every other op keeps the model's dtype, and gradients pass straight through the
+quantization. Quantization on top of sparsity is measured against both: the training study's loss,
+and speed against the bf16 dense FFN and against the dense FFN with all six matmuls in FP8
+(bench/fp8_dense.py, the same row-wise formula). The FP8 2:4 matmul needs Hopper (cuSPARSELt; a
+probe checks it); elsewhere the rewritten matmuls emulate the FP8 numbers.
 
 Dense warm-up (`warmup_steps=N`). The rewritten ops get a schedule: a key per site (this pass
 object's token, the module path and the site's index in it), N, and whether the op counts a step.
@@ -126,7 +131,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from fvcompile.kernels import sparse24 as k24
 from fvcompile.kernels import sparse24_backends as backends
-from fvcompile.passes import bmm_as_mm
+from fvcompile.passes import bmm_as_mm, fp8_matmuls
 from fvcompile.passes.bmm_as_mm import keeps_order
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site, module_path
 
@@ -360,6 +365,20 @@ def _token_contractions(s: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     return found
 
 
+def _producer_mm(x: fx.Node) -> fx.Node | None:
+    """The mm/addmm whose values x holds (through casts and order-keeping views): h's linear."""
+    while _passes_values(x):
+        x = x.args[0]
+    return x if x.op == "call_function" and x.target in (aten.mm.default, aten.addmm.default) else None
+
+
+def _input_grad_mms(b: fx.Node) -> list[fx.Node]:
+    """The backward matmuls dY · bᵀ of a forward mm(a, b), as AOTAutograd writes them: mm(dY,
+    permute(b)) (the FFN's dA = dY · W2)."""
+    return [mm for t in b.users if t.target == aten.permute.default and list(t.args[1]) == [1, 0]
+            for mm in t.users if mm.target == aten.mm.default and mm.args[1] is t]
+
+
 def _transposed(graph: fx.Graph, x: fx.Node) -> fx.Node:
     """xᵀ: the input of x where x is a transpose already, else a permute inserted here."""
     if x.op == "call_function" and x.target == aten.permute.default and list(x.args[1]) == [1, 0]:
@@ -413,9 +432,10 @@ class Sparse24(GraphPass):
             selection of A along the token dim, tokens grouped strided (the paper's approximation
             of that gradient; off: exact). "all": dW1 = dHᵀ·X as well, the same way, with the 5%
             densest features of dH kept whole (all four sparse-able matmuls sparse).
-        fp8: run the sparse matmuls in float8_e4m3fn, the sparse operand scaled per row and the
-            dense one per tensor (the paper's FP8 path; kernels/sparse24_fp8.py). The matmuls are
-            then rewritten on every device, emulated where there is no FP8 2:4 matmul.
+        fp8: run the FFN's matmuls in float8_e4m3fn: the 2:4 ones with the sparse operand
+            scaled per row and the dense one per tensor (the paper's FP8 path;
+            kernels/sparse24_fp8.py), the others dense with row-wise scales. The matmuls are then
+            rewritten on every device, emulated where there is no FP8 2:4 matmul.
         """
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -522,7 +542,7 @@ class Sparse24(GraphPass):
             detail = self._rewrite(graph, found, schedule, training,
                                    use_mm=self.sparse_mm or (self.sparse_mm is None and (on_cores or self.fp8)))
             if self.fp8:
-                detail += "; matmuls in FP8 e4m3 (rows of the sparse operand scaled, the dense one per tensor)"
+                detail += "; the 2:4 matmuls in FP8 e4m3 (the sparse operand scaled per row, the dense one per tensor)"
                 if on_cores:
                     detail += (", the scales applied in cuSPARSELt's epilogue" if backends.fp8_scales_in_matmul(ctx.device)
                                else ", the scales applied by a pass after the matmul (cuSPARSELt's epilogue "
@@ -547,6 +567,8 @@ class Sparse24(GraphPass):
                  use_mm: bool) -> str:
         key, dense_steps = schedule
         relu = m.relu
+        first = _producer_mm(relu.args[0])  # h = X W1ᵀ
+        operands = [(mm.args[0], mm.args[1]) if mm.target == aten.mm.default else mm.args[1:3] for mm in m.matmuls]
         args = (relu.args[0], key, dense_steps, training and bool(key))
         # FP8 training: the selection also yields r's row and column maxima, the FP8 scales of the
         # forward matmul (rows) and of the sparse dW2 (columns), so that neither reads r for them.
@@ -601,7 +623,29 @@ class Sparse24(GraphPass):
             self._to_sparse_mm(graph, mm, key, dense_steps, self.fp8, a_max=a_max)
         if dx:
             done.append("dX matmul -> sparse24_mm")
+        if self.fp8:
+            done.append(self._dense_to_fp8(graph, first, operands, sparse, m.hidden, training))
         return "; ".join(done)
+
+    @staticmethod
+    def _dense_to_fp8(graph: fx.Graph, first: fx.Node | None, operands: list, sparse: fx.Node, hidden,
+                      training: bool) -> str:
+        """The FFN's matmuls left dense, into FP8 with row-wise scales (passes/fp8_matmuls.py): h's
+        linear, and in training dA = dY · W2 and whichever of dW1 and dW2 are not 2:4 sparse. FP8
+        is not warmed up: during a dense warm-up the FFN runs dense in FP8 (kernels/sparse24_mm.py)."""
+        dense = [first] if first is not None else []
+        if training:
+            for a, b in operands:
+                dense += _input_grad_mms(b) + [mm for mm, _ in _token_contractions(a)]  # dA; dW2 if dense
+            for d_h in dict.fromkeys(src for _, src in _dh_users(sparse, hidden)):
+                dense += [mm for mm, _ in _token_contractions(d_h)]  # dW1 if dense
+        dense = list(dict.fromkeys(dense))
+        left = [why for mm in dense if (why := fp8_matmuls.to_fp8(graph, mm))]
+        converted = len(dense) - len(left)
+        if first is None:
+            left.append("h's own linear, not an mm/addmm (an einsum's bmm, say)")
+        return (f"{converted} dense matmul(s) in FP8 (row-wise scales, _scaled_mm)"
+                + (f"; left as they were: {'; '.join(left)}" if left else ""))
 
     @staticmethod
     def _sparse_dw1(graph: fx.Graph, sparse: fx.Node, hidden, key: str, dense_steps: int, fp8: bool) -> list[str]:

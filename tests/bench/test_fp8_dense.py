@@ -6,20 +6,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from fp8_dense import Fp8SquaredReLU, fp8_mm  # noqa: E402
+from fp8_dense import Fp8SquaredReLU  # noqa: E402
 
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def test_fp8_mm_is_exact_where_quantizing_is():
-    # Every row of a and column of b has max |value| 448 and e4m3 values: scales are 1, nothing rounds.
-    gen = torch.Generator().manual_seed(0)
-    a = (torch.randn(16, 64, generator=gen) * 32).to(torch.float8_e4m3fn).float()
-    b = (torch.randn(64, 24, generator=gen) * 32).to(torch.float8_e4m3fn).float()
-    a[:, 0], b[0, :] = 448.0, -448.0
-    torch.testing.assert_close(fp8_mm(a, b, torch.float32), a @ b, atol=1e-3, rtol=1e-6)
 
 
 def test_fp8_ffn_forward_and_backward_are_the_ffn_within_fp8_error():

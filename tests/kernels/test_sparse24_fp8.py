@@ -195,3 +195,22 @@ def test_hopper_path_with_a_max(cusparselt_fp8_on_cpu):
     a_max = s24.sparse24_mask_reference(a).float().abs().amax(1)
     got = f8.fp8_mm_cusparselt(a, b, True, False, False, False, a_max=a_max)
     torch.testing.assert_close(got, f8.fp8_mm_reference(a, b, True, False, False, False), atol=0, rtol=0)
+
+
+def test_dense_rowwise_fp8_mm_is_exact_where_quantizing_is():
+    """fp8_rowwise_mm, the FFN's dense FP8 matmuls: where every row of a and column of b has max
+    |value| 448 and e4m3 values, the scales are 1 and nothing rounds but the bf16 result."""
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(16, 64, generator=gen) * 32).to(f8.FP8).float()
+    b = (torch.randn(64, 32, generator=gen) * 32).to(f8.FP8).float()  # K and N in 16s, as CUDA's needs
+    a[:, 0], b[0, :] = 448.0, -448.0
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    got = f8.fp8_rowwise_mm(a, b, torch.float32)
+    expected = (a @ b).bfloat16().float()
+    # Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (~1e-3 of the largest entry)
+    atol = 2e-3 * expected.abs().max().item() if DEVICE == "cuda" else 0
+    torch.testing.assert_close(got, expected, atol=atol, rtol=2 ** -8)
+    # Scaled rows and columns come back scaled: each operand's scales along K.
+    powers = 2.0 ** torch.arange(16, device=DEVICE)[:, None]
+    torch.testing.assert_close(f8.fp8_rowwise_mm(a * powers, b * 0.5, torch.float32), got * powers * 0.5,
+                               atol=0, rtol=0)
