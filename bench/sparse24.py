@@ -60,8 +60,9 @@ def reference_ffn(x, w1, w2):
 def check_against_reference(ffn: SquaredReLU, optimized, x, dtype, approximated: tuple = (), fp8=False) -> dict:
     """Forward and backward of the compiled sparse24 FFN vs the reference under autograd
     (`approximated`: gradients that the mode approximates on purpose, reported but not judged;
-    fp8: the matmuls quantize to e4m3, whose 3 mantissa bits bound the error at ~0.1)."""
-    tol = 0.1 if fp8 else {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    fp8: all six matmuls quantize to e4m3, ~2.5% relative error each with its 3 mantissa bits, and
+    a gradient passes through up to four of them: 0.07-0.09 measured on CPU at 1024 tokens)."""
+    tol = 0.15 if fp8 else {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
     ffn.zero_grad(set_to_none=True)
     torch.compiler.cudagraph_mark_step_begin()  # for the CUDA-graph modes; a no-op elsewhere
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
