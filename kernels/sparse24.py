@@ -118,8 +118,8 @@ if triton is not None:
 
     @triton.jit
     def _select24_kernel(x_ptr, out_ptr, row_part_ptr, col_part_ptr, M, K, stride_xm, stride_xk, stride_out,
-                         RELU: tl.constexpr, WITH_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         RELU: tl.constexpr, WITH_MAX: tl.constexpr, K_CONTIGUOUS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # RELU: keep the 2 largest of relu(x); else keep the 2 largest magnitudes of x. One
         # (BLOCK_M, BLOCK_K) tile per program, split into groups in registers. x may be a transposed
         # view (the weight gradient selects along tokens): the tile load reads it in place.
@@ -130,7 +130,8 @@ if triton is not None:
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)  # K % 4 == 0: groups are all in or all out
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        stride_k = 1 if K_CONTIGUOUS else stride_xk  # a unit stride the compiler knows: vector loads
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_k, mask=mask, other=0.0)
         x = x.to(tl.float32)
         if RELU:
             x = tl.maximum(x, 0.0)
@@ -169,7 +170,7 @@ def _select_triton(h: Tensor, relu: bool, block_m: int, block_k: int, with_max: 
     # maxima the kernel never touches these: `out` is a placeholder pointer, no allocation.
     row_part, col_part = ((out.new_empty(m, grid[1]), out.new_empty(grid[0], k)) if with_max else (out, out))
     _select24_kernel[grid](x, out, row_part, col_part, m, k, x.stride(0), x.stride(1), out.stride(0), RELU=relu,
-                           WITH_MAX=with_max, BLOCK_M=block_m, BLOCK_K=block_k)
+                           WITH_MAX=with_max, K_CONTIGUOUS=x.stride(1) == 1, BLOCK_M=block_m, BLOCK_K=block_k)
     if with_max:
         return out.view(h.shape), row_part.amax(1).float(), col_part.amax(0).float()
     return out.view(h.shape)

@@ -190,7 +190,8 @@ if triton is not None:
     @triton.jit
     def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, scale_ptr, M, M_pad, K, K_IN, stride_xm, stride_xk,
                           RELU: tl.constexpr, SQUARE: tl.constexpr, OUT8: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          STRIDED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                          STRIDED_K: tl.constexpr, K_CONTIGUOUS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
         # One (BLOCK_M, BLOCK_K) tile: BLOCK_M a multiple of 16, BLOCK_K of 32 (16-bit output) or
         # 64 (8-bit output): whole metadata tiles. K is the packed width, K_IN <= K the input's
         # (a strided grouping pads K: columns K_IN.. read as zeros).
@@ -199,7 +200,8 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         src = (cols % 4) * (K // 4) + cols // 4 if STRIDED_K else cols  # see strided_order
         load_mask = (rows[:, None] < M) & (src[None, :] < K_IN)  # rows >= M, columns >= K_IN: zeros
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :] * stride_xk, mask=load_mask, other=0.0)
+        stride_k = 1 if K_CONTIGUOUS else stride_xk  # a unit stride the compiler knows: vector loads
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :] * stride_k, mask=load_mask, other=0.0)
         x = x.to(tl.float32)
         if RELU:
             x = tl.maximum(x, 0.0)
@@ -268,5 +270,5 @@ def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, out_dt
     grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
     _cslt_pack_kernel[grid](x, flat, meta, scale_arg, m, m_pad, k, k_in, x.stride(0), x.stride(1),
                             RELU=relu, SQUARE=square, OUT8=size == 1, HAS_SCALE=scale is not None, STRIDED_K=strided_k,
-                            BLOCK_M=block_m, BLOCK_K=block_k)
+                            K_CONTIGUOUS=x.stride(1) == 1, BLOCK_M=block_m, BLOCK_K=block_k)
     return out

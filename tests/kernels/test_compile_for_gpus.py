@@ -92,10 +92,12 @@ def compile_every_kernel() -> None:
         sparse24.sparse24_relu_triton(x(64, 256, dtype=dtype))
         sparse24.sparse24_relu_max_triton(x(64, 256, dtype=dtype))
         sparse24.sparse24_select_triton(x(64, 256, dtype=dtype))
+        sparse24.sparse24_select_triton(x(256, 64, dtype=dtype).t())  # along tokens: a transposed view
     for dtype in (torch.float16, torch.bfloat16):
         for bm, bk in ((32, 128), (16, 256), (64, 64), (32, 256)):  # the parts bench's tile shapes
             sparse24_cutlass.relu2_sparse24_pack_triton(x(64, 256, dtype=dtype), block_m=bm, block_k=bk)
         sparse24_cutlass.sparse24_pack_triton(x(64, 256, dtype=dtype))
+        sparse24_cutlass.sparse24_pack_triton(x(256, 64, dtype=dtype).t())
     # Hopper (cuSPARSELt's layout and FP8; e4m3 needs sm89+).
     targets[:] = [SM90]
     for dtype in (torch.float16, torch.bfloat16):
@@ -105,6 +107,10 @@ def compile_every_kernel() -> None:
             scale = x(64, dtype=torch.float32)
             sparse24_cslt.cslt_pack_triton(x(64, 256, dtype=dtype), square, relu, out_dtype=sparse24_fp8.FP8,
                                            scale=scale, strided_k=strided_k)
+            if strided_k:  # as the weight gradients run it: rᵀ, a transposed view
+                sparse24_cslt.cslt_pack_triton(x(256, 64, dtype=dtype).t(), square, relu, strided_k=True)
+                sparse24_cslt.cslt_pack_triton(x(256, 64, dtype=dtype).t(), square, relu, out_dtype=sparse24_fp8.FP8,
+                                               scale=scale, strided_k=True)
         for bm, bk in ((32, 128), (64, 64), (32, 256), (64, 128)):
             sparse24_cslt.cslt_pack_triton(x(64, 256, dtype=dtype), block_m=bm, block_k=bk)
         one = x(1, dtype=torch.float32)
