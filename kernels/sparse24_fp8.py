@@ -116,14 +116,14 @@ if triton is not None:
         tl.store(out_ptr + ns[None, :] * K_OUT + i[:, None], q, mask=(i[:, None] < K_OUT) & (ns[None, :] < N_OUT))
 
     @triton.jit
-    def _rescale_kernel(p_ptr, out_ptr, sa_ptr, sb_ptr, M, N, stride_pm, stride_pn,
+    def _rescale_kernel(p_ptr, out_ptr, sa_ptr, sb_ptr, M, N, stride_pm,
                         TRANSPOSE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # out = dtype(fp32(p) * (sa * sb)[:, None]), (M, N), or its transpose (N, M): `_rescale`,
         # one multiply each, equal bytes. The transpose costs nothing more: the pass copies anyway.
         ms = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (ms[:, None] < M) & (ns[None, :] < N)
-        p = tl.load(p_ptr + ms[:, None] * stride_pm + ns[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + ms[:, None] * stride_pm + ns[None, :], mask=mask, other=0.0).to(tl.float32)
         out = p * (tl.load(sa_ptr + ms, mask=ms < M, other=0.0) * tl.load(sb_ptr))[:, None]
         if TRANSPOSE_OUT:
             tl.store(out_ptr + ns[None, :] * M + ms[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -134,14 +134,16 @@ if triton is not None:
 def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype=None,
                    block_m: int = 32, block_n: int = 128) -> Tensor:
     """`_rescale` in one pass, into a new contiguous tensor: product (M, N) may be a padded matmul
-    output sliced to size (any strides). Eager PyTorch makes four passes (float, two multiplies,
-    cast) over fp32 temporaries: ~0.3 ms for an 8192 x 4096 product on an H100, where one pass
-    takes ~0.05 ms, against ~0.75 ms for the FP8 2:4 matmul itself."""
+    output sliced to size (rows of unit stride, read as vectors; other strides are copied first).
+    Eager PyTorch makes four passes (float, two multiplies, cast) over fp32 temporaries: ~0.3 ms
+    for an 8192 x 4096 product on an H100, where one pass takes ~0.05 ms, against ~0.75 ms for
+    the FP8 2:4 matmul itself."""
     m, n = product.shape
+    product = product if product.stride(1) == 1 else product.contiguous()
     out = torch.empty((n, m) if transpose_out else (m, n), dtype=dtype or product.dtype, device=product.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _rescale_kernel[grid](product, out, sa.float().contiguous(), sb.float().reshape(1), m, n,
-                          product.stride(0), product.stride(1), TRANSPOSE_OUT=transpose_out,
+                          product.stride(0), TRANSPOSE_OUT=transpose_out,
                           BLOCK_M=block_m, BLOCK_N=block_n)
     return out
 
