@@ -118,7 +118,7 @@ if triton is not None:
 
     @triton.jit
     def _select24_kernel(x_ptr, out_ptr, row_part_ptr, col_part_ptr, M, K, stride_xm, stride_xk, stride_out,
-                         RELU: tl.constexpr, WITH_MAX: tl.constexpr, K_CONTIGUOUS: tl.constexpr,
+                         RELU: tl.constexpr, WITH_MAX: tl.constexpr, UNIT_STRIDE_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # RELU: keep the 2 largest of relu(x); else keep the 2 largest magnitudes of x. One
         # (BLOCK_M, BLOCK_K) tile per program, split into groups in registers. x may be a transposed
@@ -130,8 +130,9 @@ if triton is not None:
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)  # K % 4 == 0: groups are all in or all out
-        stride_k = 1 if K_CONTIGUOUS else stride_xk  # a unit stride the compiler knows: vector loads
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_k, mask=mask, other=0.0)
+        stride_m = 1 if UNIT_STRIDE_DIM == 0 else stride_xm  # a unit stride the compiler knows:
+        stride_k = 1 if UNIT_STRIDE_DIM == 1 else stride_xk  # vector loads (unit_stride_dim)
+        x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=mask, other=0.0)
         x = x.to(tl.float32)
         if RELU:
             x = tl.maximum(x, 0.0)
@@ -153,6 +154,13 @@ if triton is not None:
     def _pick(idx, w0, w1, w2, w3):
         return tl.where(idx == 0, w0, tl.where(idx == 1, w1, tl.where(idx == 2, w2, w3)))
 
+def unit_stride_dim(x: Tensor) -> int:
+    """The dim of 2-D x whose stride is 1 (1: rows contiguous; 0: a transposed view), or -1: for a
+    kernel's constexpr, so that the compiler knows the unit stride and loads tiles as vectors
+    (sm90 PTX of the cuSPARSELt pack: 4 16-byte loads per thread where 32 2-byte ones were)."""
+    return 1 if x.stride(1) == 1 else 0 if x.stride(0) == 1 else -1
+
+
 def _need_triton() -> None:
     if triton is None:
         raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
@@ -170,7 +178,7 @@ def _select_triton(h: Tensor, relu: bool, block_m: int, block_k: int, with_max: 
     # maxima the kernel never touches these: `out` is a placeholder pointer, no allocation.
     row_part, col_part = ((out.new_empty(m, grid[1]), out.new_empty(grid[0], k)) if with_max else (out, out))
     _select24_kernel[grid](x, out, row_part, col_part, m, k, x.stride(0), x.stride(1), out.stride(0), RELU=relu,
-                           WITH_MAX=with_max, K_CONTIGUOUS=x.stride(1) == 1, BLOCK_M=block_m, BLOCK_K=block_k)
+                           WITH_MAX=with_max, UNIT_STRIDE_DIM=unit_stride_dim(x), BLOCK_M=block_m, BLOCK_K=block_k)
     if with_max:
         return out.view(h.shape), row_part.amax(1).float(), col_part.amax(0).float()
     return out.view(h.shape)

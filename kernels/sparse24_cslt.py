@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fvcompile.kernels.sparse24 import mask24, triton
+from fvcompile.kernels.sparse24 import mask24, triton, unit_stride_dim
 
 ALIGN_M = 64  # metadata is written in bands of 64 rows
 
@@ -190,7 +190,7 @@ if triton is not None:
     @triton.jit
     def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, scale_ptr, M, M_pad, K, K_IN, stride_xm, stride_xk,
                           RELU: tl.constexpr, SQUARE: tl.constexpr, OUT8: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          STRIDED_K: tl.constexpr, K_CONTIGUOUS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          STRIDED_K: tl.constexpr, UNIT_STRIDE_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_K: tl.constexpr):
         # One (BLOCK_M, BLOCK_K) tile: BLOCK_M a multiple of 16, BLOCK_K of 32 (16-bit output) or
         # 64 (8-bit output): whole metadata tiles. K is the packed width, K_IN <= K the input's
@@ -200,8 +200,9 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         src = (cols % 4) * (K // 4) + cols // 4 if STRIDED_K else cols  # see strided_order
         load_mask = (rows[:, None] < M) & (src[None, :] < K_IN)  # rows >= M, columns >= K_IN: zeros
-        stride_k = 1 if K_CONTIGUOUS else stride_xk  # a unit stride the compiler knows: vector loads
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :] * stride_k, mask=load_mask, other=0.0)
+        stride_m = 1 if UNIT_STRIDE_DIM == 0 else stride_xm  # a unit stride the compiler knows:
+        stride_k = 1 if UNIT_STRIDE_DIM == 1 else stride_xk  # vector loads (unit_stride_dim)
+        x = tl.load(x_ptr + rows[:, None] * stride_m + src[None, :] * stride_k, mask=load_mask, other=0.0)
         x = x.to(tl.float32)
         if RELU:
             x = tl.maximum(x, 0.0)
@@ -270,5 +271,5 @@ def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, out_dt
     grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
     _cslt_pack_kernel[grid](x, flat, meta, scale_arg, m, m_pad, k, k_in, x.stride(0), x.stride(1),
                             RELU=relu, SQUARE=square, OUT8=size == 1, HAS_SCALE=scale is not None, STRIDED_K=strided_k,
-                            K_CONTIGUOUS=x.stride(1) == 1, BLOCK_M=block_m, BLOCK_K=block_k)
+                            UNIT_STRIDE_DIM=unit_stride_dim(x), BLOCK_M=block_m, BLOCK_K=block_k)
     return out

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fvcompile.kernels.sparse24 import (PACK_DTYPES, _need_triton, _pad_cols, _squared, _use_triton,
-                                        sparse24_mask_reference, sparse24_relu_reference, triton)
+                                        sparse24_mask_reference, sparse24_relu_reference, triton, unit_stride_dim)
 
 ALIGN_M = 32  # metadata is reordered in blocks of 32 rows: M is padded to this
 
@@ -100,15 +100,16 @@ if triton is not None:
 
     @triton.jit
     def _pack24_kernel(x_ptr, values_ptr, meta_ptr, M, M_pad, K, stride_xm, stride_xk,
-                       RELU_SQUARE: tl.constexpr, K_CONTIGUOUS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       RELU_SQUARE: tl.constexpr, UNIT_STRIDE_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_K: tl.constexpr):
         # One coalesced (BLOCK_M, BLOCK_K) tile (BLOCK_K a multiple of 16: whole metadata words),
         # split into groups in registers, as in kernels/sparse24_cslt.py. x may be a strided view.
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         load_mask = (rows[:, None] < M) & (cols[None, :] < K)  # rows >= M are padding: zeros
-        stride_k = 1 if K_CONTIGUOUS else stride_xk  # a unit stride the compiler knows: vector loads
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_k, mask=load_mask, other=0.0)
+        stride_m = 1 if UNIT_STRIDE_DIM == 0 else stride_xm  # a unit stride the compiler knows:
+        stride_k = 1 if UNIT_STRIDE_DIM == 1 else stride_xk  # vector loads (unit_stride_dim)
+        x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=load_mask, other=0.0)
         x = x.to(tl.float32)  # exact for fp16/bf16; the interpreter has no bf16 arithmetic
         if RELU_SQUARE:
             x = tl.maximum(x, 0.0)  # selected on relu(x); squaring keeps the order
@@ -154,7 +155,8 @@ def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 32, block_k: int =
     meta = torch.empty((m_pad, k // 16), dtype=torch.int16, device=x.device)
     grid = (triton.cdiv(m_pad, block_m), triton.cdiv(k, block_k))
     _pack24_kernel[grid](x, values, meta, m, m_pad, k, x.stride(0), x.stride(1),
-                         RELU_SQUARE=relu_square, K_CONTIGUOUS=x.stride(1) == 1, BLOCK_M=block_m, BLOCK_K=block_k)
+                         RELU_SQUARE=relu_square, UNIT_STRIDE_DIM=unit_stride_dim(x), BLOCK_M=block_m,
+                         BLOCK_K=block_k)
     return values, meta
 
 

@@ -93,11 +93,13 @@ def compile_every_kernel() -> None:
         sparse24.sparse24_relu_max_triton(x(64, 256, dtype=dtype))
         sparse24.sparse24_select_triton(x(64, 256, dtype=dtype))
         sparse24.sparse24_select_triton(x(256, 64, dtype=dtype).t())  # along tokens: a transposed view
+        sparse24.sparse24_select_triton(x(64, 512, dtype=dtype)[:, ::2])  # no unit stride at all
     for dtype in (torch.float16, torch.bfloat16):
         for bm, bk in ((32, 128), (16, 256), (64, 64), (32, 256)):  # the parts bench's tile shapes
             sparse24_cutlass.relu2_sparse24_pack_triton(x(64, 256, dtype=dtype), block_m=bm, block_k=bk)
         sparse24_cutlass.sparse24_pack_triton(x(64, 256, dtype=dtype))
         sparse24_cutlass.sparse24_pack_triton(x(256, 64, dtype=dtype).t())
+        sparse24_cutlass.sparse24_pack_triton(x(64, 512, dtype=dtype)[:, ::2])
     # Hopper (cuSPARSELt's layout and FP8; e4m3 needs sm89+).
     targets[:] = [SM90]
     for dtype in (torch.float16, torch.bfloat16):
@@ -113,6 +115,7 @@ def compile_every_kernel() -> None:
                                                scale=scale, strided_k=True)
         for bm, bk in ((32, 128), (64, 64), (32, 256), (64, 128)):
             sparse24_cslt.cslt_pack_triton(x(64, 256, dtype=dtype), block_m=bm, block_k=bk)
+        sparse24_cslt.cslt_pack_triton(x(64, 512, dtype=dtype)[:, ::2])
         one = x(1, dtype=torch.float32)
         for strided_k in (False, True):
             sparse24_fp8.quantize_column_major_triton(x(256, 64, dtype=dtype), one, strided_k=strided_k, n_multiple=16)
