@@ -125,12 +125,21 @@ def kernels_sparse24():
         scale = f8.row_scale(h, False, False)
         assert torch.equal(cslt.cslt_pack_triton(h, out_dtype=f8.FP8, scale=scale).view(torch.uint8),
                            cslt.cslt_pack_reference(h, out_dtype=f8.FP8, scale=scale).view(torch.uint8))
+        # The sparse dW2's A: rᵀ, a transposed view read in place, tokens (4005 -> 4032) strided,
+        # squared, scaled by r's column maxima; every tile shape the parts bench times.
+        r = k24.sparse24_relu_triton(torch.randn(4005, 2048, device=DEVICE, dtype=torch.bfloat16))
+        col_scale = r.float().abs().amax(0).square().clamp_min(1e-12) / 448
+        expected = cslt.cslt_pack_reference(r.t(), square=True, out_dtype=f8.FP8, scale=col_scale, strided_k=True)
+        for bm, bk in ((16, 256), (64, 64), (128, 64), (32, 128)):
+            got = cslt.cslt_pack_triton(r.t(), square=True, out_dtype=f8.FP8, scale=col_scale, strided_k=True,
+                                        block_m=bm, block_k=bk)
+            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (bm, bk)
         # The sparse dW2's B: tokens strided, both dims ragged (8005 -> 8064 tokens, 4104 -> 4112 columns).
         dy = torch.randn(8005, 4104, device=DEVICE, dtype=torch.bfloat16)
         sb = f8.tensor_scale(dy)
         assert torch.equal(f8.quantize_column_major_triton(dy, sb, strided_k=True, n_multiple=16).view(torch.uint8),
                            f8.quantize_column_major_reference(dy, sb, strided_k=True, n_multiple=16).view(torch.uint8))
-        fp8 = "FP8 pack and strided quantization equal (the FP8 matmul: a later check)"
+        fp8 = "FP8 packs (rows; the dW2's transposed strided view) and strided quantization equal (the FP8 matmul: a later check)"
     h = torch.randn(256, 512, device=DEVICE, dtype=torch.float16, requires_grad=True)
     out = torch.ops.fvcompile.sparse24_relu(h)
     out.backward(torch.ones_like(out))

@@ -124,9 +124,17 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         scale = a.abs().amax(1).float().clamp_min(1e-12) / 448
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, row scale",
                lambda: lambda: cslt.cslt_pack_triton(a, out_dtype=fp8, scale=scale), m * k * elem + m * k * 5 // 8)
-        # The FP8 pack took 0.38 ms where the bf16 one takes 0.18 (H200): is it the IEEE division?
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, no scale (no division)",
                lambda: lambda: cslt.cslt_pack_triton(a, out_dtype=fp8), m * k * elem + m * k * 5 // 8)
+        # The sparse dW2's pack: rᵀ, a transposed view, K (tokens) strided, squared, scaled by r's
+        # column maxima. By the H200 profile (2026-11-27) ~0.73 ms, where the forward's takes ~0.2:
+        # which tile shape reads a transposed view best?
+        col_scale = r.float().abs().amax(0).square().clamp_min(1e-12) / 448
+        for bm, bk in ((16, 256), (64, 64), (128, 64), (32, 128)):
+            record(f"fp8  pack rᵀ strided, squared (the sparse dW2's), {bm}x{bk}",
+                   lambda bm=bm, bk=bk: lambda: cslt.cslt_pack_triton(r.t(), square=True, out_dtype=fp8, scale=col_scale,
+                                                                      strided_k=True, block_m=bm, block_k=bk),
+                   m * k * elem + m * k * 5 // 8)
         from fvcompile.kernels import sparse24_fp8 as f8
 
         sw = f8.tensor_scale(w1)
