@@ -214,3 +214,15 @@ def test_dense_rowwise_fp8_mm_is_exact_where_quantizing_is():
     powers = 2.0 ** torch.arange(16, device=DEVICE)[:, None]
     torch.testing.assert_close(f8.fp8_rowwise_mm(a * powers, b * 0.5, torch.float32), got * powers * 0.5,
                                atol=0, rtol=0)
+
+
+def test_scaled_mm_emulation_is_scaled_mm():
+    """What GPUs without FP8 tensor cores run instead of _scaled_mm: the same numbers (CPU's _scaled_mm)."""
+    gen = torch.Generator().manual_seed(6)
+    a8 = (torch.randn(40, 64, generator=gen) * 20).to(f8.FP8).to(DEVICE)
+    b8 = (torch.randn(32, 64, generator=gen) * 20).to(f8.FP8).to(DEVICE).t()
+    sa, sb = (torch.rand(n, generator=gen).to(DEVICE) + 0.5 for n in (40, 32))
+    expected = torch._scaled_mm(a8, b8, scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16)
+    # Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (~1e-3 of the largest entry)
+    atol = 2e-3 * expected.abs().max().item() if DEVICE == "cuda" else 0
+    torch.testing.assert_close(f8.scaled_mm_emulated(a8, b8, sa, sb), expected, atol=atol, rtol=2 ** -8)
