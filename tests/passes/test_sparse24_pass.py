@@ -153,21 +153,6 @@ class Fp8SecondLinear(torch.autograd.Function):
         return fp8_rowwise_mm(grad, w2, r.dtype) * 2 * r, fp8_rowwise_mm(grad.t(), r * r, r.dtype)
 
 
-class Fp8FirstLinear(torch.autograd.Function):
-    """h = x W1ᵀ and dW1, dense FP8 matmuls with row-wise scales; dX = dH W1 as the FP8 2:4
-    formula (dH is 2:4 already)."""
-
-    @staticmethod
-    def forward(ctx, x, w1):
-        ctx.save_for_backward(x, w1)
-        return fp8_rowwise_mm(x, w1.t(), x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w1 = ctx.saved_tensors
-        return fp8_mm_reference(grad, w1, False, False, False, False), fp8_rowwise_mm(grad.t(), x, x.dtype)
-
-
 class Fp8DenseLinear(torch.autograd.Function):
     """y = x wᵀ with all three matmuls dense FP8, row-wise scales: the FFN in a dense FP8 warm-up."""
 
@@ -180,6 +165,15 @@ class Fp8DenseLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         return fp8_rowwise_mm(grad, w, x.dtype), fp8_rowwise_mm(grad.t(), x, x.dtype)
+
+
+class Fp8FirstLinear(Fp8DenseLinear):
+    """h = x W1ᵀ and dW1 as above; dX = dH W1 as the FP8 2:4 formula (dH is 2:4 already)."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1 = ctx.saved_tensors
+        return fp8_mm_reference(grad, w1, False, False, False, False), fp8_rowwise_mm(grad.t(), x, x.dtype)
 
 
 def reference_dense_fp8(model: SquaredReluFFN, x):
