@@ -420,7 +420,7 @@ class Sparse24(GraphPass):
     name = "sparse24"
     hook = "joint"
     exact = False
-    helpers = (bmm_as_mm,)
+    helpers = (bmm_as_mm, fp8_matmuls)
 
     def __init__(self, emulate: bool = True, warmup_steps: int = 0, sparse_mm: bool | None = None,
                  sparse_weight_grad: bool | str = False, fp8: bool = False):
