@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fvcompile.kernels import sparse24_cslt as cslt
-from fvcompile.kernels.sparse24 import _pad_cols, mask24, triton
+from fvcompile.kernels.sparse24 import _pad_cols, mask24, triton, unit_stride_dim
 from fvcompile.kernels.sparse24_backends import cslt_mm
 
 FP8 = torch.float8_e4m3fn
@@ -105,7 +105,8 @@ if triton is not None:
 
     @triton.jit
     def _quantize_t_kernel(b_ptr, out_ptr, scale_ptr, K, N, K_OUT, N_OUT, stride_bk, stride_bn,
-                           STRIDED_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                           STRIDED_K: tl.constexpr, UNIT_STRIDE_DIM: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
         # out[n, i] = e4m3(b[k, n] / scale), k = i or, STRIDED_K, the i-th row of the strided order
         # (sparse24_cslt.strided_order: position i holds row (i % 4) · K_OUT/4 + i // 4); rows past K
         # and columns past N (the padding) are zeros. One (BLOCK_K, BLOCK_N) tile, transposed in registers.
@@ -116,7 +117,9 @@ if triton is not None:
         else:
             ks = i
         mask = (ks[:, None] < K) & (ns[None, :] < N)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + ns[None, :] * stride_bn, mask=mask, other=0.0).to(tl.float32)
+        stride_k = 1 if UNIT_STRIDE_DIM == 0 else stride_bk  # a unit stride the compiler knows:
+        stride_n = 1 if UNIT_STRIDE_DIM == 1 else stride_bn  # vector loads (unit_stride_dim)
+        b = tl.load(b_ptr + ks[:, None] * stride_k + ns[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr)
         # IEEE division (a plain / is approximate on GPUs): the bytes equal `quantize`'s.
         q = tl.math.div_rn(b, tl.broadcast_to(scale, (BLOCK_K, BLOCK_N)))
@@ -177,7 +180,8 @@ def quantize_column_major_triton(b: Tensor, scale: Tensor, strided_k: bool = Fal
     out = torch.empty((n_out, k_out), dtype=FP8, device=b.device)
     grid = (triton.cdiv(k_out, block_k), triton.cdiv(n_out, block_n))
     _quantize_t_kernel[grid](b, out, scale.float().reshape(1), k, n, k_out, n_out, b.stride(0), b.stride(1),
-                             STRIDED_K=strided_k, BLOCK_K=block_k, BLOCK_N=block_n)
+                             STRIDED_K=strided_k, UNIT_STRIDE_DIM=unit_stride_dim(b), BLOCK_K=block_k,
+                             BLOCK_N=block_n)
     return out.t()
 
 

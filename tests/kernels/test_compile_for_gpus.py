@@ -119,6 +119,7 @@ def compile_every_kernel() -> None:
         one = x(1, dtype=torch.float32)
         for strided_k in (False, True):
             sparse24_fp8.quantize_column_major_triton(x(256, 64, dtype=dtype), one, strided_k=strided_k, n_multiple=16)
+        sparse24_fp8.quantize_column_major_triton(x(64, 256, dtype=dtype).t(), one)  # W2ᵀ: a transposed view
         for transpose_out in (False, True):
             sparse24_fp8.rescale_triton(x(64, 32), x(64, dtype=torch.float32), one, transpose_out, dtype)
     print(f"compiled {len(done)} kernel variants with Triton {triton.__version__}", flush=True)
