@@ -44,7 +44,7 @@ def to_fp8(graph: fx.Graph, mm: fx.Node) -> str | None:
         return f"{mm.name} is no plain mm/addmm"
     k, n = b.meta["val"].shape
     if not (isinstance(k, int) and isinstance(n, int)) or k % ALIGN or n % ALIGN:
-        return f"{mm.name} is {k} x {n}: FP8's _scaled_mm needs both multiples of {ALIGN}"
+        return f"{mm.name} is {k} x {n} (K x N): FP8's _scaled_mm needs both to be known multiples of {ALIGN}"
     with graph.inserting_before(mm):
         a8, sa = _quantize_rows(graph, a)
         bt8, sb = _quantize_rows(graph, call(graph, aten.permute.default, b, [1, 0]))
