@@ -682,6 +682,22 @@ def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form):
     assert_step_close(step, plain_step)
 
 
+def test_fp8_with_dynamic_token_counts():
+    """Dynamic tokens: the weight gradients' K is the token count, unknown, so those two stay in the
+    model's dtype (reported, with the reason); h's linear and dA, whose K and N are the model's
+    widths, are FP8: the output and dX are the FP8 reference's at every token count."""
+    torch.manual_seed(4)
+    model = SquaredReluFFN(hidden=256)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(fp8=True)], dynamic=True, codegen=False)
+    for tokens in (24, 17):
+        x, grad_out = torch.randn(2, tokens, 32), torch.randn(2, tokens, 32)
+        got = run_step(optimized, model, x, grad_out)
+        expected = run_step(lambda t: reference_fp8(model, t), model, x, grad_out)
+        assert_step_close(got, (expected[0], {"x": expected[1]["x"]}))  # the weight gradients: bf16 here
+    (site,) = sites(optimized)
+    assert "2 dense matmul(s) in FP8" in site.detail and "needs both to be known multiples of 16" in site.detail
+
+
 def test_fp8_through_inductor():
     """One real Inductor run of the FP8 rewrite (C++ on CPU): the quantizations compile around
     fvcompile.fp8_scaled_mm and the step is the FP8 reference's."""
