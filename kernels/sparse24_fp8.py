@@ -21,6 +21,10 @@ relative, small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled 
 448² · K, far past fp16's largest value (65504) for an fp16 model.
 
 Gradients (the op's autograd) pass straight through the quantization, as FP8 training recipes do.
+
+The FFN's other matmuls, dense, run FP8 too under `Sparse24(fp8=True)`: `fp8_rowwise_mm`, each
+operand scaled along K (per row of a, per column of b), the product by `fvcompile::fp8_scaled_mm`
+(`torch._scaled_mm`); the pass writes its quantization into the graph (passes/fp8_matmuls.py).
 """
 from __future__ import annotations
 
