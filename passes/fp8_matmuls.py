@@ -27,7 +27,7 @@ def _quantize_rows(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:
     scale = call(graph, aten.div.Tensor, call(graph, aten.clamp_min.default, scale, _TINY), FP8_MAX)
     x32 = call(graph, prims.convert_element_type.default, x, torch.float32)
     q = call(graph, aten.div.Tensor, x32, call(graph, aten.unsqueeze.default, scale, 1))
-    # clamp as Inductor's decompositions leave it (this graph is past them): max, then min
+    # clamp(-448, 448) as Inductor's decompositions leave it (this graph is past them)
     q = call(graph, aten.clamp_max.default, call(graph, aten.clamp_min.default, q, -FP8_MAX), FP8_MAX)
     q = call(graph, prims.convert_element_type.default, q, FP8)
     return call(graph, aten.clone.default, q, memory_format=torch.contiguous_format), scale
@@ -49,7 +49,7 @@ def to_fp8(graph: fx.Graph, mm: fx.Node) -> str | None:
         a8, sa = _quantize_rows(graph, a)
         bt8, sb = _quantize_rows(graph, call(graph, aten.permute.default, b, [1, 0]))
         out = call(graph, torch.ops.fvcompile.fp8_scaled_mm.default, a8,
-                    call(graph, aten.permute.default, bt8, [1, 0]), sa, sb, mm.meta["val"].dtype)
+                   call(graph, aten.permute.default, bt8, [1, 0]), sa, sb, mm.meta["val"].dtype)
         if bias is not None:
             out = call(graph, aten.add.Tensor, out, bias)
     out.meta = {**mm.meta, "val": out.meta["val"]}
