@@ -4,8 +4,9 @@ The interpreter tests (TRITON_INTERPRET=1) run the kernels' Python, not Triton's
 the compiler rejects (an unsupported construct, a type it will not cast, an FP8 store on sm80)
 passes them and fails only on a GPU, whose time is short. Triton compiles down to a cubin without
 a GPU, so this file launches every kernel the way our ops do, with the launch replaced by a
-compile for each target. It runs in a child process: Triton decides at `@triton.jit` time whether a
-kernel is interpreted, and this test run's kernels are (tests/conftest.py).
+compile for each target. It runs in child processes (two, each compiling every other variant):
+Triton decides at `@triton.jit` time whether a kernel is interpreted, and this test run's kernels
+are (tests/conftest.py).
 
 Compiled with this machine's Triton, not the GPU machine's (3.6): a version-specific failure can
 still pass here.
@@ -53,8 +54,10 @@ def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict]:
     return signature, constexprs
 
 
-def compile_every_kernel() -> None:
-    """Run every kernel launch of our ops with the launch replaced by compiles; print one line each."""
+def compile_every_kernel(part: int = 0, parts: int = 1) -> None:
+    """Run every kernel launch of our ops with the launch replaced by compiles; print one line each.
+    part/parts: compile only every parts-th variant from the part-th on (the others seen, skipped),
+    so that several processes share the work."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -64,19 +67,24 @@ def compile_every_kernel() -> None:
     from fvcompile.kernels import sparse24, sparse24_cslt, sparse24_cutlass, sparse24_fp8
 
     targets: list[int] = []  # the compute capabilities the next launches compile for
-    done: set[tuple] = set()
+    done: set[tuple] = set()  # every variant seen, compiled here or by another part
+    compiled_here = 0
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
+        nonlocal compiled_here
         options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
         signature, constexprs = _signature(self, args, kwargs)
         for cc in targets:
             key = (self.__name__, tuple(signature.items()), tuple(constexprs.items()), cc)
             if key in done:
                 continue
+            done.add(key)
+            if (len(done) - 1) % parts != part:
+                continue
+            compiled_here += 1
             src = ASTSource(fn=self, signature=signature, constexprs=constexprs)
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
             assert compiled.asm.get("cubin"), f"{self.__name__}: no cubin for sm{cc}"
-            done.add(key)
             shown = ", ".join(f"{k}={v}" for k, v in constexprs.items())
             print(f"sm{cc} {self.__name__}({', '.join(t for t in signature.values() if t != 'constexpr')}; {shown})",
                   flush=True)
@@ -122,7 +130,7 @@ def compile_every_kernel() -> None:
         sparse24_fp8.quantize_column_major_triton(x(64, 256, dtype=dtype).t(), one)  # W2ᵀ: a transposed view
         for transpose_out in (False, True):
             sparse24_fp8.rescale_triton(x(64, 32), x(64, dtype=torch.float32), one, transpose_out, dtype)
-    print(f"compiled {len(done)} kernel variants with Triton {triton.__version__}", flush=True)
+    print(f"compiled {compiled_here} of {len(done)} kernel variants with Triton {triton.__version__}", flush=True)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's CUDA toolchain (ptxas) ships for Linux")
@@ -130,11 +138,18 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # a real compile, not a cache hit from an earlier run
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's current default, stated (it warns otherwise)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "compiled" in proc.stdout.splitlines()[-1]
+    # Two processes, each compiling every other variant: CI has two cores.
+    procs = [subprocess.Popen([sys.executable, __file__, str(part), "2"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for part in (0, 1)]
+    compiled = 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-2000:] + err[-4000:]
+        words = out.splitlines()[-1].split()  # "compiled N of M kernel variants ..."
+        compiled, total = compiled + int(words[1]), int(words[3])
+    assert compiled == total > 0
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    compile_every_kernel()
+    compile_every_kernel(*(int(a) for a in sys.argv[1:3]))
