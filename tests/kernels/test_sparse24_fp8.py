@@ -8,7 +8,7 @@ from fvcompile.kernels import sparse24 as s24
 from fvcompile.kernels import sparse24_backends as backends
 from fvcompile.kernels import sparse24_cslt as cslt
 from fvcompile.kernels import sparse24_fp8 as f8
-from fvcompile.kernels import sparse24_mm as mm24
+from fvcompile.kernels import sparse24_mm  # noqa: F401 - registers the sparse24_mm op
 from fvcompile.kernels.sparse24_cslt import cslt_sparse_mm_reference
 
 pytest.importorskip("triton")
