@@ -182,6 +182,13 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
            lambda: lambda: sparse_mm(dh.t(), x, strided_k=True, dense_rows=0.05), flops=f)
     record("     of which: densest_rows(dHᵀ, 0.05) (count nonzeros per feature, top 5%)",
            lambda: lambda: mm24.densest_rows(dh.t(), 0.05), m * k * elem)
+    # In training the pass counts dH's nonzeros per feature in the graph (one reduction, which
+    # Inductor generates); here the same count in eager PyTorch, then the op given it.
+    counts = (dh != 0).sum(0)
+    record("     the count in one reduction, (dH != 0).sum(0) (eager here; the pass's is Inductor's)",
+           lambda: lambda: (dh != 0).sum(0), m * k * elem)
+    record("op   the sparse dW1 with row_counts given (as in training)",
+           lambda: lambda: sparse_mm(dh.t(), x, strided_k=True, dense_rows=0.05, row_counts=counts), flops=f)
     # FP8: scales, pack, B quantized column-major, the FP8 2:4 matmul and its scaling (epilogue or pass), all in.
     record("op   sparse24_mm(r, W2ᵀ, square=True, fp8=True)",
            lambda: lambda: sparse_mm(r, w2.t(), select=False, square=True, fp8=True), flops=f)
@@ -264,7 +271,8 @@ def ceilings(rows: list[dict]) -> dict:
             speedup({**sparse_mm, "dW1": best}),
     }
     dw = {"dW2": t.get("op   sparse24_mm(rᵀ, dY, square=True, transpose_out=True, strided_k=True) (the sparse dW2)"),
-          "dW1": t.get("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05) (the sparse dW1)")}
+          "dW1": t.get("op   the sparse dW1 with row_counts given (as in training)",
+                       t.get("op   sparse24_mm(dHᵀ, X, strided_k=True, dense_rows=0.05) (the sparse dW1)"))}
     if all(dw.values()):  # sparse_weight_grad="all", as the ops run it
         bounds["sparse24 all four sparse (strided dW2, dW1 with 5% dense features; with packing)"] = speedup(
             {"fwd": sparse_op["fwd"], "dX": sparse_op["dX"], **dw})

@@ -34,7 +34,8 @@ def sparse_mm_applies(a: Tensor, b: Tensor) -> bool:
 @torch.library.custom_op("fvcompile::sparse24_mm", mutates_args=())
 def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, select: bool = True,
                 square: bool = False, relu: bool = False, transpose_out: bool = False, fp8: bool = False,
-                strided_k: bool = False, dense_rows: float = 0.0, a_max: Tensor | None = None) -> Tensor:
+                strided_k: bool = False, dense_rows: float = 0.0, a_max: Tensor | None = None,
+                row_counts: Tensor | None = None) -> Tensor:
     """mask24(a) @ b for a (M, K) and a dense b (K, N); with square=True, mask24(a)² @ b.
 
     select=False is the caller's promise that `a` already is 2:4 along K (the forward's sparse relu,
@@ -53,10 +54,13 @@ def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, 
     relu=True; fp32, (M,)), where the caller has it from an earlier pass (`sparse24_relu_max`):
     FP8 then scales with it instead of reading `a` once more (the same scale: a row's largest
     value is always kept by the 2:4 selection).
+    row_counts: the number of nonzeros in every row of `a` (of relu(a) where relu=True), where the
+    caller has it (a reduction a compiler fuses into a's own kernel): `dense_rows` then picks its
+    rows from it instead of counting them here.
     """
     out = _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k, a_max)
     if dense_rows and not _in_dense_warmup(schedule, dense_steps, count_step=False):
-        rows = densest_rows(torch.relu(a) if relu else a, dense_rows)
+        rows = densest_rows(torch.relu(a) if relu else a, dense_rows, row_counts)
         kept = torch.relu(a[rows]) if relu else a[rows]
         fix = (_squared(kept) if square else kept) @ b  # a small dense matmul: f·M rows
         if transpose_out:
@@ -66,10 +70,11 @@ def sparse24_mm(a: Tensor, b: Tensor, schedule: str = "", dense_steps: int = 0, 
     return out if out.is_contiguous() else out.contiguous()
 
 
-def densest_rows(a: Tensor, fraction: float) -> Tensor:
-    """The indices of the ceil(fraction·M) rows of `a` with the most nonzeros."""
-    # count_nonzero: one pass over `a`, where (a != 0).sum(1) writes a boolean temporary first.
-    return torch.count_nonzero(a, dim=1).topk(math.ceil(fraction * a.shape[0])).indices
+def densest_rows(a: Tensor, fraction: float, counts: Tensor | None = None) -> Tensor:
+    """The indices of the ceil(fraction·M) rows of `a` with the most nonzeros (`counts`: those
+    numbers, where the caller has them)."""
+    counts = torch.count_nonzero(a, dim=1) if counts is None else counts
+    return counts.topk(math.ceil(fraction * a.shape[0])).indices
 
 
 def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k,
@@ -109,12 +114,12 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
 
 @sparse24_mm.register_fake
 def _(a, b, schedule="", dense_steps=0, select=True, square=False, relu=False, transpose_out=False, fp8=False,
-      strided_k=False, dense_rows=0.0, a_max=None):
+      strided_k=False, dense_rows=0.0, a_max=None, row_counts=None):
     return a.new_empty((b.shape[1], a.shape[0]) if transpose_out else (a.shape[0], b.shape[1]))
 
 
 def _sparse24_mm_setup(ctx, inputs, output):
-    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k, dense_rows, _a_max = inputs
+    a, b, schedule, dense_steps, select, square, relu, transpose_out, fp8, strided_k, dense_rows, _a_max, counts = inputs
     dense = _in_dense_warmup(schedule, dense_steps, count_step=False)  # the forward's decision
     a_in = torch.relu(a) if relu else a
     keep = torch.ones_like(a, dtype=torch.bool)
@@ -124,7 +129,7 @@ def _sparse24_mm_setup(ctx, inputs, output):
         else:
             keep = mask24(a_in.abs())
         if dense_rows:
-            keep[densest_rows(a_in, dense_rows)] = True
+            keep[densest_rows(a_in, dense_rows, counts)] = True
     if relu:
         keep = keep & (a > 0)  # relu's own gradient
     ctx.square, ctx.transpose_out = square, transpose_out
@@ -138,7 +143,7 @@ def _sparse24_mm_backward(ctx, grad):
     grad_a = (grad @ b.t()) * keep
     if ctx.square:  # d(a²)/da = 2a
         grad_a, a_kept = 2 * a_kept * grad_a, _squared(a_kept)
-    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None, None, None, None
+    return grad_a, a_kept.t() @ grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 sparse24_mm.register_autograd(_sparse24_mm_backward, setup_context=_sparse24_mm_setup)

@@ -133,7 +133,7 @@ from fvcompile.kernels import sparse24 as k24
 from fvcompile.kernels import sparse24_backends as backends
 from fvcompile.passes import bmm_as_mm, fp8_matmuls
 from fvcompile.passes.bmm_as_mm import keeps_order
-from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site, module_path
+from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site, call, module_path
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -402,6 +402,14 @@ def _abs_max_node(graph: fx.Graph, x: fx.Node, dim: int, before: fx.Node) -> fx.
     return abs_max
 
 
+def _nonzero_count_node(graph: fx.Graph, x: fx.Node, dim: int, before: fx.Node) -> fx.Node:
+    """The number of nonzeros along `dim` of x (dim 0: of every column), inserted before `before`:
+    one reduction for Inductor to generate (sparse24_mm counting them itself made a boolean tensor
+    the size of x, then summed it: ~0.9 ms at 8192 tokens on an H200, by its profile)."""
+    with graph.inserting_before(before):
+        return call(graph, aten.sum.dim_IntList, call(graph, aten.ne.Scalar, x, 0), [dim])
+
+
 def _erase_unused(graph: fx.Graph, square: fx.Node, sparse: fx.Node) -> None:
     """Erase the square, the casts before it and the sparse relu where nothing reads them anymore."""
     node = square
@@ -663,7 +671,8 @@ class Sparse24(GraphPass):
                     a_max = {"a_max": _abs_max_node(graph, d_h, 0, mm)} if fp8 else {}
                     d_w = graph.call_function(fvc.sparse24_mm.default, (d_h_t, x, key, dense_steps, True),
                                               {"transpose_out": transposed, "fp8": fp8, "strided_k": True,
-                                               "dense_rows": DENSE_FEATURES, **a_max})
+                                               "dense_rows": DENSE_FEATURES, **a_max,
+                                               "row_counts": _nonzero_count_node(graph, d_h, 0, mm)})
                 d_w.meta = dict(mm.meta)
                 mm.replace_all_uses_with(d_w)
                 graph.erase_node(mm)

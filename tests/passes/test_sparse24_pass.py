@@ -708,6 +708,31 @@ def test_fp8_through_inductor():
     assert_step_close(got, run_step(lambda t: reference_fp8(model, t), model, x, grad_out))
 
 
+def test_densest_features_are_counted_in_the_graph(monkeypatch):
+    """sparse_weight_grad="all": dW1's densest features come from a count of dH's nonzeros that the
+    pass puts in the graph (one reduction for Inductor), not from a count inside the matmul op;
+    the numbers are those of the op counting for itself."""
+    from fvcompile.kernels import sparse24_mm as mm24
+
+    torch.manual_seed(9)
+    model = SquaredReluFFN(hidden=256)
+    x, grad_out = torch.randn(2, 24, 32), torch.randn(2, 24, 32)
+    plain, given = mm24.densest_rows, []
+
+    def spy(a, fraction, counts=None):
+        given.append(counts is not None)
+        return plain(a, fraction, counts)
+
+    monkeypatch.setattr(mm24, "densest_rows", spy)
+    passes = [Sparse24(sparse_weight_grad="all", sparse_mm=True)]
+    got = run_step(fvcompile.optimize(model, passes=passes, codegen=False), model, x, grad_out)
+    assert given == [True]
+    monkeypatch.setattr(mm24, "densest_rows", lambda a, fraction, counts=None: plain(a, fraction))
+    torch._dynamo.reset()
+    own = run_step(fvcompile.optimize(model, passes=passes, codegen=False), model, x, grad_out)
+    assert torch.equal(got[0], own[0]) and all(torch.equal(got[1][n], own[1][n]) for n in own[1])
+
+
 def test_fp8_scales_come_from_the_selection_pass(monkeypatch):
     """FP8 training: the forward matmul and the sparse dW2 take r's row and column maxima from
     sparse24_relu_max, dX and dW1 take dH's row and column maxima from the graph, and the numbers
