@@ -84,10 +84,14 @@ def check_against_reference(ffn: SquaredReLU, optimized, x, dtype, approximated:
             "ok": all(e < tol for name, e in errors.items() if name not in approximated)}
 
 
+BASELINES = ("swiglu dense", "relu2 dense", "relu2 sparse24", "relu2 dense fp8")  # timed in every run
+
+
 def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, cuda_graphs: bool = False,
-              progress=lambda row: None) -> dict:
+              progress=lambda row: None, only: tuple = ()) -> dict:
     """One row: every mode compiled, timed and checked at this token count. `progress(row)` gets
-    the row as it fills (after each mode's first timing and each round), for a run cut short."""
+    the row as it fills (after each mode's first timing and each round), for a run cut short.
+    only: the modes whose labels contain one of these (and the baselines); all where empty."""
     torch.manual_seed(0)
     x = torch.randn(1, tokens, dim, device=device, dtype=dtype)
     grad = torch.randn_like(x)
@@ -114,6 +118,8 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
         "relu2 sparse24+dW1+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                    dict(passes=[Sparse24(sparse_weight_grad="all")])),
     }
+    if only:  # a GPU's time is short: the modes asked for, and what they are held against
+        modes = {label: m for label, m in modes.items() if label in BASELINES or any(o in label for o in only)}
     if device.type == "cuda" and not backends.fp8_sparse_mm_available(device):
         # Emulated FP8 at these shapes would time plain-PyTorch formulas, not the path, and take minutes.
         why = backends.no_sparse_mm_reason(device) or "its FP8 probe failed"
@@ -261,6 +267,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts")
     parser.add_argument("--out", default=None, help="directory for the JSON results")
+    parser.add_argument("--modes", default="", help="comma-separated parts of mode labels to time (with "
+                        f"the baselines: {', '.join(BASELINES)}); all by default")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time dense and sparse24 with CUDA graphs (mode='reduce-overhead')")
     args = parser.parse_args(argv)
@@ -296,7 +304,8 @@ def main(argv=None) -> dict:
                                       indent=1, default=str))
 
     for t in tokens:
-        rows.append(bench_ffn(t, dim, hidden, dtype, device, args.cuda_graphs, progress=save))
+        rows.append(bench_ffn(t, dim, hidden, dtype, device, args.cuda_graphs, progress=save,
+                              only=tuple(m for m in args.modes.split(",") if m)))
         save()
     if device.type == "cuda":
         pack_rows.append(bench_pack(tokens[0], hidden * 3 // 2, dtype, device))
