@@ -38,7 +38,7 @@ from fvcompile.kernels.sparse24_backends import cslt_mm
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 PRODUCT = torch.bfloat16  # the unscaled FP8 product, where the matmul cannot scale it (module docstring)
-_TINY = 1e-12  # an all-zero row or tensor gets a scale that cannot divide by zero
+MIN_AMAX = 1e-12  # an all-zero row or tensor gets a scale that cannot divide by zero
 
 
 def row_scale(a: Tensor, square: bool, relu: bool, a_max: Tensor | None = None) -> Tensor:
@@ -48,11 +48,11 @@ def row_scale(a: Tensor, square: bool, relu: bool, a_max: Tensor | None = None) 
         amax = a_max.float()
     else:  # max |a| as one reduction: abs() first would write a temporary the size of a
         amax = (a.amax(1).clamp_min(0) if relu else torch.linalg.vector_norm(a, float("inf"), dim=1)).float()
-    return (amax * amax if square else amax).clamp_min(_TINY) / FP8_MAX
+    return (amax * amax if square else amax).clamp_min(MIN_AMAX) / FP8_MAX
 
 
 def tensor_scale(b: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(b, float("inf")).float().clamp_min(_TINY) / FP8_MAX
+    return torch.linalg.vector_norm(b, float("inf")).float().clamp_min(MIN_AMAX) / FP8_MAX
 
 
 def quantize(x: Tensor, scale: Tensor) -> Tensor:
@@ -62,7 +62,7 @@ def quantize(x: Tensor, scale: Tensor) -> Tensor:
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """x (M, K) -> its e4m3 values and (M, 1) fp32 scales, each row's max |value| mapped to 448."""
-    scale = x.abs().amax(1, keepdim=True).float().clamp_min(_TINY) / FP8_MAX
+    scale = x.abs().amax(1, keepdim=True).float().clamp_min(MIN_AMAX) / FP8_MAX
     return quantize(x, scale), scale
 
 

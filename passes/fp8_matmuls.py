@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fvcompile.kernels.sparse24_fp8 import _TINY, FP8, FP8_MAX
+from fvcompile.kernels.sparse24_fp8 import FP8, FP8_MAX, MIN_AMAX
 from fvcompile.passes.base import call
 
 aten = torch.ops.aten
@@ -24,7 +24,7 @@ def _quantize_rows(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:
     """`quantize_rows(x)` as nodes: e4m3 values (row-major) and (M,) fp32 scales."""
     row_max = call(graph, aten.amax.default, call(graph, aten.abs.default, x), [1])
     scale = call(graph, prims.convert_element_type.default, row_max, torch.float32)
-    scale = call(graph, aten.div.Tensor, call(graph, aten.clamp_min.default, scale, _TINY), FP8_MAX)
+    scale = call(graph, aten.div.Tensor, call(graph, aten.clamp_min.default, scale, MIN_AMAX), FP8_MAX)
     x32 = call(graph, prims.convert_element_type.default, x, torch.float32)
     q = call(graph, aten.div.Tensor, x32, call(graph, aten.unsqueeze.default, scale, 1))
     # clamp(-448, 448) as Inductor's decompositions leave it (this graph is past them)
