@@ -71,11 +71,14 @@ def fp8_rowwise_mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     column: the usual "rowwise" training recipe), accumulated by `torch._scaled_mm` and rounded to
     bf16 (the one type CUDA's rowwise scaling writes), then to out_dtype. The formula of the FFN's
     dense matmuls under `Sparse24(fp8=True)`: passes/fp8_matmuls.py writes the same ops into the
-    graph (K and N multiples of 16, as `_scaled_mm` needs)."""
-    a8, sa = quantize_rows(a)
-    bt8, sb = quantize_rows(b.t())  # b's columns, as rows
+    graph. K and N are padded with zeros to multiples of 16, as `_scaled_mm` needs: no maximum and
+    no product changes."""
+    k_pad, n_pad = -a.shape[1] % 16, -b.shape[1] % 16
+    a8, sa = quantize_rows(torch.nn.functional.pad(a, (0, k_pad)))
+    bt8, sb = quantize_rows(torch.nn.functional.pad(b.t(), (0, k_pad, 0, n_pad)))  # b's columns, as rows
     # Row-major a8 and column-major b8: what CUDA's _scaled_mm takes.
-    return fp8_scaled_mm(a8.contiguous(), bt8.contiguous().t(), sa.reshape(-1), sb.reshape(-1), out_dtype)
+    out = fp8_scaled_mm(a8.contiguous(), bt8.contiguous().t(), sa.reshape(-1), sb.reshape(-1), out_dtype)
+    return out[:, :b.shape[1]]
 
 
 @torch.library.custom_op("fvcompile::fp8_scaled_mm", mutates_args=())

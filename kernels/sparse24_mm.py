@@ -83,8 +83,7 @@ def _sparse24_mm(a, b, schedule, dense_steps, select, square, relu, transpose_ou
         a = torch.relu(a) if relu else a
         a = _squared(a) if square else a  # during the warm-up `a` is dense
         # The warm-up is of 2:4 sparsity, not of FP8: FP8 runs dense, as the FFN's other matmuls do.
-        fp8_dense = fp8 and a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0  # as _scaled_mm needs
-        out = sparse24_fp8.fp8_rowwise_mm(a, b, a.dtype) if fp8_dense else a @ b
+        out = sparse24_fp8.fp8_rowwise_mm(a, b, a.dtype) if fp8 else a @ b
         return out.t() if transpose_out else out
     # Whether our cuSPARSELt pack runs this call (a strided K is padded: any token count fits).
     cslt_pack = (a.dtype in PACK_DTYPES and b.dtype == a.dtype and (strided_k or a.shape[1] % ALIGN_K == 0)

@@ -34,8 +34,8 @@ def _quantize_rows(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:
 
 
 def to_fp8(graph: fx.Graph, mm: fx.Node) -> str | None:
-    """mm(a, b) or addmm(bias, a, b) -> fp8_rowwise_mm(a, b) (+ bias), in mm's dtype. Returns None,
-    or why the matmul was left as it was."""
+    """mm(a, b) or addmm(bias, a, b) -> fp8_rowwise_mm(a, b) (+ bias), in mm's dtype (K and N of
+    any static size: padded). Returns None, or why the matmul was left as it was."""
     if mm.target == aten.addmm.default and not mm.kwargs:
         bias, a, b = mm.args
     elif mm.target == aten.mm.default:
@@ -43,13 +43,23 @@ def to_fp8(graph: fx.Graph, mm: fx.Node) -> str | None:
     else:
         return f"{mm.name} is no plain mm/addmm"
     k, n = b.meta["val"].shape
-    if not (isinstance(k, int) and isinstance(n, int)) or k % ALIGN or n % ALIGN:
-        return f"{mm.name} is {k} x {n} (K x N): FP8's _scaled_mm needs both to be known multiples of {ALIGN}"
+    if not (isinstance(k, int) and isinstance(n, int)):
+        return f"{mm.name} is {k} x {n} (K x N): FP8's _scaled_mm needs both known (multiples of {ALIGN})"
     with graph.inserting_before(mm):
+        # _scaled_mm wants K and N in multiples of 16: zeros padded on (a weight gradient's K is the
+        # token count) change no maximum and no product; padded columns of the product sliced off.
+        k_pad, n_pad = -k % ALIGN, -n % ALIGN
+        bt = call(graph, aten.permute.default, b, [1, 0])
+        if k_pad:
+            a = call(graph, aten.constant_pad_nd.default, a, [0, k_pad])
+        if k_pad or n_pad:
+            bt = call(graph, aten.constant_pad_nd.default, bt, [0, k_pad, 0, n_pad])
         a8, sa = _quantize_rows(graph, a)
-        bt8, sb = _quantize_rows(graph, call(graph, aten.permute.default, b, [1, 0]))
+        bt8, sb = _quantize_rows(graph, bt)
         out = call(graph, torch.ops.fvcompile.fp8_scaled_mm.default, a8,
                    call(graph, aten.permute.default, bt8, [1, 0]), sa, sb, mm.meta["val"].dtype)
+        if n_pad:
+            out = call(graph, aten.slice.Tensor, out, 1, 0, n)
         if bias is not None:
             out = call(graph, aten.add.Tensor, out, bias)
     out.meta = {**mm.meta, "val": out.meta["val"]}

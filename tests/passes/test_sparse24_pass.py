@@ -682,10 +682,11 @@ def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form):
     assert_step_close(step, plain_step)
 
 
-def test_fp8_with_dynamic_token_counts():
+def test_fp8_with_dynamic_and_unaligned_token_counts():
     """Dynamic tokens: the weight gradients' K is the token count, unknown, so those two stay in the
     model's dtype (reported, with the reason); h's linear and dA, whose K and N are the model's
-    widths, are FP8: the output and dX are the FP8 reference's at every token count."""
+    widths, are FP8: the output and dX are the FP8 reference's at every token count. A static
+    count off the 16s is padded: all four in FP8."""
     torch.manual_seed(4)
     model = SquaredReluFFN(hidden=256)
     optimized = fvcompile.optimize(model, passes=[Sparse24(fp8=True)], dynamic=True, codegen=False)
@@ -695,7 +696,15 @@ def test_fp8_with_dynamic_token_counts():
         expected = run_step(lambda t: reference_fp8(model, t), model, x, grad_out)
         assert_step_close(got, (expected[0], {"x": expected[1]["x"]}))  # the weight gradients: bf16 here
     (site,) = sites(optimized)
-    assert "2 dense matmul(s) in FP8" in site.detail and "needs both to be known multiples of 16" in site.detail
+    assert "2 dense matmul(s) in FP8" in site.detail and "needs both known" in site.detail
+    # A static token count off the 16s (2 x 17): K padded, all four dense matmuls in FP8.
+    torch._dynamo.reset()
+    optimized = fvcompile.optimize(model, passes=[Sparse24(fp8=True)], codegen=False)
+    x, grad_out = torch.randn(2, 17, 32), torch.randn(2, 17, 32)
+    assert_step_close(run_step(optimized, model, x, grad_out),
+                      run_step(lambda t: reference_fp8(model, t), model, x, grad_out))
+    (site,) = sites(optimized)
+    assert "4 dense matmul(s) in FP8" in site.detail and "left as they were" not in site.detail
 
 
 def test_fp8_through_inductor():
