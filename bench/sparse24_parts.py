@@ -121,7 +121,9 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
             plan = backends.cslt_plan(compressed, w8.t(), False, torch.bfloat16, alpha) if search else {}
             return lambda: torch._cslt_sparse_mm(compressed, w8.t(), alpha=alpha, out_dtype=torch.bfloat16, **plan)
 
-        scale = a.abs().amax(1).float().clamp_min(1e-12) / 448
+        from fvcompile.kernels import sparse24_fp8 as f8
+
+        scale = f8.row_scale(a, False, False)
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, row scale",
                lambda: lambda: cslt.cslt_pack_triton(a, out_dtype=fp8, scale=scale), m * k * elem + m * k * 5 // 8)
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, no scale (no division)",
@@ -129,14 +131,12 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         # The sparse dW2's pack: rᵀ, a transposed view, K (tokens) strided, squared, scaled by r's
         # column maxima. By the H200 profile (2026-11-27) ~0.73 ms, where the forward's takes ~0.2:
         # which tile shape reads a transposed view best?
-        col_scale = r.float().abs().amax(0).square().clamp_min(1e-12) / 448
+        col_scale = f8.row_scale(r.t(), square=True, relu=False)  # rᵀ's rows: r's columns
         for bm, bk in ((16, 256), (64, 64), (128, 64), (32, 128)):
             record(f"fp8  pack rᵀ strided, squared (the sparse dW2's), {bm}x{bk}",
                    lambda bm=bm, bk=bk: lambda: cslt.cslt_pack_triton(r.t(), square=True, out_dtype=fp8, scale=col_scale,
                                                                       strided_k=True, block_m=bm, block_k=bk),
                    m * k * elem + m * k * 5 // 8)
-        from fvcompile.kernels import sparse24_fp8 as f8
-
         sw = f8.tensor_scale(w1)
         record("fp8  quantize W1 (K, N) column-major, eager PyTorch",
                lambda: lambda: f8.quantize(w1.t(), sw).contiguous().t(), w1.numel() * (elem + 1))
