@@ -222,16 +222,15 @@ def run_in_subprocess(cmd: list[str], timeout: int) -> dict:
             "stderr_tail": proc.stderr[-2000:]}
 
 
-def ffn_bench(out: Path, tokens: str, timeout: float, cuda_graphs: bool = False) -> dict:
+def ffn_bench(out: Path, tokens: str, timeout: float) -> dict:
     """bench/sparse24.py at these token counts, in a process of its own (a cuSPARSELt call that
     breaks the CUDA context, as one did on the H200, then costs these numbers only). It writes its
     JSON as each row fills ('ffn in progress' until the row is done), so a run cut short still
     returns what it timed."""
-    kind = f"{'gpu' if DEVICE == 'cuda' else 'cpu'}{'_cudagraphs' if cuda_graphs else ''}"
+    kind = "gpu" if DEVICE == "cuda" else "cpu"
     run = run_in_subprocess([sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", DEVICE,
-                             "--tokens", tokens, "--out", str(out)] + (["--cuda-graphs"] if cuda_graphs else []),
-                            int(timeout))
-    written = sorted(out.glob(f"sparse24_{kind}_????-??-??_{tokens.replace(',', '-')}.json"))  # not _cudagraphs_
+                             "--tokens", tokens, "--out", str(out)], int(timeout))
+    written = sorted(out.glob(f"sparse24_{kind}_????-??-??_{tokens.replace(',', '-')}.json"))
     result = json.loads(written[-1].read_text()) if written else {"ffn": []}
     if run.get("returncode") != 0:
         result["error"] = run.get("error") or run.get("stderr_tail", "")[-500:]
@@ -329,9 +328,7 @@ def main() -> None:
               f"fwd+bwd {r['speedup fwd+bwd vs relu2 dense']:.2f}x vs relu2 dense; "
               f"fwd+bwd {r['speedup fwd+bwd vs swiglu dense']:.2f}x vs SwiGLU dense; "
               + "; ".join(f"{k[len('speedup fwd+bwd of '):]} {v:.2f}x" for k, v in r.items()
-                          if k.startswith("speedup fwd+bwd of"))
-              + (f"; both with CUDA graphs: fwd {r['speedup fwd, both with CUDA graphs']:.2f}x, fwd+bwd "
-                 f"{r['speedup fwd+bwd, both with CUDA graphs']:.2f}x" if "speedup fwd, both with CUDA graphs" in r else ""))
+                          if k.startswith("speedup fwd+bwd of")))
     for name in [n for n in bench if isinstance(bench[n], dict) and "ffn in progress" in bench[n]]:
         r = bench[name]["ffn in progress"]  # a run cut short: what it timed before it stopped (unchecked)
         print(f"{name}, cut short at {r['tokens']} tokens (unchecked): "

@@ -15,6 +15,7 @@ reports what the emulation costs; speed needs an sm80+ GPU.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -31,6 +32,7 @@ from fvcompile.models.llama import SquaredReLU, SwiGLU
 from fvcompile.passes.sparse24 import Sparse24
 
 
+FP8_MODES = ("sparse24-fp8", "sparse24-fp8+dW2", "sparse24-fp8+dW1+dW2")
 # Modes whose kernels a GPU run lists: which ops Inductor fused (e.g. dH with its FP8 row maxima,
 # separate kernels on CPU) and where the time goes.
 PROFILED = ("relu2 dense", "relu2 sparse24", "relu2 sparse24-fp8+dW2", "relu2 sparse24-fp8+dW1+dW2")
@@ -126,13 +128,11 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
         for label in [m for m in modes if "sparse24-fp8" in m]:
             modes.pop(label)
             skipped[label] = f"skipped: no FP8 2:4 sparse matmul on this GPU ({why})"
-    if cuda_graphs:  # CUDA graphs take the host's per-call cost (cuSPARSELt plans) out: the
-        # plain rows again beside them (same process, same clocks), the other modes left out.
-        modes = {label: modes[label] for label in ("swiglu dense", "relu2 dense", "relu2 sparse24")}
-        modes["relu2 dense, CUDA graphs"] = (SquaredReLU(dim, hidden * 3 // 2),
-                                             dict(passes=[], mode="reduce-overhead"))
-        modes["relu2 sparse24, CUDA graphs"] = (SquaredReLU(dim, hidden * 3 // 2),
-                                                dict(passes=["sparse24"], mode="reduce-overhead"))
+    if cuda_graphs:  # CUDA graphs take the host's per-call cost (cuSPARSELt plans) out: every mode
+        # kept also with graphs, beside its plain row (same process, same clocks).
+        for label, mode in list(modes.items()):
+            module, kwargs = copy.deepcopy(mode)
+            modes[f"{label}, CUDA graphs"] = (module, {**kwargs, "mode": "reduce-overhead"})
     row = {"tokens": tokens, "dim": dim, "hidden_swiglu": hidden, "dtype": str(dtype),
            **{f"{label} error": why for label, why in skipped.items()}}
     # A fresh Dynamo cache per token count, with room for every mode's graphs: past its limit
@@ -211,19 +211,15 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
     for phase in ("fwd", "fwd+bwd"):
         row[f"speedup {phase} vs relu2 dense"] = row[f"relu2 dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
         row[f"speedup {phase} vs swiglu dense"] = row[f"swiglu dense {phase} ms"] / row[f"relu2 sparse24 {phase} ms"]
-    fp8_modes = ("sparse24-fp8", "sparse24-fp8+dW2", "sparse24-fp8+dW1+dW2")
-    for label in [m for m in ("sparse24+dW2", "sparse24+dW1+dW2", *fp8_modes, "dense fp8")
-                  if f"relu2 {m} fwd+bwd ms" in row]:  # a mode that failed to compile has an error instead
-        row[f"speedup fwd+bwd of {label} vs relu2 dense"] = (
-            row["relu2 dense fwd+bwd ms"] / row[f"relu2 {label} fwd+bwd ms"])
-    if "relu2 dense fp8 fwd+bwd ms" in row:
-        for label in [m for m in fp8_modes if f"relu2 {m} fwd+bwd ms" in row]:
-            row[f"speedup fwd+bwd of {label} vs relu2 dense fp8"] = (
-                row["relu2 dense fp8 fwd+bwd ms"] / row[f"relu2 {label} fwd+bwd ms"])
-    graphs = ("relu2 dense, CUDA graphs", "relu2 sparse24, CUDA graphs")
-    if all(f"{label} fwd ms" in row for label in graphs):
-        for phase in ("fwd", "fwd+bwd"):
-            row[f"speedup {phase}, both with CUDA graphs"] = row[f"{graphs[0]} {phase} ms"] / row[f"{graphs[1]} {phase} ms"]
+    modes_held = ("sparse24+dW2", "sparse24+dW1+dW2", *FP8_MODES, "dense fp8")
+    for graphs in ("", ", CUDA graphs"):  # each mode against the baselines timed as it was
+        pairs = [("relu2 dense", m) for m in modes_held] + [("relu2 dense fp8", m) for m in FP8_MODES]
+        if graphs:
+            pairs.insert(0, ("relu2 dense", "sparse24"))
+        for base, label in pairs:  # a mode that failed to compile has an error instead of times
+            if f"{base}{graphs} fwd+bwd ms" in row and f"relu2 {label}{graphs} fwd+bwd ms" in row:
+                row[f"speedup fwd+bwd of {label}{graphs} vs {base}{graphs}"] = (
+                    row[f"{base}{graphs} fwd+bwd ms"] / row[f"relu2 {label}{graphs} fwd+bwd ms"])
     return row
 
 
@@ -270,7 +266,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", default="", help="comma-separated parts of mode labels to time (with "
                         f"the baselines: {', '.join(BASELINES)}); all by default")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also time dense and sparse24 with CUDA graphs (mode='reduce-overhead')")
+                        help="time every mode also with CUDA graphs (mode='reduce-overhead'); with --modes, a few")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -313,8 +309,8 @@ def main(argv=None) -> dict:
         print(f"\ntokens {r['tokens']}, {r['dim']} -> {r['hidden_swiglu']} (SwiGLU) / "
               f"{r['hidden_swiglu'] * 3 // 2} (relu²), {r['dtype']}")
         for label in [k[: -len(" fwd ms")] for k in r if k.endswith(" fwd ms")]:
-            print(f"  {label:28s} fwd {r[f'{label} fwd ms']:8.3f} ms   fwd+bwd {r[f'{label} fwd+bwd ms']:8.3f} ms")
-        for key in [k for k in r if k.endswith(" error") or k.startswith("speedup") and "CUDA graphs" in k]:
+            print(f"  {label:40s} fwd {r[f'{label} fwd ms']:8.3f} ms   fwd+bwd {r[f'{label} fwd+bwd ms']:8.3f} ms")
+        for key in [k for k in r if k.endswith(" error")]:
             print(f"  {key}: {r[key]}")
         if not r["valid"]:
             print("  INVALID: the sparse24 module failed its check against the reference (see below)")

@@ -112,7 +112,8 @@ site's `sparse24_mm`s (forward and backward) and its ops in inference graphs rea
 Step i runs dense while i < N (`fvcompile.kernels.sparse24._in_dense_warmup`). A "step" is a
 forward call of the compiled training graph: with gradient accumulation, count micro-batches. The
 counter lives in this Python process and is read by the ops at run time (they are opaque to
-Inductor), so it does not survive a restart and does not work under CUDA graphs. The token is
+Inductor), so it does not survive a restart and cannot run under CUDA graphs (the pass says so
+with an error: a replayed graph would never leave, or never enter, the warm-up). The token is
 part of the uuid when N > 0, so a second `Sparse24(warmup_steps=N)` never reuses the first one's
 compiled graph (and its counters) from Inductor's cache. Under activation checkpointing the counting
 op is marked to be saved, not recomputed in the backward (which would count a step twice and could
@@ -127,6 +128,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._inductor import config as inductor_config
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fvcompile.kernels import sparse24 as k24
@@ -507,6 +509,12 @@ class Sparse24(GraphPass):
     # -- rewriting --------------------------------------------------------------------------
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.warmup_steps and ctx.device.type == "cuda" and inductor_config.triton.cudagraphs:
+            # A replayed graph skips the ops' host code, where the warm-up counts its steps.
+            raise ValueError(
+                f"Sparse24(warmup_steps={self.warmup_steps}) cannot run under CUDA graphs "
+                "(mode='reduce-overhead'): the warm-up counts steps on the host, which a graph replay "
+                "skips. Compile without CUDA graphs for the warm-up's steps, or use warmup_steps=0.")
         graph = gm.graph
         result = PassResult()
         _merge_twin_relus(graph, gradient_only_nodes(graph))

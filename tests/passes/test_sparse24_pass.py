@@ -17,6 +17,7 @@ from fvcompile.kernels import sparse24_backends as backends
 from fvcompile.kernels.sparse24_cslt import strided_order
 from fvcompile.kernels.sparse24_fp8 import fp8_mm_reference, fp8_rowwise_mm
 from fvcompile.models import get
+from fvcompile.passes.base import PassContext
 from fvcompile.passes.sparse24 import Sparse24
 
 FORMS = ["relu_pow", "square", "method_pow", "relu_module_square", "mul", "cast",
@@ -472,6 +473,17 @@ def test_dense_warmup_under_activation_checkpointing(codegen, fp8):
     for want in expected:  # steps 0 and 1 dense, step 2 sparse
         assert_step_close(run_step(optimized, model, x, grad_out), want, atol=1e-4, rtol=1e-3)
     assert k24.warmup_steps_counted(f"{p.schedule_token}:ffn#0") == 3
+
+
+def test_dense_warmup_under_cuda_graphs_is_an_error():
+    """A CUDA graph replay skips the host code where the warm-up counts its steps: say so."""
+    gm = torch.fx.symbolic_trace(SquaredReluFFN())
+    cuda_joint = PassContext(graph_kind="joint", device=torch.device("cuda"))
+    with torch._inductor.config.patch({"triton.cudagraphs": True}):
+        with pytest.raises(ValueError, match="cannot run under CUDA graphs.*warmup_steps=0"):
+            Sparse24(warmup_steps=2).run(gm, cuda_joint)
+        # On the CPU, where Inductor makes no CUDA graphs, the warm-up runs as it does elsewhere.
+        Sparse24(warmup_steps=2).run(gm, PassContext(graph_kind="joint", device=torch.device("cpu")))  # no error
 
 
 def test_options_feed_the_uuid():
