@@ -3,8 +3,8 @@ on CUDA, check fvcompile end to end on CUDA, then time the GPU benchmarks. Print
 table last and writes JSON into --out after every step.
 
 The steps run in the order their results matter (the FFN at the first token count, the parts
-and their bounds, the end-to-end checks, the kernel tests on CUDA, then the other
-token counts) within --budget-s seconds: a lent GPU has 15 minutes, its start included, and a
+and their bounds, the end-to-end checks, the kernel tests on CUDA, FP8 "all" at the fewest
+tokens with and without CUDA graphs, then the other token counts) within --budget-s seconds: a lent GPU has 15 minutes, its start included, and a
 step that would start with too little time left is skipped and listed as such.
 
     python bench/gpu_check.py --out $OUT    (imports the checkout; no install needed)
@@ -222,14 +222,15 @@ def run_in_subprocess(cmd: list[str], timeout: int) -> dict:
             "stderr_tail": proc.stderr[-2000:]}
 
 
-def ffn_bench(out: Path, tokens: str, timeout: float) -> dict:
+def ffn_bench(out: Path, tokens: str, timeout: float, graphs_of: str = "") -> dict:
     """bench/sparse24.py at these token counts, in a process of its own (a cuSPARSELt call that
     breaks the CUDA context, as one did on the H200, then costs these numbers only). It writes its
     JSON as each row fills ('ffn in progress' until the row is done), so a run cut short still
-    returns what it timed."""
-    kind = "gpu" if DEVICE == "cuda" else "cpu"
+    returns what it timed. graphs_of: only these modes (and the baselines), each also with CUDA graphs."""
+    kind = ("gpu" if DEVICE == "cuda" else "cpu") + ("_cudagraphs" if graphs_of else "")
     run = run_in_subprocess([sys.executable, str(ROOT / "bench" / "sparse24.py"), "--device", DEVICE,
-                             "--tokens", tokens, "--out", str(out)], int(timeout))
+                             "--tokens", tokens, "--out", str(out)]
+                            + (["--cuda-graphs", "--modes", graphs_of] if graphs_of else []), int(timeout))
     written = sorted(out.glob(f"sparse24_{kind}_????-??-??_{tokens.replace(',', '-')}.json"))
     result = json.loads(written[-1].read_text()) if written else {"ffn": []}
     if run.get("returncode") != 0:
@@ -243,7 +244,7 @@ def main() -> None:
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--tokens", default="8192,4096,16384",
                         help="token counts for the FFN benchmark (the first also for the parts)")
-    parser.add_argument("--budget-s", type=float, default=480,
+    parser.add_argument("--budget-s", type=float, default=500,
                         help="seconds this script may take: later steps get what is left, or are skipped")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
@@ -288,13 +289,16 @@ def main() -> None:
     if cuda:
         steps += [("check: FP8 matmul at full size", 60, lambda t: fp8_matmul_full_size())]
     if cuda:
-        # (No CUDA-graph rows: on an H100 on 2026-11-27 they changed nothing, the step being GPU-bound;
-        # `bench/sparse24.py --cuda-graphs` still times them.)
         steps += [  # The kernel tests, on CUDA tensors this time (CPU runs use the interpreter).
                   ("kernel tests on CUDA", 180, lambda t: run_in_subprocess(
                       # every failure reported (no -x); the compile test needs no GPU: make test runs it
                       [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider",
                        "-k", "not compiles_for_sm80_and_sm90", str(ROOT / "tests" / "kernels")], int(t)))]
+    # FP8 "all" at the smallest token count is host-bound (four cuSPARSELt plans set up per step on
+    # the host; H200, 2026-11-27): timed with and without CUDA graphs, with the baselines.
+    fewest = min(tokens, key=int)
+    steps += [(f"ffn {fewest} tokens, FP8 all with and without CUDA graphs", 150,
+               lambda t: ffn_bench(out, fewest, t, graphs_of="sparse24-fp8+dW1"))]
     steps += [(f"ffn {n} tokens", 300, lambda t, n=n: ffn_bench(out, n, t)) for n in tokens[1:]]
     for name, cap, step in steps:
         if args.skip_bench and not name.startswith("check:"):

@@ -71,6 +71,8 @@ def test_training_step_on_the_cusparselt_path(hopper_on_cpu, tokens):
     assert "(reads r, squares as it packs)" in site.detail and "dX matmul -> sparse24_mm" in site.detail
     assert "emulated" not in site.detail
     assert len(hopper_on_cpu) == 2  # the forward matmul and dX went through the sparse matmul
+    notes = [n for r in optimized.fvcompile_report.pass_runs() for n in r.result.notes]
+    assert any("mode='reduce-overhead'" in n for n in notes)  # the host's per-call plan cost, and the way out
 
 
 def test_inference_reads_h_on_the_cusparselt_path(hopper_on_cpu):
