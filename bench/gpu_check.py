@@ -4,8 +4,9 @@ table last and writes JSON into --out after every step.
 
 The steps run in the order their results matter (the FFN at the first token count, the parts
 and their bounds, the end-to-end checks, the kernel tests on CUDA, FP8 "all" at the fewest
-tokens with and without CUDA graphs, then the other token counts) within --budget-s seconds: a lent GPU has 15 minutes, its start included, and a
-step that would start with too little time left is skipped and listed as such.
+tokens with and without CUDA graphs, then the other token counts) within --budget-s seconds: a
+lent GPU has 15 minutes, its start included, and a step that would start with too little time
+left is skipped and listed as such.
 
     python bench/gpu_check.py --out $OUT    (imports the checkout; no install needed)
     TRITON_INTERPRET=1 python bench/gpu_check.py --out /tmp/gc --tokens 256,128   (CPU dry run)

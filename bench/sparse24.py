@@ -35,7 +35,7 @@ from fvcompile.passes.sparse24 import Sparse24
 FP8_MODES = ("sparse24-fp8", "sparse24-fp8+dW2", "sparse24-fp8+dW1+dW2")
 # Modes whose kernels a GPU run lists: which ops Inductor fused (e.g. dH with its FP8 row maxima,
 # separate kernels on CPU) and where the time goes.
-PROFILED = ("relu2 dense", "relu2 sparse24", "relu2 sparse24-fp8+dW2", "relu2 sparse24-fp8+dW1+dW2")
+PROFILED = ("relu2 dense", "relu2 sparse24", "relu2 dense fp8", "relu2 sparse24-fp8+dW2", "relu2 sparse24-fp8+dW1+dW2")
 
 
 def time_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:

@@ -282,7 +282,8 @@ def ceilings(rows: list[dict]) -> dict:
     # the FFN with all six matmuls dense FP8. (The ops timed alone are no bound: on the H200 they put
     # FP8 "all" at 0.76x of dense FP8, measured end to end at 1.04x-1.08x, because the dense FP8
     # side's quantization, ~3 ms of its 10 ms step, is left out.)
-    fp8_dense, fp8_sparse = t.get("fp8  Y = A W2ᵀ dense torch._scaled_mm"), t.get("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched")
+    fp8_dense = t.get("fp8  Y = A W2ᵀ dense torch._scaled_mm")
+    fp8_sparse = t.get("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched")
     if fp8_dense and fp8_sparse:
         for label, n in (("sparse24 fp8 (fwd, dX 2:4)", 2), ("sparse24 fp8 + sparse dW2", 3),
                          ("sparse24 fp8, all four 2:4", 4)):
