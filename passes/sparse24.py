@@ -523,10 +523,11 @@ class Sparse24(GraphPass):
         grad = gradient_only_nodes(graph)
         has_cores = backends.sparse_tensor_cores_available(ctx.device)
         has_fp8 = self.fp8 and backends.fp8_sparse_mm_available(ctx.device)
+        cslt = has_cores and backends.sparse_mm_backend(ctx.device) == "cusparselt"  # host cost per call (below)
         training = ctx.graph_kind == "joint"
         matched_squares: set[fx.Node] = set()
         sites_per_module: dict[str, int] = {}
-        emulated = on_cslt = 0
+        emulated = 0
 
         for relu in [n for n in graph.nodes if _is_relu(n)]:
             if relu in grad:
@@ -551,7 +552,6 @@ class Sparse24(GraphPass):
                 result.skipped.append(Site(relu.name, module, f"{why} and emulate=False: left dense"))
                 continue
             emulated += not on_cores
-            on_cslt += on_cores and backends.sparse_mm_backend(ctx.device) == "cusparselt"
 
             index = sites_per_module.get(module, 0)
             sites_per_module[module] = index + 1
@@ -577,7 +577,7 @@ class Sparse24(GraphPass):
                      else "the activations are not fp16/bf16")
             result.notes.append(f"emulated: {where}; {emulated} site(s) run the 2:4 masked-dense "
                                 "path (same numerics as the sparse matmul, no speedup)")
-        if on_cslt and not inductor_config.triton.cudagraphs:
+        if cslt and len(result.rewritten) > emulated and not inductor_config.triton.cudagraphs:  # sites on cores
             result.notes.append(
                 "host cost: torch._cslt_sparse_mm sets up its cuSPARSELt plan on every call (~0.4 ms of host "
                 "time each, ~0.9 ms with FP8's scaling; H200): at a few thousand tokens the FFN waits on the "
