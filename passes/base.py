@@ -1,14 +1,15 @@
 """What every fvcompile graph pass is: a small object with a name, a uuid and a call.
 
-A pass runs at one hook:
-- "joint": Inductor's `joint_custom_pre_pass`; it sees the joint forward+backward graph in
-  training and the single inference graph under `no_grad` / `inference_mode`.
-- "post_grad": Inductor's `post_grad_custom_post_pass`; it sees the forward and the backward
-  graph in training (one call each) and the inference graph otherwise.
+A pass runs at one hook, named in `fvcompile.hooks.HOOKS` ("joint", "joint_post",
+"post_grad_pre", "post_grad", "pre_fusion", "post_fusion"): at the joint hooks it sees the joint
+forward+backward graph in training and the single inference graph under `no_grad`; at the
+post-grad hooks the forward and the backward graph (one call each) or the inference graph; at
+the scheduler hooks Inductor's scheduler nodes, a list the pass may reorder in place.
 
 A pass edits the graph in place and returns a `PassResult`: the sites it rewrote and the
 sites it skipped, each with the reason. It never changes numerics beyond what it promises:
-where a site does not fit, it leaves it as it was and says why.
+where a site does not fit, it leaves it as it was and says why. A pass that needs Inductor
+settings declares them in `config_patches()`; fvcompile applies them to that compile only.
 """
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ from torch._inductor.custom_graph_pass import get_hash_for_files
 
 @dataclass
 class Site:
-    """One place in a graph a pass looked at."""
+    """One place in a graph a pass looked at: structured fields for tools and tests, and a
+    sentence for people."""
 
     node: str  # the FX node that anchors the site
     module: str = ""  # the nn.Module path it came from, when the graph records it
-    detail: str = ""  # what was rewritten, or why not
+    detail: str = ""  # what was rewritten, or why not, in words
+    kind: str = ""  # what the site is, in the pass's vocabulary (e.g. "relu2_ffn")
+    reason: str = ""  # why a skipped site was skipped, a short snake_case code (e.g. "excluded")
+    ops: dict[str, int] = field(default_factory=dict)  # op name -> how many the rewrite added (-: removed)
 
 
 @dataclass
@@ -51,6 +56,20 @@ class PassContext:
     device: torch.device  # the device of the graph's inputs
     include: tuple[str, ...] = ()  # module-name globs; empty means everything
     exclude: tuple[str, ...] = ()
+    hook: str = ""  # the hook the pass runs at (fvcompile.hooks.HOOKS)
+    # The rank and world size of the graph's collectives, and the process groups they use
+    # (their names); rank 0 of 1 and no groups on one device.
+    rank: int = 0
+    world_size: int = 1
+    process_groups: tuple[str, ...] = ()
+    # One dict per compile, shared by every hook call of it (the forward and the backward graph):
+    # what a pass decides on one graph, it finds again on the other (key it by the pass's name).
+    store: dict = field(default_factory=dict)
+
+    @property
+    def is_inference(self) -> bool:
+        """An inference graph (no backward), as Inductor or AOTAutograd says (not guessed)."""
+        return self.graph_kind == "inference"
 
     def module_allowed(self, module: str) -> bool:
         """Whether a site in module `module` may be rewritten (include/exclude globs)."""
@@ -68,7 +87,7 @@ class GraphPass:
     """Base class: subclasses set `name`, `hook`, `exact` and implement `run`."""
 
     name: ClassVar[str]
-    hook: ClassVar[str] = "post_grad"  # "joint" or "post_grad"
+    hook: ClassVar[str] = "post_grad"  # a name of fvcompile.hooks.HOOKS
     exact: ClassVar[bool] = True  # keeps outputs equal to eager within dtype tolerance
     helpers: ClassVar[tuple] = ()  # modules with more of the pass's code: their source is in the uuid too
 
@@ -76,11 +95,19 @@ class GraphPass:
         """Every option that changes the pass's output; part of the uuid."""
         return {}
 
+    def config_patches(self) -> dict[str, Any]:
+        """Inductor config this pass needs, applied to the compiles it runs in (never globally).
+        Two passes that need one key set to different values are an error naming both. Not part
+        of the uuid: Inductor's cache key holds its config already."""
+        return {}
+
     def pays_off_on(self, device: torch.device) -> bool:
         """Whether `passes="auto"` should apply this (exact) pass on `device`."""
         return True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Rewrite `gm` in place. At a scheduler hook, `gm` is the list of scheduler nodes
+        instead: reorder or replace its items in place."""
         raise NotImplementedError
 
     def uuid(self) -> str:
