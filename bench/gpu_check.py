@@ -278,7 +278,7 @@ def main() -> None:
     # with too little. The first token count's FFN numbers come first.
     steps = [(f"ffn {tokens[0]} tokens", 240, lambda t: ffn_bench(out, tokens[0], t))]
     if cuda:
-        # The pieces: FP8 calls into cuSPARSELt can break the CUDA context (bench/cslt_diag.py), so
+        # The pieces: FP8 calls into cuSPARSELt can break the CUDA context (bench/diag/cslt_diag.py), so
         # they come after the numbers above.
         import cslt_layout_probe
         import sparse24_parts

@@ -45,7 +45,7 @@ def cslt_plan(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None
     A transposed result takes the defaults: on an H200 (torch 2.11+cu130, cuSPARSELt 0.8,
     2026-11-26) the search with transpose_result=True fails with "internal error" and leaves the
     CUDA context broken (illegal instruction at the next kernel), while the matmul itself is right
-    (bench/cslt_diag.py)."""
+    (bench/diag/cslt_diag.py)."""
     if transpose_out or not _cslt_search:
         return {}
     key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, out_dtype, alpha is not None)

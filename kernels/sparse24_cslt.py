@@ -90,7 +90,7 @@ def strided_k_padded(k: int) -> int:
 def strided_order(k: int, device=None) -> Tensor:
     """The K order of a strided 2:4 grouping: group g holds columns g, g + K/4, g + K/2, g + 3K/4
     (for a weight gradient, whose K is the tokens: tokens from different sequences, not
-    neighbours, compete; bench/sparse24_backward_study.py). Position i holds column order[i].
+    neighbours, compete; bench/diag/sparse24_backward_study.py). Position i holds column order[i].
     Callers pad K to a multiple of 64 first (`strided_k_padded`)."""
     if k % 4:
         raise ValueError(f"strided_order needs K in fours, got {k}: pad it with strided_k_padded(K) first")

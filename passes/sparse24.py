@@ -69,7 +69,7 @@ even with perfect kernels (at 2x per sparse matmul: 6 / 5 = 1.2x); with it, 3 of
 the 2:4 matmul is ~1.5x faster than the dense one, not 2x: the bounds are 1.07x-1.08x and 1.12x
 (bench/README.md). A token-wise sparse dW1 as well cost 10.7% training loss with neighbouring
 tokens grouped, and 2.1% strided (1.5%-1.7% with the 5% densest features left dense;
-bench/sparse24_backward_study.py): `Sparse24(sparse_weight_grad="all")` builds that last one, so
+bench/diag/sparse24_backward_study.py): `Sparse24(sparse_weight_grad="all")` builds that last one, so
 that all four sparse-able matmuls are sparse (`sparse24_mm(dense_rows=0.05)` multiplies the densest
 features whole, a small dense matmul after the sparse one).
 

@@ -1,4 +1,4 @@
-"""The emulated all-sparse FFN of bench/sparse24_backward_study.py: with every feature kept dense
+"""The emulated all-sparse FFN of bench/diag/sparse24_backward_study.py: with every feature kept dense
 its gradients are the exact gradients of the sparse forward; otherwise its token-wise operands
 are 2:4 along tokens, in the permuted order."""
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "diag"))
 from sparse24_backward_study import AllSparseFFN, token_order, token_sparse  # noqa: E402
 
 from fvcompile.kernels.sparse24 import sparse24_relu_reference

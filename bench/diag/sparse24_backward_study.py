@@ -9,12 +9,13 @@ script measures whether the tricks hold accuracy here: llama-tiny-relu2 trained 
 sparse24_training.py, its FFNs swapped for a plain-PyTorch FFN whose backward computes dW1 and
 dW2 from token-wise 2:4 operands, without the tricks, with each, and with both.
 
-    python bench/sparse24_backward_study.py --out bench/results/
+    python bench/diag/sparse24_backward_study.py --out bench/results/
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from fvcompile.kernels.sparse24 import mask24, sparse24_relu_reference
-from sparse24_training import study_setup, train  # bench/, beside this script
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for sparse24_training
+from sparse24_training import study_setup, train  # noqa: E402
 
 
 def token_sparse(m: Tensor, dense_fraction: float, perm: Tensor | None) -> Tensor:

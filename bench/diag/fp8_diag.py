@@ -3,7 +3,7 @@
 compress ran. Each step runs in a process of its own (a failing cuSPARSELt call can poison the
 CUDA context), prints what it found, and the next step runs regardless.
 
-    python bench/fp8_diag.py --out $OUT
+    python bench/diag/fp8_diag.py --out $OUT
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SETUP = """
 import torch, traceback

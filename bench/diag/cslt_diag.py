@@ -1,7 +1,7 @@
 """Which step of the 2:4 sparse path fails on this GPU? Each step runs in a process of its own
 (an illegal instruction poisons the CUDA context of the process it happens in).
 
-    python bench/cslt_diag.py --out $OUT
+    python bench/diag/cslt_diag.py --out $OUT
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SETUP = """
 import torch
@@ -59,6 +59,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "bench"))
     from gpu_check import import_fvcompile
 
     import_fvcompile()  # writes the shim the steps import from
