@@ -16,7 +16,7 @@ what to fix:
 A failure is recorded, not raised.
 
     python bench/sparse24_parts.py --tokens 8192
-    python bench/sparse24_parts.py --ceilings-of bench/results/gpu_check_h100_2026-11-26T1638.json
+    python bench/sparse24_parts.py --ceilings-of bench/results/gpu_check_h100_2026-11-26T1651.json
 """
 from __future__ import annotations
 
