@@ -1,9 +1,10 @@
 """Record what cuSPARSELt's compressed format looks like on this GPU (for kernels/sparse24_cslt.py).
 
-torch._cslt_compress is slow on H100 (6.7 ms for 8192 x 21504 bf16, 2026-11-26): a Triton kernel
-that writes the same format is the fix, and the format is undocumented. This compresses 2:4 inputs
-whose kept values name their own column (and, in a second copy, their row) and whose patterns are
-random, and saves inputs and outputs; tests/kernels/cslt_layout.py reads them back on CPU.
+torch._cslt_compress is too slow to run every step (several times the sparse matmul it feeds;
+bench/README.md): a Triton kernel that writes the same format is the fix, and the format is
+undocumented. This compresses 2:4 inputs whose kept values name their own column (and, in a
+second copy, their row) and whose patterns are random, and saves inputs and outputs;
+tests/kernels/cslt_layout.py reads them back on CPU.
 
     python bench/cslt_layout_probe.py --out $OUT
 """
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     cases = []
-    # bf16 (recorded 2026-11-26, the fixture of tests/kernels) and FP8 e4m3 (for an FP8 path).
+    # bf16 (the fixture of tests/kernels) and FP8 e4m3 (for an FP8 path).
     dtypes = [torch.bfloat16] + ([torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else [])
     for dtype in dtypes:
         for m, k in ((128, 128), (64, 64), (256, 384), (96, 256)):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def import_fvcompile() -> None:
-    """Make `fvcompile` importable without an install: on the GPU machine (2026-11-26) an editable
+    """Make `fvcompile` importable without an install: on the lent GPU machine an editable
     install with our package-dir mapping did not import, so build the package tree in /tmp."""
     try:
         import fvcompile.passes  # noqa: F401
@@ -153,7 +153,8 @@ def kernels_sparse24():
 @check("FP8 2:4 matmul at full size vs its formula (both scalings, transposed results)")
 def fp8_matmul_full_size():
     """A check of its own, run after the main numbers: an FP8 cuSPARSELt call that breaks the CUDA
-    context (as a search did on the H200) then costs only the steps after it in this process."""
+    context (as a search once did: bench/diag/README.md) then costs only the steps after it in
+    this process."""
     from fvcompile.kernels import sparse24_backends as backends
     from fvcompile.kernels import sparse24_fp8 as f8
 
@@ -225,7 +226,7 @@ def run_in_subprocess(cmd: list[str], timeout: int) -> dict:
 
 def ffn_bench(out: Path, tokens: str, timeout: float, graphs_of: str = "") -> dict:
     """bench/sparse24.py at these token counts, in a process of its own (a cuSPARSELt call that
-    breaks the CUDA context, as one did on the H200, then costs these numbers only). It writes its
+    breaks the CUDA context (bench/diag/README.md) then costs these numbers only). It writes its
     JSON as each row fills ('ffn in progress' until the row is done), so a run cut short still
     returns what it timed. graphs_of: only these modes (and the baselines), each also with CUDA graphs."""
     kind = ("gpu" if DEVICE == "cuda" else "cpu") + ("_cudagraphs" if graphs_of else "")
@@ -296,7 +297,7 @@ def main() -> None:
                       [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider",
                        "-k", "not compiles_for_sm80_and_sm90", str(ROOT / "tests" / "kernels")], int(t)))]
     # FP8 "all" at the smallest token count is host-bound (four cuSPARSELt plans set up per step on
-    # the host; H200, 2026-11-27): timed with and without CUDA graphs, with the baselines.
+    # the host; bench/README.md): timed with and without CUDA graphs, with the baselines.
     fewest = min(tokens, key=int)
     steps += [(f"ffn {fewest} tokens, FP8 all with and without CUDA graphs", 150,
                lambda t: ffn_bench(out, fewest, t, graphs_of="sparse24-fp8+dW1"))]

@@ -1,7 +1,7 @@
 """Where a 2:4 FFN's time goes on a GPU: each piece of the sparse path timed alone.
 
-The first H100 runs (2026-11-26) found the sparse24 FFN slower than dense (0.33x forward):
-torch._cslt_compress took 6.7 ms where the sparse matmul takes 1.36 ms.
+A 2:4 FFN is only as fast as the pieces its step is built from (the first GPU runs found one,
+cuSPARSELt's own compress, slower than the sparse matmul it feeds: bench/README.md).
 This times, at one Llama-3-8B shape (tokens x 21504 hidden x 4096), every piece the sparse path
 could be built from, next to the dense matmul each one must beat, so that one GPU call shows
 what to fix:
@@ -108,7 +108,7 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
     record("bwd  dW2ᵀ = S(Aᵀ) dY cuSPARSELt, searched", lambda: cusparselt(at24, dy, True), flops=f)
     record("bwd  dW1 = dHᵀ X dense", lambda: lambda: torch.mm(dh.t(), x), flops=f)
     # FP8 (e4m3), where the paper's 1.3x comes from: is a 2:4 FP8 matmul faster than a dense one
-    # by more than bf16's ~1.45x? (Timings only: cuSPARSELt's own compress, outside the timing.)
+    # by more than bf16's 2:4 matmul is? (Timings only: cuSPARSELt's own compress, outside the timing.)
     fp8 = getattr(torch, "float8_e4m3fn", None)
     if fp8 is not None and device == "cuda":
         a8, w8 = a.to(fp8), w2.to(fp8)  # w2 (n, k) row-major: w2ᵀ is the column-major B FP8 wants
@@ -129,8 +129,8 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
         record("fp8  triton 2:4 select+pack cuSPARSELt FP8 layout, A, no scale (no division)",
                lambda: lambda: cslt.cslt_pack_triton(a, out_dtype=fp8), m * k * elem + m * k * 5 // 8)
         # The sparse dW2's pack: rᵀ, a transposed view, K (tokens) strided, squared, scaled by r's
-        # column maxima. By the H200 profile (2026-11-27) ~0.73 ms, where the forward's takes ~0.2:
-        # which tile shape reads a transposed view best?
+        # column maxima. Slower than the forward's pack (bench/README.md): which tile shape reads a
+        # transposed view best?
         col_scale = f8.row_scale(r.t(), square=True, relu=False)  # rᵀ's rows: r's columns
         for bm, bk in ((16, 256), (64, 64), (128, 64), (32, 128)):
             record(f"fp8  pack rᵀ strided, squared (the sparse dW2's), {bm}x{bk}",
@@ -279,9 +279,9 @@ def ceilings(rows: list[dict]) -> dict:
     # FP8 (fp8=True): all six matmuls in FP8, the 2:4 ones at cuSPARSELt's searched time and the
     # dense ones at _scaled_mm's (both measured at the forward's shape, the same FLOPs as the others),
     # packing and quantization free on both sides: bounds, against the bf16 dense FFN and against
-    # the FFN with all six matmuls dense FP8. (The ops timed alone are no bound: on the H200 they put
-    # FP8 "all" at 0.76x of dense FP8, measured end to end at 1.04x-1.08x, because the dense FP8
-    # side's quantization, ~3 ms of its 10 ms step, is left out.)
+    # the FFN with all six matmuls dense FP8. (The ops timed alone are no bound: they leave out the
+    # dense FP8 side's quantization, a large share of its step, so they understate the speedup
+    # measured end to end; bench/README.md.)
     fp8_dense = t.get("fp8  Y = A W2ᵀ dense torch._scaled_mm")
     fp8_sparse = t.get("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched")
     if fp8_dense and fp8_sparse:

@@ -1,4 +1,4 @@
-"""Which step of the FP8 2:4 matmul fails on this GPU? On an H100 (2026-11-27) the FP8 probe of
+"""Which step of the FP8 2:4 matmul fails on this GPU? On an H100 the FP8 probe of
 `sparse24_backends` answered "no" while `torch._cslt_sparse_mm` on cuSPARSELt's own FP8
 compress ran. Each step runs in a process of its own (a failing cuSPARSELt call can poison the
 CUDA context), prints what it found, and the next step runs regardless.

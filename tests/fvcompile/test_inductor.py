@@ -1,6 +1,6 @@
 """What only real Inductor can show: hook installation, chaining, the FX graph cache, output code.
 
-Each cold compile costs 15-30 s on 2 CPU cores, so these tests share a few compiles.
+A cold compile is slow on CPU (bench/README.md), so these tests share a few compiles.
 """
 import json
 import os

