@@ -4,7 +4,7 @@ torch._cslt_compress is too slow to run every step (several times the sparse mat
 bench/README.md): a Triton kernel that writes the same format is the fix, and the format is
 undocumented. This compresses 2:4 inputs whose kept values name their own column (and, in a
 second copy, their row) and whose patterns are random, and saves inputs and outputs;
-tests/kernels/cslt_layout.py reads them back on CPU.
+tests/kernels/test_sparse24_cslt.py reads them back on CPU (fixtures in tests/kernels/data/).
 
     python bench/cslt_layout_probe.py --out $OUT
 """
