@@ -61,6 +61,19 @@ def cmd_bench(args) -> None:
 
 
 def cmd_inspect(args) -> None:
+    if args.from_dir is not None:
+        if args.model or args.out:
+            args.usage_error("--from reads a dump already written: give it without a model or --out")
+        _print_dumps(args.from_dir, args.rank)
+        return
+    if not (args.model and args.out):
+        args.usage_error("give a model and --out DIR to compile and dump, or --from DIR to read a dump")
+    if args.rank is not None:
+        args.usage_error("--rank picks a rank of a dump read with --from DIR")
+    _compile_and_dump(args)
+
+
+def _compile_and_dump(args) -> None:
     import torch
 
     import fvcompile
@@ -80,11 +93,75 @@ def cmd_inspect(args) -> None:
             with torch.no_grad():
                 optimized(*spec.example_inputs(model, args.batch_size))
     console.print(optimized.fvcompile_report.table())
-    index = json.loads((Path(args.out) / "index.json").read_text())
+    _print_files(console, Path(args.out))
+
+
+def _print_dumps(top: str, rank) -> None:
+    """What each selected rank dumped under `top`: its report's summary and its files."""
+    from rich.markup import escape
+
+    from fvcompile.dump import SINGLE_PROCESS, select_dumps
+
+    console = _console()
+    dumps = select_dumps(top, rank if rank is not None else "all")
+    for r, folder in dumps.items():
+        index = json.loads((folder / "index.json").read_text())
+        if r is SINGLE_PROCESS:
+            title = f"single process ({folder})"
+        else:
+            title = f"rank {r} of {index.get('world_size', '?')} ({folder})"
+        console.rule(escape(title))
+        report_name = index.get("report")
+        if report_name and (folder / report_name).is_file():
+            report = json.loads((folder / report_name).read_text())
+            console.print(f"[bold]{escape(report_name)}[/bold] (latest run)")
+            for line in _report_lines(report):
+                console.print("  " + escape(line), soft_wrap=True)
+        _print_files(console, folder)
+
+
+def _report_lines(report: dict) -> list[str]:
+    """A dumped OptimizeReport (its JSON) in a few lines: graphs, what each pass did, graph
+    breaks and recompilations. Read as a plain dict, so dumps of older versions still read."""
+    graphs = report.get("graphs", [])
+    passes = report.get("passes", [])
+    lines = [f"{len(graphs)} graph(s) compiled; passes: {', '.join(passes) or 'none'}"]
+    runs = [run for g in graphs for run in g.get("pass_runs", [])]
+    for name in passes:
+        mine = [run.get("result", {}) for run in runs if run.get("name") == name]
+        rewritten = sum(len(result.get("rewritten", [])) for result in mine)
+        skipped = sum(len(result.get("skipped", [])) for result in mine)
+        lines.append(f"{name}: {rewritten} rewritten, {skipped} skipped, in {len(mine)} run(s)")
+    if any(g.get("cache_hit") for g in graphs):
+        lines.append(f"{sum(bool(g.get('cache_hit')) for g in graphs)} graph(s) served from Inductor's cache: "
+                     "no pass ran on them")
+    for reason, count in report.get("graph_breaks", {}).items():
+        lines.append(f"graph break x{count}: {reason}")
+    for g in graphs:
+        if g.get("recompile_reason"):
+            lines.append(f"recompilation {g.get('compile_id', '?')}: {g['recompile_reason']}")
+    if report.get("ran_eagerly"):
+        lines.append(f"ran eagerly: {report['ran_eagerly']}")
+    return lines
+
+
+def _print_files(console, folder: Path) -> None:
+    """Every file of one dump folder (one rank, or a single process), per compiled graph."""
+    from rich.markup import escape
+
+    index = json.loads((folder / "index.json").read_text())
     for graph, files in index["graphs"].items():
-        console.print(f"[bold]{graph}[/bold]: {len(files)} files")
+        console.print(f"[bold]{escape(graph)}[/bold]: {len(files)} files")
         for f in files:
-            console.print(f"  {Path(args.out) / f}")
+            console.print(f"  {escape(str(folder / f))}", soft_wrap=True)  # paths whole, to copy
+
+
+def _rank_arg(text: str):
+    if text == "all":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a rank number (0, 1, ...) or 'all', got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,14 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("inspect", help="dump every graph before/after each pass and Inductor's code")
-    p.add_argument("model", help="registry name (see `fvcompile models`)")
-    p.add_argument("--out", required=True, help="directory to write into")
+    p = sub.add_parser("inspect", help="dump every graph before/after each pass and Inductor's code, "
+                                       "or read a dump back (--from)",
+                       epilog="to read a dump: fvcompile inspect --from DIR [--rank N|all] "
+                              "(a multi-rank run writes DIR/rank_<r>/ per rank)")
+    p.add_argument("model", nargs="?", help="registry name (see `fvcompile models`)")
+    p.add_argument("--out", help="directory to write into")
     p.add_argument("--passes", type=_passes_arg, default="auto")
     p.add_argument("--task", default="train", choices=["train", "infer"])
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--no-codegen", action="store_true", help="skip Inductor's code generation (fast)")
-    p.set_defaults(fn=cmd_inspect)
+    p.add_argument("--from", dest="from_dir", metavar="DIR",
+                   help="print what an earlier run dumped into DIR (its --out, or optimize's dump_dir=)")
+    p.add_argument("--rank", type=_rank_arg, metavar="N|all",
+                   help="with --from: the rank to show, or 'all' (default: every rank found)")
+    p.set_defaults(fn=cmd_inspect, usage_error=p.error)
     return parser
 
 

@@ -1,19 +1,29 @@
 """Inspect data: every graph fvcompile saw, before and after each pass, as readable files.
 
-Layout of a dump directory:
+Layout of a dump directory written by one process:
     index.json                      every file written, per compiled graph; "report": the latest report
     report.json                     the OptimizeReport (a later run into the same directory writes
                                     report_run2.json, ..., and graph_<id>_run2/, never over earlier files)
     graph_<id>/00_dynamo.py         the graph Dynamo captured
     graph_<id>/NN_<kind>_at_<hook>_hook.py  the graph as it reaches a hook (kind: joint, inference,
-                                    forward, backward; hook: joint or post_grad)
+                                    forward, backward; hook: any hook name, e.g. joint, post_grad)
     graph_<id>/NN_<kind>_<pass>_after.py / .diff   after each pass, and what it changed
+    graph_<id>/NN_<name>.txt        a text artifact that is no FX graph (`Dumper.write_text`),
+                                    e.g. Inductor's scheduler nodes at the fusion hooks
     graph_<id>/NN_output_code_<kind>.py   Inductor's generated code
+
+With several ranks (torch.distributed initialized, world size > 1), each rank writes that same
+layout into its own folder and nothing else, so no two ranks ever write the same path:
+    rank_<r>/index.json, rank_<r>/report.json, rank_<r>/graph_<id>/...
+A rank's index.json also records "rank" and "world_size". `fvcompile inspect --from DIR`
+finds the ranks by their `rank_*` folders (`dumps_in`).
 """
 from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
 from pathlib import Path
 
 from torch import fx
@@ -25,6 +35,19 @@ def readable(gm: fx.GraphModule) -> str:
     return gm.print_readable(print_output=False, include_stride=True, include_device=True)
 
 
+def process_rank() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one rank of several, None for a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def rank_folder_name(rank: int) -> str:
+    return f"rank_{rank}"
+
+
 def _unused(root: Path, stem: str, suffix: str = "") -> str:
     """`stem`, or `stem_run2`, `stem_run3`, ... : the first name not yet taken in `root`."""
     name, run = stem + suffix, 1
@@ -34,6 +57,20 @@ def _unused(root: Path, stem: str, suffix: str = "") -> str:
     return name
 
 
+def _check_file_name(name: str) -> None:
+    # Artifact names become file names inside the graph's folder: nothing may climb out of it.
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(f"dump artifact name {name!r} is not a plain file name: "
+                         "use letters, digits, '_', '-' and '.', without '/' or a leading '.'")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    # Written whole, then renamed: a reader (`fvcompile inspect` during a run) never sees half a file.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2))
+    os.replace(partial, path)
+
+
 # The report file of each (dump directory, report) pair, with the report kept alive so that
 # its id is not reused: the graphs of one run share a report file, a later run gets its own.
 _report_files: dict[tuple[str, int], tuple[OptimizeReport, str]] = {}
@@ -41,7 +78,9 @@ _report_files: dict[tuple[str, int], tuple[OptimizeReport, str]] = {}
 
 class Dumper:
     def __init__(self, root: str | Path, compile_id: str, report: OptimizeReport):
-        self.root = Path(root)
+        self.rank = process_rank()
+        # One folder per rank: ranks share `root`, so each writes only under its own folder.
+        self.root = Path(root) / rank_folder_name(self.rank[0]) if self.rank else Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.report = report
         # Compile ids start again at 0/0 in a new process: a reused directory gets new folders.
@@ -56,6 +95,7 @@ class Dumper:
         self._before = ""
 
     def _write(self, name: str, text: str) -> None:
+        _check_file_name(name)
         path = self.dir / f"{self.count:02d}_{name}"
         self.count += 1
         path.write_text(text)
@@ -63,7 +103,9 @@ class Dumper:
         index = json.loads(index_path.read_text()) if index_path.exists() else {"graphs": {}}
         index["graphs"].setdefault(self.key, []).append(str(path.relative_to(self.root)))
         index["report"] = self.report_name
-        index_path.write_text(json.dumps(index, indent=2))
+        if self.rank:
+            index["rank"], index["world_size"] = self.rank
+        _write_json(index_path, index)
 
     def write_dynamo_graph(self, gm: fx.GraphModule) -> None:
         self._write("dynamo.py", readable(gm))
@@ -79,6 +121,11 @@ class Dumper:
                                     fromfile=f"{kind} before {pass_name}", tofile=f"{kind} after {pass_name}")
         self._write(f"{kind}_{pass_name}.diff", "".join(diff) or "(no change)\n")
         self._before = text
+
+    def write_text(self, name: str, text: str) -> None:
+        """A text artifact that is no FX graph (e.g. scheduler nodes at a fusion hook), numbered
+        and indexed like the graphs; `.txt` is added to a name without a suffix."""
+        self._write(name if Path(name).suffix else name + ".txt", text)
 
     def wrap_inner_compile(self, inner_compile):
         """Wrap Inductor's inner compile to save the code it generates for each graph."""
@@ -96,3 +143,44 @@ class Dumper:
 
     def write_report(self) -> None:
         (self.root / self.report_name).write_text(self.report.to_json())
+
+
+# Reading a dump back (`fvcompile inspect --from DIR`).
+
+SINGLE_PROCESS = None  # the key of a single process's dump in `dumps_in`'s answer
+
+
+def dumps_in(top: str | Path) -> dict[int | None, Path]:
+    """The dumps under `top`: rank -> its folder, and SINGLE_PROCESS -> `top` where a single
+    process wrote there (both can be: one directory reused by a single and a multi-rank run)."""
+    top = Path(top)
+    if not top.is_dir():
+        raise FileNotFoundError(f"no dump directory {top}: give the folder an earlier run wrote "
+                                "(inspect's --out, or optimize's dump_dir=)")
+    found: dict[int | None, Path] = {}
+    if (top / "index.json").is_file():
+        found[SINGLE_PROCESS] = top
+    ranks = {}
+    for folder in top.iterdir():
+        match = re.fullmatch(r"rank_(\d+)", folder.name)
+        if match and (folder / "index.json").is_file():
+            ranks[int(match.group(1))] = folder
+    found.update(sorted(ranks.items()))
+    if not found:
+        raise FileNotFoundError(f"{top} holds no fvcompile dump (no index.json, no rank_*/index.json): "
+                                "give the folder an earlier run wrote (inspect's --out, or optimize's dump_dir=)")
+    return found
+
+
+def select_dumps(top: str | Path, rank: int | str = "all") -> dict[int | None, Path]:
+    """The dumps of `rank` ("all": every one) under `top`; an error naming the ranks found when
+    `rank` wrote nothing there."""
+    found = dumps_in(top)
+    if rank == "all":
+        return found
+    if rank not in found:
+        ranks = ", ".join(str(r) for r in found if r is not SINGLE_PROCESS)
+        what = f"ranks found: {ranks}" if ranks else "it holds a single-process dump, with no rank folders"
+        raise FileNotFoundError(f"{top} has no dump of rank {rank} ({what}): "
+                                "give one of those ranks, or --rank all")
+    return {rank: found[rank]}

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -28,12 +29,18 @@ def test_bench_eager_writes_json(tmp_path, capsys):
     assert "eager" in capsys.readouterr().out
 
 
-def test_inspect_without_codegen(tmp_path):
+def test_inspect_without_codegen(tmp_path, capsys):
     assert main(["inspect", "llama-tiny", "--out", str(tmp_path), "--no-codegen"]) == 0
     files = [f for fs in json.loads((tmp_path / "index.json").read_text())["graphs"].values() for f in fs]
     # No pass applies ("auto" on CPU), and the IR at every hook is still there to read.
     assert any(f.endswith("joint_at_joint_hook.py") for f in files)
     assert any(f.endswith("backward_at_post_grad_hook.py") for f in files)
+    capsys.readouterr()
+
+    # The same dump read back later lists every file it indexed.
+    assert main(["inspect", "--from", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "single process" in out and all(Path(f).name in out for f in files)
 
 
 def test_error_is_one_line_without_traceback(tmp_path, capsys):
