@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fvcompile.backend import fvcompile_backend
-from fvcompile.pass_manager import check_hooks
+from fvcompile.pass_manager import check_hooks, merged_config_patches
 from fvcompile.passes import resolve_passes
 from fvcompile.report import OptimizeReport
 from fvcompile.verify import verify_first_call
@@ -42,10 +42,13 @@ def optimize(
     """
     if not isinstance(model, nn.Module) and not callable(model):
         raise TypeError(f"fvcompile.optimize expects an nn.Module or a callable, got {type(model).__name__}")
-    check_hooks(resolve_passes(passes, torch.device("cpu")))  # fail now on bad passes, not at first call
+    options = dict(compile_kwargs.pop("options", None) or {})
+    # Fail now on bad passes, not at the first call.
+    resolved = resolve_passes(passes, torch.device("cpu"))
+    check_hooks(resolved)
+    merged_config_patches(resolved, options)
 
     report = OptimizeReport()
-    options = dict(compile_kwargs.pop("options", None) or {})
     options.update(passes=passes, codegen=codegen, report=report, include=include, exclude=exclude)
     if dump_dir is not None:
         options["dump_dir"] = str(dump_dir)

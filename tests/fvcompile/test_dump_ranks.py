@@ -28,6 +28,20 @@ class AllReduceMlp(torch.nn.Module):
         return funcol.all_reduce(torch.relu(self.lin(x)), "sum", dist.group.WORLD)
 
 
+class RecordContext(fvcompile.GraphPass):
+    """Writes what the post-grad pass context says of the graph's collectives to a file."""
+
+    name = "record_context"
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def run(self, gm, ctx):
+        with open(self.path, "a") as f:
+            f.write(json.dumps([ctx.graph_kind, ctx.rank, ctx.world_size, list(ctx.process_groups)]) + "\n")
+        return fvcompile.PassResult()
+
+
 def _rank_worker(rank: int, store_path: str, dump_dir: str) -> None:
     # A short timeout: a rank that fails before the collective must not leave the other waiting.
     dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD_SIZE), rank=rank,
@@ -36,7 +50,8 @@ def _rank_worker(rank: int, store_path: str, dump_dir: str) -> None:
         torch.manual_seed(0)  # the same weights on every rank
         model = AllReduceMlp()
         x = torch.randn(2, 8, generator=torch.Generator().manual_seed(rank), requires_grad=True)
-        optimized = fvcompile.optimize(model, codegen=False, dump_dir=dump_dir)
+        optimized = fvcompile.optimize(model, codegen=False, dump_dir=dump_dir,
+                                       passes=[RecordContext(f"{store_path}_context_{rank}.jsonl")])
         out = optimized(x)
         out.sum().backward()
         torch.testing.assert_close(out, model(x))
@@ -69,6 +84,13 @@ def test_two_gloo_ranks_dump_into_their_own_folders(tmp_path, capsys):
         assert json.loads((folder / index["report"]).read_text())["graphs"]
         written[rank] = {(folder / f).resolve() for f in files}
     assert not written[0] & written[1]
+
+    # What a pass knows: its rank, the world size, and the group its graph's collective uses.
+    for rank in range(WORLD_SIZE):
+        lines = (tmp_path / f"store_context_{rank}.jsonl").read_text().splitlines()
+        seen = [json.loads(line) for line in lines]
+        assert [s[:3] for s in seen] == [["forward", rank, WORLD_SIZE], ["backward", rank, WORLD_SIZE]]
+        assert len(seen[0][3]) == 1 and seen[1][3] == seen[0][3]  # the world group, forward and backward
 
     assert main(["inspect", "--from", str(dump_dir), "--rank", "1"]) == 0
     out = capsys.readouterr().out
