@@ -8,57 +8,23 @@ operand (`permute(x, [0, 2, 1])`) becoming a 2-D transpose of its squeeze, so th
 `mm` and `permute(·, [1, 0])` also matches einsum's forms; `keeps_order` lets it follow the views
 in between. `as_bmm` then puts back a `bmm` wherever the pass left an `mm` unchanged, so that
 nothing it did not rewrite changes.
+
+Not written with Inductor's pattern matcher: which bmms to rewrite depends on what the calling
+pass matches (the `sources`), and the rewrite is undone afterwards for each one the pass left
+alone; a pattern replacement is applied on its own, with no such round trip.
 """
 from __future__ import annotations
 
-from torch import fx
 import torch
+from torch import fx
 
-from fvcompile.passes.base import call
+from fvcompile.passes.graph_utils import ORDER_KEEPING_VIEWS, PERMUTES, call, keeps_order, permutation, shape_of
 
 aten = torch.ops.aten
 
-ORDER_KEEPING_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
-                       aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
-PERMUTES = {aten.permute.default, aten.transpose.int}
-
-
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _permutation(node: fx.Node) -> list[int] | None:
-    shape = _shape(node.args[0])
-    if shape is None:
-        return None
-    rank = len(shape)
-    if node.target == aten.permute.default:
-        return [d % rank for d in node.args[1]]
-    dims = list(range(rank))
-    i, j = (d % rank for d in node.args[1:3])
-    dims[i], dims[j] = dims[j], dims[i]
-    return dims
-
-
-def keeps_order(node: fx.Node) -> bool:
-    """Whether `node` is a view whose elements, read in row-major order, are its input's in the
-    same order: a view or reshape, an unsqueeze or squeeze, a permute moving only size-1 dims."""
-    if node.op != "call_function":
-        return False
-    if node.target in ORDER_KEEPING_VIEWS:
-        return True
-    if node.target in PERMUTES:
-        dims, shape = _permutation(node), _shape(node.args[0])
-        if dims is None:
-            return False
-        sized = [d for d in dims if not (isinstance(shape[d], int) and shape[d] == 1)]
-        return sized == sorted(sized)
-    return False
-
 
 def _is_batch_transpose(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in PERMUTES and _permutation(node) == [0, 2, 1]
+    return node.op == "call_function" and node.target in PERMUTES and permutation(node) == [0, 2, 1]
 
 
 def reads(node: fx.Node, sources: set[fx.Node]) -> bool:
@@ -91,7 +57,7 @@ def as_mm(graph: fx.Graph, sources: set[fx.Node]) -> list[tuple[fx.Node, fx.Node
 
     mms = []
     for bmm in list(graph.find_nodes(op="call_function", target=aten.bmm.default)):
-        shapes = [_shape(x) for x in bmm.args[:2]]
+        shapes = [shape_of(x) for x in bmm.args[:2]]
         if not all(s is not None and len(s) == 3 and isinstance(s[0], int) and s[0] == 1 for s in shapes):
             continue
         if not any(reads(x, sources) for x in bmm.args[:2]):
