@@ -80,7 +80,9 @@ class _Truncated(Exception):
 class _SizeCheckedReader(GGUFReader):
     """A `GGUFReader` that compares the file's size with the tensor data its header lists
     before slicing that data: a short file then says by how much it is short, instead of
-    numpy's "cannot reshape array of size ..." on the first tensor that runs past the end."""
+    numpy's "cannot reshape array of size ..." on the first tensor that runs past the end.
+    `_build_tensors` is gguf's own (0.19) step after the header is parsed; should a later gguf
+    rename it, `open_gguf` still turns the reader's error into "damaged or truncated"."""
 
     def _build_tensors(self, start_offs: int, fields) -> None:
         needed = max((_tensor_end(start_offs, field) for field in fields), default=start_offs)
