@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import types
 import warnings
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from fvcompile.backend import fvcompile_backend
+from fvcompile.checks import check_dump_dir, check_flag, check_model, checked_globs
 from fvcompile.pass_manager import check_hooks, merged_config_patches
 from fvcompile.passes import resolve_passes
 from fvcompile.report import OptimizeReport
@@ -40,11 +42,14 @@ def optimize(
     Returns the compiled module: it shares parameters with `model` (which stays eager), its
     `state_dict()` keys are the model's own, and `.fvcompile_report` says what each pass did.
     """
-    if not isinstance(model, nn.Module) and not callable(model):
-        raise TypeError(f"fvcompile.optimize expects an nn.Module or a callable, got {type(model).__name__}")
+    check_model(model)
+    check_flag("verify", verify)
+    check_flag("codegen", codegen)
+    include, exclude = checked_globs("include", include), checked_globs("exclude", exclude)
+    if dump_dir is not None:
+        check_dump_dir(dump_dir)
     options = dict(compile_kwargs.pop("options", None) or {})
-    # Fail now on bad passes, not at the first call.
-    resolved = resolve_passes(passes, torch.device("cpu"))
+    resolved = resolve_passes(passes, torch.device("cpu"))  # fails now on bad passes
     check_hooks(resolved)
     merged_config_patches(resolved, options)
 
@@ -64,18 +69,36 @@ def optimize(
         # on its own, so state_dict keys stay the model's own and `model` itself stays eager.
         optimized = copy.copy(model)
         _share_training_flag(optimized, model)
-        optimized.compile(backend=backend, **compile_kwargs)
-        optimized._compiled_call_impl = _report_eager_fallback(optimized._compiled_call_impl, report)
+        optimized._compiled_call_impl = _compile_module_call(optimized, backend, compile_kwargs)
+        optimized._compiled_call_impl = _report_eager_calls(optimized._compiled_call_impl, report)
         if verify:
-            optimized._compiled_call_impl = verify_first_call(model, optimized._compiled_call_impl)
+            optimized._compiled_call_impl = verify_first_call(model, optimized._compiled_call_impl, report)
         optimized.fvcompile_report = report
         return optimized
 
-    compiled = torch.compile(model, backend=backend, **compile_kwargs)
+    compiled = _report_eager_calls(torch.compile(model, backend=backend, **compile_kwargs), report)
     if verify:
-        compiled = verify_first_call(model, compiled)
+        compiled = verify_first_call(model, compiled, report)
     compiled.fvcompile_report = report
     return compiled
+
+
+def _compile_module_call(module: nn.Module, backend, compile_kwargs: dict):
+    """The module's call, compiled, as `torch.compile(module)` compiles it.
+
+    `module.compile()` compiles `_call_impl`, whose frame Dynamo skips (it lives in torch.nn):
+    the model's own `forward` is then caught as the next frame, but a `forward` of torch.nn
+    itself (nn.Sequential, nn.Linear, nn.TransformerEncoderLayer) is skipped too, and the module
+    silently ran eagerly. For those, a frame of ours calls `_call_impl`, and Dynamo inlines it."""
+    from torch._dynamo import trace_rules
+
+    forward = module.forward
+    if isinstance(forward, types.MethodType) and trace_rules.check(forward):
+        def call_module(*args, **kwargs):
+            return module._call_impl(*args, **kwargs)
+
+        return torch.compile(call_module, backend=backend, **compile_kwargs)
+    return torch.compile(module._call_impl, backend=backend, **compile_kwargs)
 
 
 def _recompile_limit_hits() -> int:
@@ -84,30 +107,40 @@ def _recompile_limit_hits() -> int:
     return sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason)
 
 
-def _report_eager_fallback(call, report: OptimizeReport):
-    """Say it when Dynamo runs the model eagerly because its recompile limit is reached.
+def _report_eager_calls(call, report: OptimizeReport):
+    """Say it in the report, and warn once, when a call ran with no compiled graph at all.
 
-    Dynamo keeps a bounded number of compiled versions per function (8 by default); each
-    `optimize()` has a backend of its own, so the 9th model of one class optimized in a process
-    gets none and runs uncompiled, with no error: the report and a warning say so instead.
-    """
+    The backend counts every call of the graphs it compiled (`report.graph_calls`): a call
+    that ran none of them ran eagerly, with no pass applied. The usual cause is Dynamo's
+    recompile limit: it keeps a bounded number of compiled versions per function (8 by
+    default), so a 9th input shape with `dynamic=False`, or a 9th model of one class optimized
+    in one process, runs uncompiled, with no error."""
+    limit_hits_before = _recompile_limit_hits()
+
     @functools.wraps(call)
     def checked(*args, **kwargs):
-        if report.graphs or report.ran_eagerly:
-            return call(*args, **kwargs)
+        calls_before = report.graph_calls
         out = call(*args, **kwargs)
-        # Dynamo counts the limit once per function, then skips that function for good.
-        if not report.graphs and _recompile_limit_hits():
-            from torch._dynamo import config
-
-            limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", "?")
-            report.ran_eagerly = (f"Dynamo's recompile limit ({limit} compiled versions of this forward) is "
-                                  "reached, so no pass applies: optimize fewer models of this class in one "
-                                  "process, call torch._dynamo.reset(), or raise torch._dynamo.config.recompile_limit")
-            warnings.warn(f"fvcompile: this model runs eagerly: {report.ran_eagerly}", stacklevel=2)
+        if report.graph_calls == calls_before:
+            report.eager_calls += 1
+            if not report.ran_eagerly:
+                report.ran_eagerly = _why_no_graph(limit_hits_before)
+                warnings.warn(f"fvcompile: a call ran eagerly, no pass applied: {report.ran_eagerly}", stacklevel=2)
         return out
 
     return checked
+
+
+def _why_no_graph(limit_hits_before: int) -> str:
+    if _recompile_limit_hits() > limit_hits_before:
+        from torch._dynamo import config
+
+        limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", "?")
+        return (f"Dynamo's recompile limit ({limit} compiled versions of one function) is reached: mark the "
+                "changing sizes dynamic (dynamic=True or torch._dynamo.mark_dynamic), optimize fewer models "
+                "of one class in a process, call torch._dynamo.reset(), or raise torch._dynamo.config.recompile_limit")
+    return ("Dynamo made no graph for this call (nothing to compile, or it skipped the function): "
+            "torch._dynamo.explain(model)(*inputs) says why")
 
 
 def _share_training_flag(optimized: nn.Module, model: nn.Module) -> None:

@@ -71,20 +71,58 @@ def _cache_hits() -> int:
     return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
-# Dynamo's graph-break counter object and its counts at the previous call.
-_graph_breaks_seen: tuple[Counter | None, Counter] = (None, Counter())
+# Dynamo's graph-break records seen already, by id (kept alive here, so no id is reused; Dynamo's
+# list is cleared by torch._dynamo.reset() and may fill again before the next call).
+_graph_breaks_seen: dict[int, object] = {}
 
 
 def _new_graph_breaks() -> Counter:
-    """Graph breaks Dynamo recorded since the previous call (its counters are process-wide).
+    """Graph breaks Dynamo recorded since the previous call, by reason and place.
 
-    `counters.clear()` replaces the counter object: the counts then start again from zero."""
-    global _graph_breaks_seen
-    live = counters["graph_break"]
-    seen_object, seen = _graph_breaks_seen
-    now = Counter(live)
-    _graph_breaks_seen = (live, now)
-    return now - seen if live is seen_object else now
+    Read from Dynamo's own record of every break (`graph_break_reasons`, what
+    `torch._dynamo.explain` reads), not its counters: those file a data-dependent branch
+    (`if tensor.sum() > 0:`) under "unimplemented", not "graph_break"."""
+    from torch._dynamo.utils import graph_break_reasons
+
+    new = [r for r in graph_break_reasons if id(r) not in _graph_breaks_seen]
+    _graph_breaks_seen.update((id(r), r) for r in new)
+    return Counter(_describe_break(r) for r in new)
+
+
+def _describe_break(reason) -> str:
+    lines = [line.strip() for line in reason.reason.splitlines() if line.strip()]
+    text = lines[0] if lines else "graph break"
+    explanation = next((line for line in lines if line.startswith("Explanation:")), "")
+    if explanation:
+        text += f" ({explanation.removeprefix('Explanation:').strip()})"
+    if text.startswith("generic_jump"):  # Dynamo's words for a branch on a tensor's value
+        text = "data-dependent branching (a Python `if` on a tensor's value)"
+    where = reason.user_stack[-1] if reason.user_stack else None
+    return f"{text} at {where.filename}:{where.lineno}" if where else text
+
+
+RANDOM_OP_WORDS = ("dropout", "rand", "bernoulli", "multinomial", "normal", "poisson")
+
+
+def _random_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """The random ops of Dynamo's graph: compiled, they draw other numbers than eager."""
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = getattr(node.target, "__name__", str(node.target))
+            if any(word in name.lower() for word in RANDOM_OP_WORDS):
+                names.add(name)
+    return sorted(names)
+
+
+def _counting_calls(compiled, report: OptimizeReport):
+    """`compiled`, counting its calls in the report: a model call that ran no compiled graph
+    ran eagerly (fvcompile.api reports it)."""
+    def run(*args):
+        report.graph_calls += 1
+        return compiled(*args)
+
+    return run
 
 
 def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
@@ -96,12 +134,14 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
     passes = resolve_passes(own.get("passes", "auto"), _inputs_device(example_inputs))
     check_hooks(passes)
     report.passes = [p.name for p in passes]
+    report.approximate = [p.name for p in passes if not p.exact]
 
     compile_id, recompile_reason = _compile_identity()
     graph_report = GraphReport(compile_id, codegen, len(gm.graph.nodes), recompile_reason)
     report.graphs.append(graph_report)
     for reason, count in _new_graph_breaks().items():
         report.graph_breaks[reason] = report.graph_breaks.get(reason, 0) + count
+    graph_report.random_ops = _random_ops(gm)
 
     dumper = None
     if own.get("dump_dir"):
@@ -135,7 +175,7 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
     graph_report.cache_hit = _cache_hits() > hits_before
     if dumper:
         dumper.write_report()
-    return compiled
+    return _counting_calls(compiled, report)
 
 
 def register_backend() -> None:

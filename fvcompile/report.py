@@ -49,6 +49,7 @@ class GraphReport:
     pass_runs: list[PassRun] = field(default_factory=list)
     hooks: list[HookVisit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    random_ops: list[str] = field(default_factory=list)  # random ops in Dynamo's graph (dropout, rand, ...)
 
     def rewritten(self, name: str | None = None) -> int:
         return sum(len(r.result.rewritten) for r in self.pass_runs if name in (None, r.name))
@@ -57,9 +58,12 @@ class GraphReport:
 @dataclass
 class OptimizeReport:
     passes: list[str] = field(default_factory=list)
+    approximate: list[str] = field(default_factory=list)  # those of `passes` that change numerics by design
     graphs: list[GraphReport] = field(default_factory=list)
     graph_breaks: dict[str, int] = field(default_factory=dict)  # reason -> count
-    ran_eagerly: str = ""  # why Dynamo ran the model without compiling it (no pass could apply)
+    ran_eagerly: str = ""  # why a call ran with no compiled graph (no pass could apply), at the first such call
+    eager_calls: int = 0  # calls that ran no compiled graph
+    graph_calls: int = 0  # calls of the compiled graphs
 
     @property
     def recompilations(self) -> list[GraphReport]:
@@ -81,17 +85,18 @@ class OptimizeReport:
         """One line per pass: what it did over all graphs (for the bench table)."""
         if self.ran_eagerly and not self.graphs:
             return f"ran eagerly: {self.ran_eagerly}"
+        eager = f"; {self.eager_calls} call(s) ran eagerly: {self.ran_eagerly}" if self.eager_calls else ""
         if not self.passes:
-            return "no passes"
+            return "no passes" + eager
         if self.graphs and all(g.cache_hit for g in self.graphs):
-            return "cache hit: no pass ran"
+            return "cache hit: no pass ran" + eager
         parts = []
         for name in self.passes:
             runs = self.pass_runs(name)
             done = sum(len(r.result.rewritten) for r in runs)
             skipped = sum(len(r.result.skipped) for r in runs)
             parts.append(f"{name}: {done} rewritten, {skipped} skipped")
-        return "; ".join(parts)
+        return "; ".join(parts) + eager
 
     def table(self):
         """A rich Table of every pass run."""
@@ -120,7 +125,7 @@ class OptimizeReport:
 
         console = Console(width=140, record=True, file=_NullFile())
         console.print(self.table())
-        extra = []
+        extra = [f"{self.eager_calls} call(s) ran eagerly: {self.ran_eagerly}"] if self.eager_calls else []
         for reason, count in self.graph_breaks.items():
             extra.append(f"graph break x{count}: {reason}")
         for g in self.recompilations:

@@ -22,8 +22,9 @@ class VerificationError(AssertionError):
     pass
 
 
-def compare(eager_out, compiled_out) -> None:
-    """Raise VerificationError naming the worst max abs/rel error beyond tolerance."""
+def compare(eager_out, compiled_out, cause: str = "") -> None:
+    """Raise VerificationError naming the worst max abs/rel error beyond tolerance, and `cause`:
+    what most likely makes them differ, with the way out."""
     eager_leaves, compiled_leaves = tree_leaves(eager_out), tree_leaves(compiled_out)
     if len(eager_leaves) != len(compiled_leaves):
         raise VerificationError(f"compiled output has {len(compiled_leaves)} leaves, eager {len(eager_leaves)}")
@@ -48,11 +49,30 @@ def compare(eager_out, compiled_out) -> None:
             rel_err = abs_err / e64.abs().clamp_min(1e-12)
             raise VerificationError(
                 f"output {i} differs from eager beyond the {e.dtype} tolerance (atol={atol}, rtol={rtol}): "
-                f"max abs error {abs_err.max().item():.3e}, max rel error {rel_err.max().item():.3e}. "
-                "An approximate pass (sparse24, saap) changes outputs by design: verify exact passes only.")
+                f"max abs error {abs_err.max().item():.3e}, max rel error {rel_err.max().item():.3e}. {cause}")
 
 
-def verify_first_call(eager_fn, compiled_fn):
+def likely_cause(report) -> str:
+    """Why compiled and eager outputs differ, from what the report saw: the passes that rewrote
+    something, else random ops (which Inductor draws from its own generator), else Inductor."""
+    rewrote = [name for name in report.passes if report.rewritten(name)]
+    if rewrote:
+        approximate = [n for n in rewrote if n in report.approximate]
+        if approximate:
+            return (f"The approximate pass(es) {', '.join(approximate)} rewrote the graph and change outputs "
+                    "by design: verify=True checks exact passes; test approximate ones against their reference.")
+        return (f"The pass(es) {', '.join(rewrote)} rewrote the graph: run without them (passes=[]) to see "
+                "whether they cause it.")
+    random_ops = sorted({op for g in report.graphs for op in g.random_ops})
+    if random_ops:
+        return (f"No pass rewrote anything, but the graph has random ops ({', '.join(random_ops)}), which "
+                "compiled code draws from another generator than eager: verify in eval mode (model.eval()), "
+                "or compare seeded with options={'fallback_random': True}.")
+    return ("No pass rewrote anything: Inductor's code itself differs from eager here; check the tolerance "
+            "for your dtype, or report it with a repro (fvcompile inspect shows the generated code).")
+
+
+def verify_first_call(eager_fn, compiled_fn, report=None):
     """Wrap `compiled_fn`: its first call also runs `eager_fn` on the same input and compares.
 
     Eager runs first, on copies of the tensor inputs, and the module's buffers are put back
@@ -77,7 +97,7 @@ def verify_first_call(eager_fn, compiled_fn):
                     b.copy_(saved)
             torch.random.set_rng_state(state)
             out = compiled_fn(*args, **kwargs)
-        compare(expected, out)
+        compare(expected, out, likely_cause(report) if report is not None else "")
         return out
 
     return call

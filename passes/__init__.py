@@ -49,4 +49,9 @@ def resolve_passes(passes, device: torch.device) -> list[GraphPass]:
             raise ValueError(
                 f"unknown pass {p!r}: passes= takes 'auto', pass names ({known}) "
                 "or pass objects such as fvcompile.passes.sparse24.Sparse24(...)")
+    names = [p.name for p in resolved]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a pass run twice would rewrite its own output, or find nothing left
+        raise ValueError(f"pass(es) {', '.join(map(repr, twice))} named more than once in passes=: name each "
+                         "pass once (its options go on one pass object, e.g. passes=[Sparse24(...)])")
     return resolved
