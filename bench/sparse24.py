@@ -27,8 +27,8 @@ from torch import nn
 import fvcompile
 from fvcompile.kernels import sparse24 as k24
 from fvcompile.kernels import sparse24_backends as backends
-from fp8_dense import Fp8SquaredReLU  # bench/, beside this script
 from fvcompile.models.llama import SquaredReLU, SwiGLU
+from fvcompile.passes.fp8_matmuls import DenseFP8
 from fvcompile.passes.sparse24 import Sparse24
 
 
@@ -110,9 +110,9 @@ def bench_ffn(tokens: int, dim: int, hidden: int, dtype, device: torch.device, c
         "relu2 sparse24-fp8+dW1+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                        dict(passes=[Sparse24(fp8=True, sparse_weight_grad="all")])),
         "relu2 sparse24-fp8": (SquaredReLU(dim, hidden * 3 // 2), dict(passes=[Sparse24(fp8=True)])),
-        # All six matmuls in FP8, dense (bench/fp8_dense.py): what FP8 alone gives, the baseline
+        # All six matmuls in FP8, dense (the fp8_dense pass): what FP8 alone gives, the baseline
         # of the FP8 sparse modes above.
-        "relu2 dense fp8": (Fp8SquaredReLU(dim, hidden * 3 // 2), dict(passes=[])),
+        "relu2 dense fp8": (SquaredReLU(dim, hidden * 3 // 2), dict(passes=[DenseFP8()])),
         # The paper's variant: dW2 also sparse (A selected along tokens): 3 of the 6 matmuls.
         "relu2 sparse24+dW2": (SquaredReLU(dim, hidden * 3 // 2),
                                dict(passes=[Sparse24(sparse_weight_grad=True)])),

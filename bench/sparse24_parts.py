@@ -152,10 +152,8 @@ def parts(tokens: int = 8192, hidden: int = 21504, dim: int = 4096, dtype=torch.
                lambda: lambda: f8._rescale(y, sa, sw, False, dtype), 2 * m * n * elem)
         record("fp8  rescale the product Y, triton (one pass)",
                lambda: lambda: f8.rescale_triton(y, sa, sw, False), 2 * m * n * elem)
-        from fp8_dense import fp8_mm  # bench/, beside this script
-
-        record("fp8  Y = A W2ᵀ dense, all in (row-wise scales, quantize both, _scaled_mm; fp8_dense.py)",
-               lambda: lambda: fp8_mm(a, w2.t(), dtype), flops=f)
+        record("fp8  Y = A W2ᵀ dense, all in (row-wise scales, quantize both, _scaled_mm; the fp8_dense pass)",
+               lambda: lambda: f8.fp8_rowwise_mm(a, w2.t(), dtype), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, alg 0", lambda: fp8_sparse(False), flops=f)
         record("fp8  Y = A W2ᵀ cuSPARSELt 2:4, searched", lambda: fp8_sparse(True), flops=f)
         if backends.fp8_scales_in_matmul(a.device):  # the probe found the epilogue right (else it may break the GPU)

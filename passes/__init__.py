@@ -14,6 +14,7 @@ from fvcompile.passes.base import GraphPass
 # name -> "module:Class"; imported lazily so that `import fvcompile` stays cheap.
 KNOWN_PASSES: dict[str, str] = {
     "sparse24": "fvcompile.passes.sparse24:Sparse24",
+    "fp8_dense": "fvcompile.passes.fp8_matmuls:DenseFP8",
 }
 # The passes `passes="auto"` may pick: exact ones only (approximate passes run when named).
 # A test checks each listed class has `exact = True`.

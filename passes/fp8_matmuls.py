@@ -1,18 +1,23 @@
-"""Dense matmuls of a graph in FP8 e4m3: `mm`/`addmm` nodes rewritten into the ops of
-`kernels/sparse24_fp8.fp8_rowwise_mm` (row-wise scales, `torch._scaled_mm`).
+"""fp8_dense: a graph's dense matmuls in FP8 e4m3 with row-wise scales, the dense FP8 baseline.
 
-Plain aten ops for the scales and the quantization, so that Inductor fuses them into the kernels
-around them; the product is `fvcompile::fp8_scaled_mm` (`_scaled_mm`, its scales passed 1-D).
-Used by `Sparse24(fp8=True)` for the FFN matmuls that are not 2:4 sparse: a helper of that pass
-(importing the kernel module registers the op), not a pass of its own.
+`to_fp8(graph, mm)` rewrites one `mm`/`addmm` node into the ops of
+`kernels/sparse24_fp8.fp8_rowwise_mm`: each operand scaled along K (a per row, b per column),
+plain aten ops for the scales and the quantization, so that Inductor fuses them into the kernels
+around them, and the product by `fvcompile::fp8_scaled_mm` (`_scaled_mm`, its scales passed 1-D).
+`DenseFP8` is the pass that does it to every matmul of a graph, forward and backward (the
+joint graph); `Sparse24(fp8=True)` calls `to_fp8` for the FFN matmuls it leaves dense.
+Gradients pass straight through the quantization.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
+from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 
 from fvcompile.kernels.sparse24_fp8 import FP8, FP8_MAX, MIN_AMAX
-from fvcompile.passes.base import call
+from fvcompile.passes import graph_utils
+from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
+from fvcompile.passes.graph_utils import call, module_path, op_counts, op_delta, replace_node
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -63,6 +68,53 @@ def to_fp8(graph: fx.Graph, mm: fx.Node) -> str | None:
         if bias is not None:
             out = call(graph, aten.add.Tensor, out, bias)
     out.meta = {**mm.meta, "val": out.meta["val"]}
-    mm.replace_all_uses_with(out)
-    graph.erase_node(mm)
+    replace_node(graph, mm, out)
     return None
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KIND_MATMUL = "matmul"  # Site.kind of this pass's sites
+
+
+def _float_matmul(match: Match) -> bool:
+    val = match.output_node().meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype in FLOAT_DTYPES
+
+
+class DenseFP8(GraphPass):
+    """Every plain mm/addmm of the graph in FP8 e4m3 with row-wise scales (`to_fp8`): in training
+    the forward matmuls and their backward ones (dX, dW), in inference the forward ones. Matmuls
+    with a dynamic K or N are left as they are (`_scaled_mm` needs them padded to 16s, known)."""
+
+    name = "fp8_dense"
+    hook = "joint"
+    exact = False
+    helpers = (graph_utils,)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph, result = gm.graph, PassResult()
+
+        def rewrite(match: Match, *_args) -> None:
+            mm = match.output_node()
+            name, module = mm.name, module_path(mm)
+            if not ctx.module_allowed(module):
+                result.skipped.append(Site(name, module, "excluded by module filter", kind=KIND_MATMUL,
+                                           reason="excluded"))
+                return
+            before = op_counts(graph)
+            why = to_fp8(graph, mm)
+            if why:
+                result.skipped.append(Site(name, module, why, kind=KIND_MATMUL, reason="dynamic_shape"))
+            else:
+                result.rewritten.append(Site(name, module, "in FP8 e4m3 (row-wise scales, _scaled_mm)",
+                                             kind=KIND_MATMUL, ops=op_delta(before, op_counts(graph))))
+
+        # A local rewrite of one node: Inductor's pattern matcher finds the nodes, `to_fp8` (shared
+        # with Sparse24, which picks its nodes itself) writes the replacement, whose shape (padding)
+        # depends on the matmul's sizes.
+        patterns = PatternMatcherPass(pass_name="fvcompile_fp8_dense")
+        for pattern in (CallFunction(aten.mm.default, Arg(), Arg()),
+                        CallFunction(aten.addmm.default, Arg(), Arg(), Arg())):
+            register_graph_pattern(pattern, extra_check=_float_matmul, pass_dict=patterns)(rewrite)
+        patterns.apply(gm)
+        return result

@@ -1,6 +1,6 @@
 """Matching for the sparse24 pass: one `FfnSite` record per Squared-ReLU FFN in a joint graph.
 
-    h ─ relu ─[casts, views]─ pow(·, 2) | mul(r, r) ─[casts, views, dropout]─ mm(·, W2ᵀ) | addmm(b, ·, W2ᵀ)
+    h ─ relu ─[casts, views]─ pow(·, 2) | mul(r, r) ─[casts, views, dropout]─ mm(·, W2ᵀ) | addmm(·)
 
 `match_site(relu, grad)` reads the graph around one relu and returns the site's record, a
 `Skip` (a near miss and its reason), or None (not a site at all). It changes nothing; the rewrite
