@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from fvcompile.backend import fvcompile_backend
-from fvcompile.checks import check_dump_dir, check_flag, check_model, checked_globs
+from fvcompile.checks import (check_dump_dir, check_flag, check_inductor_options, check_mode, check_model,
+                              checked_globs)
+from fvcompile.hooks import CONFIG_KEYS
 from fvcompile.pass_manager import check_hooks, merged_config_patches
 from fvcompile.passes import resolve_passes
 from fvcompile.report import OptimizeReport
@@ -49,6 +51,10 @@ def optimize(
     if dump_dir is not None:
         check_dump_dir(dump_dir)
     options = dict(compile_kwargs.pop("options", None) or {})
+    if not isinstance(compile_kwargs.get("mode") or "", str):
+        raise TypeError(f"mode= takes a torch.compile mode name, got {compile_kwargs['mode']!r}")
+    check_mode(compile_kwargs.get("mode"))
+    check_inductor_options({k: v for k, v in options.items() if k not in CONFIG_KEYS})
     resolved = resolve_passes(passes, torch.device("cpu"))  # fails now on bad passes
     check_hooks(resolved)
     merged_config_patches(resolved, options)

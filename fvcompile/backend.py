@@ -18,6 +18,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor import compile_fx as inductor_compile_fx
 
 from fvcompile.aot_only import inner_compile_without_codegen
+from fvcompile.checks import check_backend_options, check_mode
 from fvcompile.hooks import CONFIG_KEYS, HOOKS
 from fvcompile.pass_manager import PassScope, check_hooks, hook_patches, merged_config_patches
 from fvcompile.passes import resolve_passes
@@ -129,6 +130,8 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
                       options: dict | None = None):
     options = dict(options or {})
     own = {k: options.pop(k) for k in OWN_OPTIONS if k in options}
+    check_backend_options(own, {k: v for k, v in options.items() if k not in CONFIG_KEYS})
+    check_mode(mode)
     report: OptimizeReport = own.get("report") or _torch_compile_report
     codegen = own.get("codegen", True)
     passes = resolve_passes(own.get("passes", "auto"), _inputs_device(example_inputs))

@@ -47,3 +47,44 @@ def check_dump_dir(dump_dir: Any) -> None:
 def check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name}= takes True or False, got {value!r}")
+
+
+def check_inductor_options(options: dict) -> None:
+    """Every option that is not fvcompile's own is an Inductor config key (a typo would be
+    refused deep inside Inductor's compile, at the first call)."""
+    import difflib
+
+    from torch._inductor import config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"options= has {key!r}, which is neither an fvcompile option (passes, codegen, "
+                             f"dump_dir, include, exclude) nor an Inductor config key{hint}: see "
+                             "torch._inductor.config")
+
+
+def check_mode(mode: Any) -> None:
+    import torch
+
+    modes = list(torch._inductor.list_mode_options())
+    if mode is not None and mode not in modes:
+        raise ValueError(f"mode={mode!r} is not a torch.compile mode: use one of {', '.join(modes)}")
+
+
+def check_backend_options(own: dict, inductor_options: dict) -> None:
+    """The options of `torch.compile(model, backend="fvcompile", options={...})`."""
+    from fvcompile.report import OptimizeReport
+
+    if "codegen" in own:
+        check_flag("codegen", own["codegen"])
+    for name in ("include", "exclude"):
+        if name in own:
+            checked_globs(name, own[name])
+    if own.get("dump_dir") is not None:
+        check_dump_dir(own["dump_dir"])
+    if own.get("report") is not None and not isinstance(own["report"], OptimizeReport):
+        raise TypeError(f"report= takes an fvcompile.OptimizeReport, got {type(own['report']).__name__}")
+    check_inductor_options(inductor_options)
