@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -14,8 +16,120 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+# Argument types: each refuses a bad value while the command line is parsed, before any model is
+# built or compiled, and argparse's message names the argument ("argument --iters: ...").
+
 def _passes_arg(text: str):
-    return "auto" if text == "auto" else [p for p in text.split(",") if p]
+    from fvcompile.bench import validate_passes
+
+    passes = "auto" if text == "auto" else [p for p in text.split(",") if p]  # "": no pass
+    try:
+        validate_passes(passes)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return passes
+
+
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _comma_list(text: str, what: str, check) -> str:
+    """`text` as given, once `check(name)` accepted each of its comma-separated names."""
+    names = [name for name in text.split(",") if name]
+    if not names:
+        raise argparse.ArgumentTypeError(f"give at least one {what}")
+    for name in names:
+        check(name)
+    return ",".join(names)
+
+
+def _choice_checker(what: str, allowed):
+    def check(name: str) -> None:
+        if name not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {name!r}: choose from {', '.join(allowed)} (comma-separated)")
+    return check
+
+
+def _tasks_arg(text: str) -> str:
+    from fvcompile.bench import TASKS
+
+    return _comma_list(text, "task", _choice_checker("task", TASKS))
+
+
+def _modes_arg(text: str) -> str:
+    from fvcompile.bench import MODES
+
+    return _comma_list(text, "mode", _choice_checker("mode", MODES))
+
+
+def _models_arg(text: str) -> str:
+    from fvcompile.models import get
+
+    def check(name: str) -> None:
+        try:
+            get(name)
+        except KeyError as e:
+            raise argparse.ArgumentTypeError(e.args[0]) from None
+    return _comma_list(text, "model (see `fvcompile models`)", check)
+
+
+def _device_arg(text: str) -> str:
+    """cpu, or a CUDA device this machine has: a missing GPU is found now, not at the first model."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return text
+
+
+def _json_path_arg(text: str) -> Path:
+    """A file we will be able to write once the run ends: a run of many minutes must not end
+    with its results unwritten. Probed with a temporary file in its folder (permissions, ACLs,
+    read-only mounts, root: the kernel answers all of them)."""
+    path = Path(text)
+    folder = path.parent
+    way_out = "give a file path in an existing folder you can write, e.g. --json bench.json"
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file: {way_out}")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist: create it first, or {way_out}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fvcompile-probe-"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(
+            f"cannot write into folder {folder} ({e.strerror}): {way_out}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} exists and cannot be overwritten: {way_out}")
+    return path
 
 
 def cmd_models(args) -> None:
@@ -37,9 +151,8 @@ def cmd_bench(args) -> None:
     import torch
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from fvcompile.bench import bench_model, device_description, results_table, to_json, validate_passes
+    from fvcompile.bench import bench_model, device_description, results_table, to_json
 
-    validate_passes(args.passes)
     console = _console()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -173,16 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_models)
 
     p = sub.add_parser("bench", help="time eager vs inductor vs fvcompile on registry models")
-    p.add_argument("--models", default="llama-tiny", help="comma-separated registry names (default llama-tiny)")
-    p.add_argument("--task", default="infer,train", help="infer, train or both (default both)")
-    p.add_argument("--modes", default="eager,inductor,fvcompile")
+    p.add_argument("--models", type=_models_arg, default="llama-tiny",
+                   help="comma-separated registry names (default llama-tiny)")
+    p.add_argument("--task", type=_tasks_arg, default="infer,train", help="infer, train or both (default both)")
+    p.add_argument("--modes", type=_modes_arg, default="eager,inductor,fvcompile")
     p.add_argument("--passes", type=_passes_arg, default="auto", help="'auto' or comma-separated pass names")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--iters", type=_positive_int, default=20, help="timed steps per mode, >= 1 (default 20)")
+    p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps, >= 0 (default 3)")
+    p.add_argument("--batch-size", type=_positive_int, default=2, help=">= 1 (default 2)")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", type=_json_path_arg,
+                   help="also write the results to this JSON file (its folder is checked before the run)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("inspect", help="dump every graph before/after each pass and Inductor's code, "
@@ -193,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory to write into")
     p.add_argument("--passes", type=_passes_arg, default="auto")
     p.add_argument("--task", default="train", choices=["train", "infer"])
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=_positive_int, default=2, help=">= 1 (default 2)")
     p.add_argument("--no-codegen", action="store_true", help="skip Inductor's code generation (fast)")
     p.add_argument("--from", dest="from_dir", metavar="DIR",
                    help="print what an earlier run dumped into DIR (its --out, or optimize's dump_dir=)")

@@ -50,15 +50,44 @@ def test_error_is_one_line_without_traceback(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_pass(capsys):
-    assert main(["bench", "--passes", "nope"]) == 1
-    assert "unknown pass 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, while parsing
+        main(["bench", "--passes", "nope"])
+    assert e.value.code == 2
+    assert "argument --passes: unknown pass 'nope'" in capsys.readouterr().err
 
 
 def test_bench_rejects_unknown_task_and_mode(capsys):
-    assert main(["bench", "--task", "inference", "--modes", "eager", "--iters", "1"]) == 1
-    assert "unknown task 'inference'" in capsys.readouterr().err
-    assert main(["bench", "--task", "infer", "--modes", "eagr", "--iters", "1"]) == 1
-    assert "unknown mode 'eagr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--task", "inference", "--modes", "eager", "--iters", "1"])
+    assert "argument --task: unknown task 'inference'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--task", "infer", "--modes", "eagr", "--iters", "1"])
+    assert "argument --modes: unknown mode 'eagr'" in capsys.readouterr().err
+
+
+def test_bench_checks_json_path_before_the_run(tmp_path, capsys, monkeypatch):
+    """An unwritable --json path is refused before the first model runs: the run's results
+    are never lost to a path found bad at its end."""
+    import fvcompile.bench
+
+    runs = []
+    monkeypatch.setattr(fvcompile.bench, "bench_model", lambda *args, **kwargs: runs.append(args) or [])
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--modes", "eager", "--json", str(tmp_path / "missing" / "out.json")])
+    assert e.value.code == 2 and runs == []
+    assert "argument --json: folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--iters", "--batch-size"])
+def test_bench_refuses_zero_before_the_run(flag, capsys, monkeypatch):
+    import fvcompile.bench
+
+    runs = []
+    monkeypatch.setattr(fvcompile.bench, "bench_model", lambda *args, **kwargs: runs.append(args) or [])
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--modes", "eager", flag, "0"])
+    assert e.value.code == 2 and runs == []
+    assert f"argument {flag}: expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_error_raised_while_compiling_is_one_line(tmp_path, capsys):
