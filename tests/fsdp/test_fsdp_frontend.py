@@ -1,0 +1,148 @@
+"""simple_fsdp's front end in one process: a fake process group stands for the ranks (its
+collectives move no data), so these tests check structure, not numbers: placements per mode,
+the model's own names and state_dict keys, and the collectives in the graphs that
+`fvcompile.optimize(fullgraph=True)` traces (counted, forward and backward)."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+import fvcompile
+from fvcompile.fsdp import MixedPrecisionPolicy, simple_fsdp
+from fvcompile.models import get
+
+WORLD_SIZE = 4
+ALL_GATHER = "_c10d_functional.all_gather_into_tensor.default"
+REDUCE_SCATTER = "_c10d_functional.reduce_scatter_tensor.default"
+ALL_REDUCE = "_c10d_functional.all_reduce.default"
+
+
+@pytest.fixture
+def fake_world():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD_SIZE)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    dist.destroy_process_group()
+
+
+class RecordOps(fvcompile.GraphPass):
+    """Changes nothing: its runs record the ops of the forward and the backward graph."""
+
+    name = "record_ops"
+    hook = "post_grad"
+
+    def run(self, gm, ctx):
+        return fvcompile.PassResult()
+
+
+def _traced_collectives(model, spec) -> dict[str, dict[str, int]]:
+    optimized = fvcompile.optimize(model, passes=[RecordOps()], fullgraph=True, codegen=False)
+    spec.train_step(optimized, spec.train_batch(model, 2)).backward()
+    runs = optimized.fvcompile_report.pass_runs("record_ops")
+    assert [r.graph_kind for r in runs] == ["forward", "backward"]  # one graph: no break
+    return {r.graph_kind: {op: n for op, n in r.ops_before.items() if op.startswith("_c10d")} for r in runs}
+
+
+def _wrapped_llama(mode, mesh_shape, **kwargs):
+    spec = get("llama-tiny")
+    torch.manual_seed(0)
+    model = spec.build()
+    names = [n for n, _ in model.named_parameters()]
+    keys = list(model.state_dict())
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    wrapped = simple_fsdp(model, init_device_mesh("cpu", mesh_shape), mode=mode, **kwargs)
+    assert wrapped is model
+    # Names, keys and global shapes are the model's own; the values are DTensors.
+    assert [n for n, _ in model.named_parameters()] == names
+    assert list(model.state_dict()) == keys
+    assert all(isinstance(p, DTensor) and p.shape == shapes[n] for n, p in model.named_parameters())
+    assert all(isinstance(v, DTensor) for k, v in model.state_dict().items() if k in shapes)
+    return spec, model, len(names)
+
+
+def test_fully_shard(fake_world):
+    spec, model, n = _wrapped_llama("fully_shard", (WORLD_SIZE,))
+    for name, p in model.named_parameters():
+        assert p.placements == (Shard(0),), name
+        assert p.to_local().shape[0] == p.shape[0] // WORLD_SIZE, name
+    # A module reads its parameter gathered, as a plain tensor of the full shape.
+    weight = model.layers[0].attention.wq.weight
+    assert type(weight) is torch.Tensor and weight.shape == model.layers[0].attention.wq._parameters["weight"].shape
+    ops = _traced_collectives(model, spec)
+    # One all-gather per parameter in the forward; in the backward every parameter's gradient is
+    # reduce-scattered and the gathers are recomputed (reshard after forward), except the
+    # embedding's: its backward needs the token ids, not the weight.
+    assert ops["forward"] == {ALL_GATHER: n, "_c10d_functional.wait_tensor.default": n}
+    assert ops["backward"][REDUCE_SCATTER] == n
+    assert ops["backward"][ALL_GATHER] == n - 1
+    assert ALL_REDUCE not in ops["backward"]
+
+
+def test_fully_shard_without_reshard_keeps_gathered_parameters(fake_world):
+    spec, model, n = _wrapped_llama("fully_shard", (WORLD_SIZE,), reshard_after_forward=False)
+    ops = _traced_collectives(model, spec)
+    assert ops["forward"][ALL_GATHER] == n
+    assert ops["backward"][REDUCE_SCATTER] == n
+    assert ALL_GATHER not in ops["backward"]
+
+
+def test_replicate(fake_world):
+    spec, model, n = _wrapped_llama("replicate", (WORLD_SIZE,))
+    assert all(p.placements == (Replicate(),) and p.to_local().shape == p.shape for p in model.parameters())
+    ops = _traced_collectives(model, spec)
+    assert ops["forward"] == {}  # nothing to gather
+    assert ops["backward"] == {ALL_REDUCE: n, "_c10d_functional.wait_tensor.default": n}
+
+
+def test_hybrid_shard(fake_world):
+    spec, model, n = _wrapped_llama("hybrid_shard", (2, WORLD_SIZE // 2))
+    for name, p in model.named_parameters():
+        assert p.placements == (Replicate(), Shard(0)), name
+        assert p.to_local().shape[0] == p.shape[0] // (WORLD_SIZE // 2), name
+    ops = _traced_collectives(model, spec)
+    assert ops["forward"][ALL_GATHER] == n  # over the shard dimension only
+    # Gradients: reduce-scattered over the shard dimension, all-reduced over the replicas.
+    assert ops["backward"][REDUCE_SCATTER] == n
+    assert ops["backward"][ALL_REDUCE] == n
+    assert ops["backward"][ALL_GATHER] == n - 1
+
+
+def test_mixed_precision_gathers_in_param_dtype(fake_world):
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    spec, model, n = _wrapped_llama("fully_shard", (WORLD_SIZE,), mp_policy=policy)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights
+    assert model.output.weight.dtype == torch.bfloat16  # what the forward computes with
+    spec.train_step(model, spec.train_batch(model, 2)).backward()  # eager
+    assert all(p.grad.dtype == torch.float32 and p.grad.placements == (Shard(0),) for p in model.parameters())
+
+
+def test_tied_weights_stay_shared(fake_world):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = simple_fsdp(Tied(), init_device_mesh("cpu", (WORLD_SIZE,)))
+    assert model.head._parameters["weight"] is model.emb._parameters["weight"]
+    assert len(list(model.parameters())) == 1
+
+
+def test_bad_arguments_are_clear_errors(fake_world):
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    with pytest.raises(ValueError, match="unknown mode 'zero3'.*fully_shard, replicate, hybrid_shard"):
+        simple_fsdp(nn.Linear(4, 4), mesh, mode="zero3")
+    with pytest.raises(ValueError, match="hybrid_shard' needs a 2-D mesh"):
+        simple_fsdp(nn.Linear(4, 4), mesh, mode="hybrid_shard")
+    with pytest.raises(ValueError, match="fully_shard' shards over a 1-D mesh"):
+        simple_fsdp(nn.Linear(4, 4), init_device_mesh("cpu", (2, 2)))
+    with pytest.raises(TypeError, match="param_dtype takes a floating-point torch.dtype"):
+        MixedPrecisionPolicy(param_dtype="bf16")
+    model = simple_fsdp(nn.Linear(4, 4), mesh)
+    with pytest.raises(ValueError, match="DTensors already"):
+        simple_fsdp(model, mesh)
