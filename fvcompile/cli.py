@@ -79,7 +79,7 @@ def _modes_arg(text: str) -> str:
 
 
 def _models_arg(text: str) -> str:
-    from fvcompile.models import get
+    from fvcompile.models.registry import get
 
     def check(name: str) -> None:
         try:
@@ -135,7 +135,7 @@ def _json_path_arg(text: str) -> Path:
 def cmd_models(args) -> None:
     from rich.table import Table
 
-    from fvcompile.models import all_specs, count_parameters
+    from fvcompile.models.registry import all_specs, count_parameters
 
     table = Table(title="fvcompile models")
     for col in ("name", "family", "parameters", "reference", "paper"):
@@ -190,7 +190,7 @@ def _compile_and_dump(args) -> None:
     import torch
 
     import fvcompile
-    from fvcompile.models import get
+    from fvcompile.models.registry import get
 
     spec = get(args.model)
     torch.manual_seed(0)

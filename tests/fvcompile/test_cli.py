@@ -102,7 +102,7 @@ def test_inspect_infer_shows_the_eval_mode_graph(tmp_path, monkeypatch):
     """`inspect --task infer` dumps the graph `bench` times: the model in eval mode."""
     import torch
 
-    import fvcompile.models
+    import fvcompile.models.registry
     from fvcompile.models.registry import ModelSpec
 
     class Dropper(torch.nn.Module):
@@ -115,7 +115,7 @@ def test_inspect_infer_shows_the_eval_mode_graph(tmp_path, monkeypatch):
 
     spec = ModelSpec("dropper", "test", "", Dropper, lambda m, b: (torch.randn(b, 4),),
                      lambda m, batch: m(*batch).sum(), lambda m, b: (torch.randn(b, 4),))
-    monkeypatch.setattr(fvcompile.models, "get", lambda name: spec)
+    monkeypatch.setattr(fvcompile.models.registry, "get", lambda name: spec)
     assert main(["inspect", "dropper", "--out", str(tmp_path), "--no-codegen", "--task", "infer"]) == 0
     inference = next(tmp_path.rglob("*inference_at_post_grad_hook.py")).read_text()
     assert "linear" in inference or "addmm" in inference

@@ -1,7 +1,8 @@
 """fvcompile's graph passes, by name.
 
 A name maps to the class that implements it; `resolve_passes` turns what the user gave
-(`"auto"`, names, or pass objects carrying their options) into pass objects.
+(`"auto"`, names, or pass objects carrying their options) into pass objects. The folder has no
+`__init__.py` (see fvcompile/_subpackages.py), which gives `fvcompile.passes` these names too.
 """
 from __future__ import annotations
 
