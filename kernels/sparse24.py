@@ -1,32 +1,22 @@
-"""2:4 activation sparsity: the selection. Triton kernels, `torch.library` ops, a PyTorch reference.
+"""2:4 activation sparsity: the selection, shared by every sparse24 op. Triton kernel and reference.
 
 2:4 sparsity keeps the 2 largest of every group of 4 consecutive values along the last
 (reduction) dimension and zeroes the other 2. Ties go to the lower index, identically in the
 kernels and in the reference, so "which two" is a deterministic function of the input.
 
-Ops (namespace `fvcompile`, called as `torch.ops.fvcompile.<name>`):
-
-- `sparse24_relu(h)`: relu(h) with only the 2 largest of every 4 kept. Differentiable:
-  grad * (out > 0). Squaring is monotone on relu's output, so this is also the mask of relu(h)²
-  (see passes/sparse24.py for why the pass replaces the relu node).
-- `sparse24_relu_max(h) -> (r, row_max, col_max)`: the same r, and the largest value of its every
-  row and column from the same pass (the FP8 scales of the matmuls that read r).
-
-The rest of sparse24 builds on this file: the 2:4 matmul op `sparse24_mm` (kernels/sparse24_mm.py),
-which sparse matmul a GPU runs (kernels/sparse24_backends.py), and the packs into each backend's
-layout (kernels/sparse24_cutlass.py, kernels/sparse24_cslt.py) and FP8 (kernels/sparse24_fp8.py).
-
-Dense warm-up: the ops take an optional schedule (a key, a number of dense steps, and whether this
-call counts a step). The counting op of each site (the relu in the training graph) increments a
-per-key step counter in this process; while the current step is below `dense_steps` every op of
-that key runs dense. See `_in_dense_warmup`.
+This module holds no op: `mask24` and the references (plain PyTorch: the CPU implementation and
+the test oracle), the selection kernel (`sparse24_relu_triton`, `sparse24_relu_max_triton`,
+`sparse24_select_triton`) and small helpers. The ops built on it are one per file:
+`sparse24_relu`, `sparse24_relu_max`, `sparse24_mm`, `sparse24_weight_grad_mm` (kernels/), the
+sparse matmul a GPU runs in kernels/sparse24_backends.py, the packs into each backend's layout in
+kernels/sparse24_cutlass.py and kernels/sparse24_cslt.py, FP8 in kernels/sparse24_fp8.py.
 
 On CPU the ops run the reference. The Triton kernels run on CUDA tensors and, for the tests, in
 the Triton interpreter on CPU tensors (`TRITON_INTERPRET=1` set before this module is imported);
 the interpreter cannot run on the fake tensors of a compiled graph, so compiled CPU graphs always
 take the reference path. The kernels compare and square in fp32, which is exact for fp16/bf16
-inputs; note that the interpreter (not a GPU) rounds fp32 -> bf16 by truncation, which is why the
-bf16 relu² packing test uses inputs whose squares are exact.
+inputs; the interpreter (not a GPU) rounds fp32 -> bf16 by truncation, which is why the bf16 relu²
+packing test uses inputs whose squares are exact.
 """
 from __future__ import annotations
 
@@ -161,13 +151,14 @@ def unit_stride_dim(x: Tensor) -> int:
     return 1 if x.stride(1) == 1 else 0 if x.stride(0) == 1 else -1
 
 
-def _need_triton() -> None:
+def need_triton() -> None:
+    """Raise where Triton is missing (the references work without it)."""
     if triton is None:
         raise RuntimeError("the sparse24 Triton kernels need the `triton` package")
 
 
 def _select_triton(h: Tensor, relu: bool, block_m: int, block_k: int, with_max: bool = False):
-    _need_triton()
+    need_triton()
     if h.shape[-1] % 4:
         raise ValueError(f"2:4 selection needs the last dim to be a multiple of 4, got {h.shape[-1]}")
     x = h.reshape(-1, h.shape[-1])  # a 2-D view stays a view, transposed or not
@@ -200,110 +191,17 @@ def sparse24_select_triton(x: Tensor, block_m: int = 16, block_k: int = 256) -> 
     return _select_triton(x, False, block_m, block_k)
 
 
-def _use_triton(t: Tensor) -> bool:
+def use_triton(t: Tensor) -> bool:
+    """Whether an op runs its Triton kernel on `t` (a CUDA tensor; CPU takes the reference)."""
     return t.is_cuda and triton is not None
 
 
-def _pad_cols(b: Tensor, multiple: int) -> Tensor:
+def pad_cols(b: Tensor, multiple: int) -> Tensor:
+    """b with zero columns appended up to a multiple of `multiple`."""
     extra = (-b.shape[1]) % multiple
     return torch.nn.functional.pad(b, (0, extra)) if extra else b
 
 
-def _squared(x: Tensor) -> Tensor:
-    # Squared in (at least) fp32 and rounded once, as the kernels do.
+def squared(x: Tensor) -> Tensor:
+    """x², squared in (at least) fp32 and rounded once to x's dtype, as the kernels do."""
     return (x.to(torch.promote_types(x.dtype, torch.float32)) ** 2).to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dense warm-up schedules
-# ---------------------------------------------------------------------------------------------
-
-_STEPS: dict[str, int] = {}  # schedule key -> training steps counted so far in this process
-
-
-def _in_dense_warmup(schedule: str, dense_steps: int, count_step: bool) -> bool:
-    """Whether an op of this schedule runs dense now.
-
-    The counting op (a site's relu in a training graph) opens step `i` = steps counted so far and
-    counts it. Every other op of the key (that site's matmuls, forward and backward, and its ops in
-    inference graphs) belongs to the last counted step, or to step 0 before any. Step i is dense
-    while i < dense_steps.
-    """
-    if not schedule or dense_steps <= 0:
-        return False
-    if count_step:
-        step = _STEPS.get(schedule, 0)
-        _STEPS[schedule] = step + 1
-    else:
-        step = max(_STEPS.get(schedule, 0) - 1, 0)
-    return step < dense_steps
-
-
-def warmup_steps_counted(schedule: str) -> int:
-    """How many training steps the schedule `schedule` has counted in this process."""
-    return _STEPS.get(schedule, 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ops
-# ---------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("fvcompile::sparse24_relu", mutates_args=())
-def sparse24_relu(h: Tensor, schedule: str = "", dense_steps: int = 0, count_step: bool = False) -> Tensor:
-    """relu(h), keeping the 2 largest of every 4 along the last dim (dense during a warm-up)."""
-    if _in_dense_warmup(schedule, dense_steps, count_step):
-        return torch.relu(h).contiguous()
-    if _use_triton(h):
-        return sparse24_relu_triton(h)
-    return sparse24_relu_reference(h)
-
-
-@sparse24_relu.register_fake
-def _(h, schedule="", dense_steps=0, count_step=False):
-    return h.new_empty(h.shape)
-
-
-def _sparse24_relu_setup(ctx, inputs, output):
-    ctx.save_for_backward(output)
-
-
-def _sparse24_relu_backward(ctx, grad):
-    (out,) = ctx.saved_tensors
-    return grad * (out > 0), None, None, None
-
-
-sparse24_relu.register_autograd(_sparse24_relu_backward, setup_context=_sparse24_relu_setup)
-
-
-@torch.library.custom_op("fvcompile::sparse24_relu_max", mutates_args=())
-def sparse24_relu_max(h: Tensor, schedule: str = "", dense_steps: int = 0,
-                      count_step: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """`sparse24_relu`, and the largest value of its output's every row and every column (h
-    flattened to 2-D; fp32) from the same pass: the FP8 scales of the forward matmul, which reads
-    the rows, and of the sparse dW2, which reads the columns (no pass over r of their own)."""
-    if _in_dense_warmup(schedule, dense_steps, count_step):
-        r = torch.relu(h).contiguous()
-        return (r, *row_col_max(r))
-    if _use_triton(h):
-        return sparse24_relu_max_triton(h)
-    return sparse24_relu_max_reference(h)
-
-
-@sparse24_relu_max.register_fake
-def _(h, schedule="", dense_steps=0, count_step=False):
-    k = h.shape[-1]
-    return (h.new_empty(h.shape), h.new_empty((h.numel() // k,), dtype=torch.float32),
-            h.new_empty((k,), dtype=torch.float32))
-
-
-def _sparse24_relu_max_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[0])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _sparse24_relu_max_backward(ctx, grad, _grad_rows, _grad_cols):
-    return _sparse24_relu_backward(ctx, grad)  # the maxima are not differentiable
-
-
-sparse24_relu_max.register_autograd(_sparse24_relu_max_backward, setup_context=_sparse24_relu_max_setup)
-

@@ -11,7 +11,7 @@ failing sparse matmul can break the CUDA context of the process it runs in):
 - "cusparselt-compress", the last resort: `torch._cslt_compress` + `torch._cslt_sparse_mm`,
   correct on every GPU but slow (6.7 ms where our pack takes 0.2 ms on an H100).
 
-Each takes (a, b, select, square, relu, transpose_out) as `sparse24_mm` (kernels/sparse24_mm.py)
+Each takes (a, b, *, select, square, relu, transpose_out) as `sparse24_matmul` (kernels/sparse24_mm.py)
 does, with `a` of a dtype in PACK_DTYPES and K a multiple of ALIGN_K.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fvcompile.kernels import sparse24_cslt as cslt
-from fvcompile.kernels.sparse24 import _pad_cols, _squared, sparse24_mask_reference, sparse24_select_triton
+from fvcompile.kernels.sparse24 import pad_cols, sparse24_mask_reference, sparse24_select_triton, squared
 from fvcompile.kernels.sparse24_cutlass import cutlass_mm
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool, out_dtyp
     layout: no copy). alpha: fp32 (m_pad,), row i of the product times alpha[i] in cuSPARSELt's
     epilogue (its "alpha vector scaling"), before the product is rounded to out_dtype."""
     n = b.shape[1] if n is None else n
-    b = _pad_cols(b, 8)
+    b = pad_cols(b, 8)
     out = torch._cslt_sparse_mm(compressed, b, alpha=alpha, out_dtype=out_dtype, transpose_result=transpose_out,
                                 **cslt_plan(compressed, b, transpose_out, out_dtype, alpha))
     # Padding sliced off; the copy keeps the output contiguous, as the op's fake promises.
@@ -79,14 +79,14 @@ def cslt_mm(compressed: Tensor, b: Tensor, m: int, transpose_out: bool, out_dtyp
     return out if out.is_contiguous() else out.contiguous()
 
 
-def cusparselt_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
+def cusparselt_mm(a: Tensor, b: Tensor, *, select: bool = True, square: bool = False, relu: bool = False,
                   transpose_out: bool = False, strided_k: bool = False) -> Tensor:
     # One pass over `a` (a transposed view is read in place): relu, select, square, pack.
     compressed = cslt.cslt_pack_triton(a, square=square, relu=relu, strided_k=strided_k)
     return cslt_mm(compressed, b, a.shape[0], transpose_out)
 
 
-def cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
+def cusparselt_compress_mm(a: Tensor, b: Tensor, *, select: bool = True, square: bool = False, relu: bool = False,
                            transpose_out: bool = False) -> Tensor:
     # cuSPARSELt's own compress keeps whatever 2 of 4 it finds: an `a` that is not 2:4 yet (the
     # token-wise selection of the weight gradient) is selected first.
@@ -96,7 +96,7 @@ def cusparselt_compress_mm(a: Tensor, b: Tensor, select: bool, square: bool, rel
     if select or relu:
         a = sparse24_select_triton(a)
     if square:
-        a = _squared(a)
+        a = squared(a)
     a = torch.nn.functional.pad(a, (0, 0, 0, (-m) % 16)).contiguous()
     return cslt_mm(torch._cslt_compress(a), b, m, transpose_out)
 
@@ -115,8 +115,8 @@ def _probe(backend: str, device: torch.device) -> bool:
     a = torch.randn(96, 128, device=device, dtype=torch.float16, generator=gen)  # 96: padded rows too
     b = torch.randn(128, 64, device=device, dtype=torch.float16, generator=gen)
     a = sparse24_mask_reference(a)
-    out = SPARSE_MM[backend](a, b, False, False)
-    transposed = SPARSE_MM[backend](a, b, False, False, False, True)  # the weight gradient's layout
+    out = SPARSE_MM[backend](a, b, select=False)
+    transposed = SPARSE_MM[backend](a, b, select=False, transpose_out=True)  # the weight gradient's layout
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     expected = a.float() @ b.float()
@@ -163,8 +163,8 @@ def fp8_probe(device, scales_in_matmul: bool = False) -> str:
 
     def matches(transpose_out: bool) -> bool:
         try:
-            got = fp8_mm_cusparselt(a, b, True, False, False, transpose_out, scales_in_matmul=scales_in_matmul)
-            expected = fp8_mm_reference(a, b, True, False, False, transpose_out)
+            got = fp8_mm_cusparselt(a, b, transpose_out=transpose_out, scales_in_matmul=scales_in_matmul)
+            expected = fp8_mm_reference(a, b, transpose_out=transpose_out)
             # Relative to the largest entry: Hopper's FP8 tensor cores accumulate with fewer bits
             # than fp32 (H200: errors ~7e-4 of the largest), which elementwise rtol fails near zero.
             got, expected = got.float(), expected.float()

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fvcompile.kernels.sparse24 import (PACK_DTYPES, _need_triton, _pad_cols, _squared, _use_triton,
-                                        sparse24_mask_reference, sparse24_relu_reference, triton, unit_stride_dim)
+from fvcompile.kernels.sparse24 import (PACK_DTYPES, need_triton, pad_cols, sparse24_mask_reference,
+                                        sparse24_relu_reference, squared, triton, unit_stride_dim, use_triton)
 
 ALIGN_M = 32  # metadata is reordered in blocks of 32 rows: M is padded to this
 
@@ -146,7 +146,7 @@ def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 32, block_k: int =
     # 16-row tile fills every other 8 bytes of them). Not yet measured: the parts bench times four
     # tile shapes (the H200 timed only the kernel before tiles, 1.56 ms at 8192 x 21504, where
     # PyTorch's tile took 0.62 ms).
-    _need_triton()
+    need_triton()
     _check_packable(x)
     x = x.reshape(-1, x.shape[-1])  # a 2-D view stays a view, transposed or not
     m, k = x.shape
@@ -168,14 +168,16 @@ def sparse24_pack_triton(x: Tensor, **blocks) -> tuple[Tensor, Tensor]:
     return _pack_triton(x, relu_square=False, **blocks)
 
 
-def cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = False,
+def cutlass_mm(a: Tensor, b: Tensor, *, select: bool = True, square: bool = False, relu: bool = False,
                transpose_out: bool = False) -> Tensor:
+    """mask24(relu(a)[²]) @ b (or its transpose) on sm8x: our CUTLASS-layout pack, which selects by
+    magnitude as it packs (so `select` changes nothing), + `torch._sparse_semi_structured_mm`."""
     if relu:
         a = torch.relu(a)
     if square:
-        a = _squared(a)  # selecting on a or a² keeps the same values
+        a = squared(a)  # selecting on a or a² keeps the same values
     values, meta = sparse24_pack_triton(a)  # selects by magnitude as it packs: no extra pass
-    out = torch._sparse_semi_structured_mm(values, meta, _pad_cols(b, 8))[: a.shape[0], : b.shape[1]]
+    out = torch._sparse_semi_structured_mm(values, meta, pad_cols(b, 8))[: a.shape[0], : b.shape[1]]
     return (out.t() if transpose_out else out).contiguous()
 
 
@@ -183,7 +185,7 @@ def cutlass_mm(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool = Fa
 def relu2_sparse24_pack(h: Tensor) -> tuple[Tensor, Tensor]:
     """relu(h)² with 2 of 4 kept, packed: values (M_pad, K/2) and CUTLASS metadata (M_pad, K/16)."""
     _check_packable(h)
-    if _use_triton(h):
+    if use_triton(h):
         return relu2_sparse24_pack_triton(h)
     r = sparse24_relu_reference(_as_rows(h))
     return pack_reference(r * r)
@@ -193,7 +195,7 @@ def relu2_sparse24_pack(h: Tensor) -> tuple[Tensor, Tensor]:
 def sparse24_pack(x: Tensor) -> tuple[Tensor, Tensor]:
     """x with the 2 largest magnitudes of every 4 kept, packed like `relu2_sparse24_pack`."""
     _check_packable(x)
-    if _use_triton(x):
+    if use_triton(x):
         return sparse24_pack_triton(x)
     return pack_reference(sparse24_mask_reference(_as_rows(x)))
 

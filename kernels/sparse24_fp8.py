@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from fvcompile.kernels import sparse24_cslt as cslt
-from fvcompile.kernels.sparse24 import _pad_cols, mask24, triton, unit_stride_dim
+from fvcompile.kernels.sparse24 import pad_cols, mask24, triton, unit_stride_dim
+from fvcompile.kernels.fp8_scaled_mm import fp8_scaled_mm
 from fvcompile.kernels.sparse24_backends import cslt_mm
 
 FP8 = torch.float8_e4m3fn
@@ -77,34 +78,8 @@ def fp8_rowwise_mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     a8, sa = quantize_rows(torch.nn.functional.pad(a, (0, k_pad)))
     bt8, sb = quantize_rows(torch.nn.functional.pad(b.t(), (0, k_pad, 0, n_pad)))  # b's columns, as rows
     # Row-major a8 and column-major b8: what CUDA's _scaled_mm takes.
-    out = fp8_scaled_mm(a8.contiguous(), bt8.contiguous().t(), sa.reshape(-1), sb.reshape(-1), out_dtype)
+    out = fp8_scaled_mm(a8.contiguous(), bt8.contiguous().t(), sa.reshape(-1), sb.reshape(-1), out_dtype=out_dtype)
     return out[:, :b.shape[1]]
-
-
-@torch.library.custom_op("fvcompile::fp8_scaled_mm", mutates_args=())
-def fp8_scaled_mm(a8: Tensor, b8: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """`torch._scaled_mm(a8, b8)` with row-wise scales given 1-D ((M,) and (N,) fp32), rounded to
-    bf16 (what CUDA's rowwise scaling writes), then to out_dtype. An op of its own so that a compiled
-    graph hands the scales over as they are: Inductor gives the size-1 dim of a (M, 1) tensor the
-    stride 0, which `_scaled_mm` rejects (torch 2.13). CUDA's wants a8 row-major and b8 column-major:
-    the graph lays them out so; copied here only where a compiler chose other strides. GPUs before
-    sm89 (no FP8 tensor cores) run the same formula in fp32."""
-    if a8.is_cuda and torch.cuda.get_device_capability(a8.device) < (8, 9):  # no FP8 tensor cores
-        return scaled_mm_emulated(a8, b8, scale_a, scale_b).to(out_dtype)
-    a8 = a8 if a8.stride(1) == 1 else a8.contiguous()
-    b8 = b8 if b8.stride(0) == 1 else b8.t().contiguous().t()
-    out = torch._scaled_mm(a8, b8, scale_a=scale_a[:, None], scale_b=scale_b[None, :], out_dtype=torch.bfloat16)
-    return out.to(out_dtype)
-
-
-def scaled_mm_emulated(a8: Tensor, b8: Tensor, scale_a: Tensor, scale_b: Tensor) -> Tensor:
-    """`_scaled_mm` with row-wise scales in fp32 arithmetic, rounded to bf16: for GPUs without FP8."""
-    return ((a8.float() @ b8.float()) * scale_a[:, None] * scale_b[None, :]).to(torch.bfloat16)
-
-
-@fp8_scaled_mm.register_fake
-def _(a8, b8, scale_a, scale_b, out_dtype):
-    return a8.new_empty((a8.shape[0], b8.shape[1]), dtype=out_dtype)
 
 
 if triton is not None:
@@ -136,7 +111,7 @@ if triton is not None:
     @triton.jit
     def _rescale_kernel(p_ptr, out_ptr, sa_ptr, sb_ptr, M, N, stride_pm,
                         TRANSPOSE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # out = dtype(fp32(p) * (sa * sb)[:, None]), (M, N), or its transpose (N, M): `_rescale`,
+        # out = dtype(fp32(p) * (sa * sb)[:, None]), (M, N), or its transpose (N, M): `rescale`,
         # one multiply each, equal bytes. The transpose costs nothing more: the pass copies anyway.
         ms = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -151,7 +126,7 @@ if triton is not None:
 
 def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype=None,
                    block_m: int = 32, block_n: int = 128) -> Tensor:
-    """`_rescale` in one pass, into a new contiguous tensor: product (M, N) may be a padded matmul
+    """`rescale` in one pass, into a new contiguous tensor: product (M, N) may be a padded matmul
     output sliced to size (rows of unit stride, read as vectors; other strides are copied first).
     Eager PyTorch makes four passes (float, two multiplies, cast) over fp32 temporaries: ~0.3 ms
     for an 8192 x 4096 product on an H100, where one pass takes ~0.05 ms, against ~0.75 ms for
@@ -171,7 +146,7 @@ def quantize_column_major_reference(b: Tensor, scale: Tensor, strided_k: bool = 
     strided_k, b's rows (K) first padded and put in the strided order (`sparse24_cslt.to_strided_k`);
     its columns padded with zeros to a multiple of n_multiple."""
     b = cslt.to_strided_k(b, 0) if strided_k else b
-    return quantize(_pad_cols(b, n_multiple).t(), scale).contiguous().t()
+    return quantize(pad_cols(b, n_multiple).t(), scale).contiguous().t()
 
 
 def quantize_column_major_triton(b: Tensor, scale: Tensor, strided_k: bool = False, n_multiple: int = 1,
@@ -209,14 +184,14 @@ def fp8_exact_operands(m: int, k: int, n: int, seed: int = 0) -> tuple[Tensor, T
     return a.to(torch.bfloat16), (b * 0.25).to(torch.bfloat16)
 
 
-def _rescale(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype) -> Tensor:
+def rescale(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool, dtype) -> Tensor:
     """product (M, N) scaled by sa·sb per row, rounded to dtype; transpose_out: its transpose."""
     out = (product.float() * (sa * sb)[:, None]).to(dtype)  # one multiply per element, as the kernel does
     return out.t() if transpose_out else out
 
 
-def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool,
-                     transpose_out: bool, a_max: Tensor | None = None) -> Tensor:
+def fp8_mm_reference(a: Tensor, b: Tensor, *, select: bool = True, square: bool = False, relu: bool = False,
+                     transpose_out: bool = False, a_max: Tensor | None = None) -> Tensor:
     """The formula of the module docstring in plain PyTorch (any device, any float dtype)."""
     if relu:
         a = torch.relu(a)
@@ -227,11 +202,12 @@ def fp8_mm_reference(a: Tensor, b: Tensor, select: bool, square: bool, relu: boo
     sa = row_scale(values, False, False) if a_max is None else row_scale(a, square, False, a_max)
     sb = tensor_scale(b)
     product = quantize(values, sa[:, None]).float() @ quantize(b, sb).float()
-    return _rescale(product, sa, sb, transpose_out, a.dtype)
+    return rescale(product, sa, sb, transpose_out, a.dtype)
 
 
-def fp8_mm_cusparselt(a: Tensor, b: Tensor, select: bool, square: bool, relu: bool, transpose_out: bool,
-                      strided_k: bool = False, a_max: Tensor | None = None, scales_in_matmul: bool = True) -> Tensor:
+def fp8_mm_cusparselt(a: Tensor, b: Tensor, *, select: bool = True, square: bool = False, relu: bool = False,
+                      transpose_out: bool = False, strided_k: bool = False, a_max: Tensor | None = None,
+                      scales_in_matmul: bool = True) -> Tensor:
     """The same on Hopper: our pack into cuSPARSELt's FP8 layout + `torch._cslt_sparse_mm`, which
     scales the product in its epilogue; scales_in_matmul=False or transpose_out: a bf16 product +
     `rescale_triton`.

@@ -62,7 +62,7 @@ def to_fp8(graph: fx.Graph, mm: fx.Node) -> str | None:
         a8, sa = _quantize_rows(graph, a)
         bt8, sb = _quantize_rows(graph, bt)
         out = call(graph, torch.ops.fvcompile.fp8_scaled_mm.default, a8,
-                   call(graph, aten.permute.default, bt8, [1, 0]), sa, sb, mm.meta["val"].dtype)
+                   call(graph, aten.permute.default, bt8, [1, 0]), sa, sb, out_dtype=mm.meta["val"].dtype)
         if n_pad:
             out = call(graph, aten.slice.Tensor, out, 1, 0, n)
         if bias is not None:

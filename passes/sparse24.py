@@ -121,7 +121,6 @@ recompute r sparse where the forward ran dense): with a warm-up, r stays in memo
 """
 from __future__ import annotations
 
-import uuid as uuidlib
 from typing import Any
 
 import torch
@@ -130,6 +129,7 @@ from torch._inductor import config as inductor_config
 
 from fvcompile.kernels import sparse24 as k24
 from fvcompile.kernels import sparse24_backends as backends
+from fvcompile.kernels.sparse24_schedule import WarmupSchedule
 from fvcompile.passes import bmm_as_mm, fp8_matmuls, graph_utils, sparse24_config, sparse24_match, sparse24_steps
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
 from fvcompile.passes.graph_utils import gradient_only_nodes, module_path, op_counts, op_delta
@@ -153,14 +153,15 @@ class Sparse24(GraphPass):
             raise ValueError("Sparse24 takes a config or a recipe, not both")
         base = config if config is not None else sparse24_config.recipe(recipe) if recipe else Sparse24Config()
         self.config = base.replace(**options) if options else base
-        # A second Sparse24(warmup_steps=N) must not reuse the first one's compiled graph (and its
-        # step counters) from Inductor's cache: the token is part of the uuid.
-        self.schedule_token = uuidlib.uuid4().hex[:12] if self.config.warmup_steps else ""
+        # The warm-up's step counters belong to this pass object (kernels/sparse24_schedule.py).
+        self.schedule = WarmupSchedule(self.config.warmup_steps) if self.config.warmup_steps else None
 
     def options(self) -> dict[str, Any]:
         opts = self.config.options()
-        if self.config.warmup_steps:
-            opts["schedule_token"] = self.schedule_token
+        if self.schedule is not None:
+            # A second Sparse24(warmup_steps=N) must not reuse the first one's compiled graph (and
+            # with it the first one's counters) from Inductor's cache: the token is in the uuid.
+            opts["schedule_token"] = self.schedule.token
         return opts
 
     def pays_off_on(self, device: torch.device) -> bool:
@@ -214,9 +215,8 @@ class Sparse24(GraphPass):
             sites_per_module[module] = index + 1
             use_mm = config.sparse_mm or (config.sparse_mm is None and (on_cores or config.fp8))
             rewrite = SiteRewrite(graph, found, training, config.fp8, with_maxima=training and config.fp8 and use_mm)
-            if config.warmup_steps:
-                rewrite.schedule = f"{self.schedule_token}:{module or relu.name}#{index}"
-                rewrite.dense_steps = config.warmup_steps
+            if self.schedule is not None:
+                rewrite.schedule = self.schedule.key(f"{module or relu.name}#{index}")
             before = op_counts(graph)
             detail = "; ".join(phrase for step in steps_for(config, training, use_mm) for phrase in step(rewrite))
             detail += self._device_detail(ctx.device, on_cores)

@@ -42,16 +42,19 @@ class SiteRewrite:
     training: bool  # a joint graph (forward and backward), else an inference graph
     fp8: bool
     with_maxima: bool  # the selection also yields r's row and column maxima (FP8 scales)
-    schedule: str = ""  # the ops' warm-up schedule key ("": no warm-up)
-    dense_steps: int = 0
+    schedule: str = ""  # the ops' warm-up schedule key (`WarmupSchedule.key`; "": no warm-up)
     r: fx.Node | None = None  # the sparse relu (set by `sparse_relu`)
     row_max: fx.Node | None = None  # r's row maxima, where the selection yields them
     col_max: fx.Node | None = None
 
     def sparse_mm(self, a: fx.Node, b: fx.Node, **options) -> fx.Node:
-        """A sparse24_mm node of this site's schedule, at the insertion point."""
-        return self.graph.call_function(fvc.sparse24_mm.default, (a, b),
-                                        {"schedule": self.schedule, "dense_steps": self.dense_steps, **options})
+        """A sparse24_mm node (forward, dX) of this site's schedule, at the insertion point."""
+        return self.graph.call_function(fvc.sparse24_mm.default, (a, b), {"schedule": self.schedule, **options})
+
+    def weight_grad_mm(self, a: fx.Node, b: fx.Node, **options) -> fx.Node:
+        """A sparse24_weight_grad_mm node (dW1, dW2) of this site's schedule, at the insertion point."""
+        return self.graph.call_function(fvc.sparse24_weight_grad_mm.default, (a, b),
+                                        {"schedule": self.schedule, **options})
 
 
 Step = Callable[[SiteRewrite], list[str]]
@@ -84,18 +87,19 @@ def sparse_relu(rw: SiteRewrite) -> list[str]:
     """
     graph, relu = rw.graph, rw.site.relu
     h = relu.args[0]
-    args = (h, rw.schedule, rw.dense_steps, rw.training and bool(rw.schedule))
+    # In a training graph the sparse relu counts the warm-up's steps: one per forward call.
+    options = {"schedule": rw.schedule, "count_step": rw.training and bool(rw.schedule)}
     with graph.inserting_before(relu):
         if rw.with_maxima:
             # The selection also yields r's row and column maxima, the FP8 scales of the forward
             # matmul (rows) and of the sparse dW2 (columns), so that neither reads r for them.
-            both = graph.call_function(fvc.sparse24_relu_max.default, args)
-            both.meta = {**relu.meta, "val": fvc.sparse24_relu_max.default(h.meta["val"], *args[1:])}
+            both = graph.call_function(fvc.sparse24_relu_max.default, (h,), options)
+            both.meta = {**relu.meta, "val": fvc.sparse24_relu_max.default(h.meta["val"], **options)}
             rw.r, rw.row_max, rw.col_max = (graph.call_function(operator.getitem, (both, i)) for i in range(3))
             for i, node in enumerate((rw.r, rw.row_max, rw.col_max)):
                 node.meta = {**relu.meta, "val": both.meta["val"][i]}
         else:
-            rw.r = graph.call_function(fvc.sparse24_relu.default, args)
+            rw.r = graph.call_function(fvc.sparse24_relu.default, (h,), options)
             rw.r.meta = dict(relu.meta)
     if rw.training and rw.schedule:
         # This op counts the warm-up's steps: activation checkpointing must not recompute it in
@@ -121,11 +125,12 @@ def sparse_dw2(rw: SiteRewrite) -> list[str]:
                 d_y = transposed(graph, other) if is_transposed else other
                 # col_max (FP8): r's column maxima, the rows of rᵀ, from the selection's pass.
                 a_max = {"a_max": rw.col_max} if r is not None and rw.col_max is not None else {}
-                d_w = rw.sparse_mm(a_t, d_y, select=True, square=r is not None, transpose_out=is_transposed,
-                                   fp8=rw.fp8, strided_k=True, **a_max)
+                d_w = rw.weight_grad_mm(a_t, d_y, square=r is not None, transpose_out=is_transposed, fp8=rw.fp8,
+                                        **a_max)
             d_w.meta = dict(mm.meta)
             replace_node(graph, mm, d_w)
-            done.append("dW2 matmul -> sparse24_mm (2:4 along tokens" + (", reads r)" if r is not None else ")"))
+            done.append("dW2 matmul -> sparse24_weight_grad_mm (2:4 along tokens"
+                        + (", reads r)" if r is not None else ")"))
     return done
 
 
@@ -141,12 +146,12 @@ def sparse_dw1(rw: SiteRewrite) -> list[str]:
                 d_h_t = transposed(graph, d_h) if is_transposed else mm.args[0]
                 x = transposed(graph, other) if is_transposed else other
                 a_max = {"a_max": abs_max_node(graph, d_h, 0, mm)} if rw.fp8 else {}
-                d_w = rw.sparse_mm(d_h_t, x, select=True, transpose_out=is_transposed, fp8=rw.fp8, strided_k=True,
-                                   dense_rows=DENSE_FEATURES, row_counts=nonzero_count_node(graph, d_h, 0, mm),
-                                   **a_max)
+                d_w = rw.weight_grad_mm(d_h_t, x, transpose_out=is_transposed, fp8=rw.fp8, dense_rows=DENSE_FEATURES,
+                                        row_counts=nonzero_count_node(graph, d_h, 0, mm), **a_max)
             d_w.meta = dict(mm.meta)
             replace_node(graph, mm, d_w)
-            done.append(f"dW1 matmul -> sparse24_mm (2:4 along tokens, {DENSE_FEATURES:.0%} densest features dense)")
+            done.append(f"dW1 matmul -> sparse24_weight_grad_mm (2:4 along tokens, {DENSE_FEATURES:.0%} densest "
+                        "features dense)")
     return done
 
 
@@ -156,16 +161,18 @@ def sparse_forward(rw: SiteRewrite) -> list[str]:
     relu, 2:4, square and pack in one pass, and the sparse relu goes."""
     graph, site = rw.graph, rw.site
     base = rw.r if rw.training else rw.r.args[0]
-    fused = 0
+    fused = []  # the operands (views of r²) the sparse matmuls no longer read
     for mm, (operand, _) in zip(site.matmuls, site.operands):
         views = same_views(graph, operand, site.square, base, mm)
-        fused += views is not None
+        if views is not None:
+            fused.append(operand)
         to_sparse_mm(rw, mm, of_relu=views, from_h=not rw.training,
                      a_max=rw.row_max if views is not None else None)
     if not rw.training:
-        erase_unused(graph, site.square, rw.r)
+        for operand in fused:
+            erase_unused(graph, operand, rw.r)
     how = " (reads r, squares as it packs)" if rw.training else " (reads h: relu, 2:4, square, pack in one pass)"
-    return [f"{len(site.matmuls)} forward matmul(s) -> sparse24_mm" + (how if fused == len(site.matmuls) else "")]
+    return [f"{len(site.matmuls)} forward matmul(s) -> sparse24_mm" + (how if len(fused) == len(site.matmuls) else "")]
 
 
 def sparse_dx(rw: SiteRewrite) -> list[str]:
@@ -268,9 +275,10 @@ def nonzero_count_node(graph: fx.Graph, x: fx.Node, dim: int, before: fx.Node) -
         return call(graph, aten.sum.dim_IntList, call(graph, aten.ne.Scalar, x, 0), [dim])
 
 
-def erase_unused(graph: fx.Graph, square: fx.Node, sparse: fx.Node) -> None:
-    """Erase the square, the casts before it and the sparse relu where nothing reads them anymore."""
-    node = square
+def erase_unused(graph: fx.Graph, operand: fx.Node, sparse: fx.Node) -> None:
+    """Erase `operand` (views and casts of the square of the sparse relu), then what it read, up
+    to the sparse relu, while nothing reads them anymore."""
+    node = operand
     while node.op == "call_function" and not node.users:
         up = node.args[0]
         graph.erase_node(node)

@@ -7,7 +7,9 @@ run on the sparse tensor cores when the device has them.
 import pytest
 import torch
 
+import fvcompile.kernels  # noqa: F401 - registers the ops
 from fvcompile.kernels import sparse24 as s24
+from fvcompile.kernels.sparse24_schedule import WarmupSchedule
 
 pytest.importorskip("triton")
 
@@ -60,7 +62,8 @@ def test_relu_kernel_with_row_and_column_maxima(shape, dtype):
     assert rows.shape == (h.numel() // shape[-1],) and cols.shape == (shape[-1],) and rows.dtype == torch.float32
     # The op: the same, its fake gives the shapes, and in a dense warm-up the maxima are of relu(h).
     assert all(torch.equal(x, y) for x, y in zip(torch.ops.fvcompile.sparse24_relu_max(h), (r, rows, cols)))
-    dense = torch.ops.fvcompile.sparse24_relu_max(h, f"test-relu-max-{shape}-{dtype}", 1, True)  # step 0 of 1
+    schedule = WarmupSchedule(1)
+    dense = torch.ops.fvcompile.sparse24_relu_max(h, schedule=schedule.key("site"), count_step=True)  # step 0 of 1
     assert torch.equal(dense[0], torch.relu(h)) and torch.equal(dense[1], torch.relu(h).reshape(-1, shape[-1]).float().amax(1))
 
 
@@ -149,6 +152,9 @@ def test_fake_impls_give_shapes_and_dtypes():
             assert meta.shape == (32, 8) and meta.dtype == torch.int16
         out = torch.ops.fvcompile.sparse24_mm(torch.empty(21, 128), torch.empty(128, 40))
         assert out.shape == (21, 40) and out.dtype == torch.float32
+        out = torch.ops.fvcompile.sparse24_weight_grad_mm(torch.empty(128, 21), torch.empty(21, 40),
+                                                          transpose_out=True)
+        assert out.shape == (40, 128)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="opcheck runs the CPU path")
@@ -159,8 +165,11 @@ def test_opcheck():
     a = s24.sparse24_relu_reference(torch.randn(33, 64)).requires_grad_()
     torch.library.opcheck(torch.ops.fvcompile.sparse24_mm.default, (a, torch.randn(64, 8)))
     a_max = a.detach().abs().amax(1)
-    torch.library.opcheck(torch.ops.fvcompile.sparse24_mm.default, (a, torch.randn(64, 8)),
-                          {"fp8": True, "select": False, "a_max": a_max})
+    torch.library.opcheck(torch.ops.fvcompile.sparse24_mm.default, (a, torch.randn(64, 8), a_max),
+                          {"fp8": True, "select": False})
+    s = a.detach().t().contiguous().requires_grad_()  # (hidden, tokens): a weight gradient's operand
+    torch.library.opcheck(torch.ops.fvcompile.sparse24_weight_grad_mm.default, (s, torch.randn(33, 8)),
+                          {"square": True, "transpose_out": True, "dense_rows": 0.1})
     x16 = torch.randn(33, 64, dtype=torch.float16)
     torch.library.opcheck(torch.ops.fvcompile.relu2_sparse24_pack.default, (x16,))
     torch.library.opcheck(torch.ops.fvcompile.sparse24_pack.default, (x16,))
@@ -182,14 +191,33 @@ def test_compiled_cpu_graph_runs_the_reference():
 def test_dense_warmup_schedule():
     h = torch.randn(4, 64)
     dense, sparse = torch.relu(h), s24.sparse24_relu_reference(h)
-    key = "test-warmup-schedule"
-    relu = torch.ops.fvcompile.sparse24_relu
+    schedule = WarmupSchedule(2)
+    key = schedule.key("ffn#0")
+
+    def relu(count_step):
+        return torch.ops.fvcompile.sparse24_relu(h, schedule=key, count_step=count_step)
+
     # Before any counted step a reader is dense; steps 0 and 1 are dense, step 2 on sparse.
-    assert torch.equal(relu(h, key, 2, False), dense)
-    assert torch.equal(relu(h, key, 2, True), dense)  # step 0
-    assert torch.equal(relu(h, key, 2, False), dense)  # a reader in step 0
-    assert torch.equal(relu(h, key, 2, True), dense)  # step 1
-    assert torch.equal(relu(h, key, 2, True), sparse)  # step 2
-    assert torch.equal(relu(h, key, 2, False), sparse)
-    assert s24.warmup_steps_counted(key) == 3
-    assert torch.equal(relu(h), sparse)  # no schedule: always sparse
+    assert torch.equal(relu(False), dense)
+    assert torch.equal(relu(True), dense)  # step 0
+    assert torch.equal(relu(False), dense)  # a reader in step 0
+    assert torch.equal(relu(True), dense)  # step 1
+    assert torch.equal(relu(True), sparse)  # step 2
+    assert torch.equal(relu(False), sparse)
+    assert schedule.steps_counted("ffn#0") == 3 and schedule.counters() == {"ffn#0": 3}
+    assert torch.equal(torch.ops.fvcompile.sparse24_relu(h), sparse)  # no schedule: always sparse
+    schedule.reset()  # counted again from step 0
+    assert torch.equal(relu(True), dense) and schedule.steps_counted("ffn#0") == 1
+
+
+def test_warmup_schedule_goes_with_its_owner():
+    """The counters belong to the schedule (the pass that made it), not to the process: once the
+    schedule is freed, an op still naming it says so instead of guessing a step."""
+    import gc
+
+    schedule = WarmupSchedule(1)
+    key = schedule.key("ffn#0")
+    del schedule
+    gc.collect()
+    with pytest.raises(RuntimeError, match="is gone"):
+        torch.ops.fvcompile.sparse24_relu(torch.randn(4, 64), schedule=key)

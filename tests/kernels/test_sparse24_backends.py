@@ -62,22 +62,22 @@ def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend, s
     masked = s24.sparse24_mask_reference(a)
     operand = (masked.float() ** 2).half() if square else masked
     expected = operand.float() @ b.float()
-    torch.testing.assert_close(backends.SPARSE_MM[backend](a, b, True, square).float(), expected,
+    torch.testing.assert_close(backends.SPARSE_MM[backend](a, b, select=True, square=square).float(), expected,
                                **MM_TOL[torch.float16])
-    out = backends.SPARSE_MM[backend](masked, b, False, square)
+    out = backends.SPARSE_MM[backend](masked, b, select=False, square=square)
     assert out.shape == (50, 20)
     torch.testing.assert_close(out.float(), expected, **MM_TOL[torch.float16])
     # A transposed view (the weight gradient's operand) is read as it is.
     at = randn(128, 50, dtype=torch.float16).t()
-    torch.testing.assert_close(backends.SPARSE_MM[backend](at, b, True, False).float(),
+    torch.testing.assert_close(backends.SPARSE_MM[backend](at, b, select=True).float(),
                                s24.sparse24_mask_reference(at).float() @ b.float(), **MM_TOL[torch.float16])
     # transpose_out=True: the product transposed, contiguous (the weight gradient's layout).
-    transposed = backends.SPARSE_MM[backend](masked, b, False, square, False, True)
+    transposed = backends.SPARSE_MM[backend](masked, b, select=False, square=square, transpose_out=True)
     assert transposed.shape == (20, 50) and transposed.is_contiguous()
     torch.testing.assert_close(transposed.float(), expected.t(), **MM_TOL[torch.float16])
     # relu=True: h itself, relu'd before the selection.
     relu_h = s24.sparse24_mask_reference(torch.relu(a))
-    torch.testing.assert_close(backends.SPARSE_MM[backend](a, b, False, square, True).float(),
+    torch.testing.assert_close(backends.SPARSE_MM[backend](a, b, select=False, square=square, relu=True).float(),
                                ((relu_h.float() ** 2).half() if square else relu_h).float() @ b.float(),
                                **MM_TOL[torch.float16])
     assert backends._probe(backend, torch.device("cpu"))

@@ -9,6 +9,7 @@ from fvcompile.kernels import sparse24_backends as backends
 from fvcompile.kernels import sparse24_cslt as cslt
 from fvcompile.kernels import sparse24_fp8 as f8
 from fvcompile.kernels import sparse24_mm  # noqa: F401 - registers the sparse24_mm op
+from fvcompile.kernels.fp8_scaled_mm import scaled_mm_emulated
 from fvcompile.kernels.sparse24_cslt import cslt_sparse_mm_reference
 
 pytest.importorskip("triton")
@@ -25,7 +26,7 @@ def exact_operands(m, k, n, seed):
 @pytest.mark.parametrize("transpose_out", [False, True])
 def test_reference_is_exact_where_quantizing_is(transpose_out):
     a, b = exact_operands(40, 128, 24, seed=0)
-    out = f8.fp8_mm_reference(a, b, True, False, False, transpose_out)
+    out = f8.fp8_mm_reference(a, b, transpose_out=transpose_out)
     expected = (s24.sparse24_mask_reference(a).double() @ b.double()).to(torch.bfloat16)
     torch.testing.assert_close(out, expected.t() if transpose_out else expected, atol=0, rtol=0)
 
@@ -55,7 +56,7 @@ def test_op_emulates_the_reference_and_its_gradient_passes_straight_through():
     a = torch.randn(32, 128, generator=gen).requires_grad_()
     b = torch.randn(128, 16, generator=gen).requires_grad_()
     out = torch.ops.fvcompile.sparse24_mm(a, b, fp8=True)
-    assert torch.equal(out, f8.fp8_mm_reference(a.detach(), b.detach(), True, False, False, False))
+    assert torch.equal(out, f8.fp8_mm_reference(a.detach(), b.detach()))
     out.backward(torch.ones_like(out))
     a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     torch.ops.fvcompile.sparse24_mm(a2, b2).backward(torch.ones_like(out))
@@ -102,8 +103,8 @@ def cusparselt_fp8_on_cpu(monkeypatch):
 @pytest.mark.parametrize("m", [64, 37])
 def test_hopper_path_equals_the_reference(cusparselt_fp8_on_cpu, transpose_out, m, scales_in_matmul):
     a, b = exact_operands(m, 128, 24, seed=m)  # 24 columns: padded to 16s for FP8, sliced back
-    got = f8.fp8_mm_cusparselt(a, b, True, False, False, transpose_out, scales_in_matmul=scales_in_matmul)
-    expected = f8.fp8_mm_reference(a, b, True, False, False, transpose_out)
+    got = f8.fp8_mm_cusparselt(a, b, transpose_out=transpose_out, scales_in_matmul=scales_in_matmul)
+    expected = f8.fp8_mm_reference(a, b, transpose_out=transpose_out)
     assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
@@ -120,11 +121,11 @@ def test_scales_in_the_matmul_round_once(cusparselt_fp8_on_cpu, monkeypatch, dty
     gen = torch.Generator().manual_seed(11)
     a = torch.randn(70, 128, generator=gen).to(dtype)
     b = torch.randn(128, 32, generator=gen).to(dtype)
-    expected = f8.fp8_mm_reference(a, b, True, False, False, False)
+    expected = f8.fp8_mm_reference(a, b)
     assert expected.dtype == dtype
-    got = f8.fp8_mm_cusparselt(a, b, True, False, False, False, scales_in_matmul=True)
+    got = f8.fp8_mm_cusparselt(a, b, scales_in_matmul=True)
     assert torch.equal(got, expected)
-    twice = f8.fp8_mm_cusparselt(a, b, True, False, False, False, scales_in_matmul=False)
+    twice = f8.fp8_mm_cusparselt(a, b, scales_in_matmul=False)
     # bf16's rounding (2⁻⁹), then a's dtype's: an fp16 ulp, or two bf16 ulps (the interpreter truncates)
     torch.testing.assert_close(twice, expected, atol=1e-2, rtol=2 ** -8 if dtype == torch.float16 else 2 ** -6)
     assert not torch.equal(twice, expected)  # the second rounding shows on random operands
@@ -170,7 +171,7 @@ def test_rescale_kernel_equals_the_formula(dtype, transpose_out):
     got = f8.rescale_triton(product, sa, sb, transpose_out, dtype)
     assert got.shape == ((131, 67) if transpose_out else (67, 131))
     assert got.is_contiguous() and got.dtype == dtype and torch.isfinite(got).all()
-    expected = f8._rescale(product, sa, sb, transpose_out, dtype)
+    expected = f8.rescale(product, sa, sb, transpose_out, dtype)
     ulps = (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs().max().item()
     # The interpreter rounds fp32 -> bf16 by truncation (GPUs round to nearest): one ulp there.
     assert ulps <= (1 if dtype == torch.bfloat16 and DEVICE == "cpu" else 0)
@@ -193,8 +194,8 @@ def test_a_max_from_an_earlier_pass_gives_the_same_numbers(flags):
 def test_hopper_path_with_a_max(cusparselt_fp8_on_cpu):
     a, b = exact_operands(64, 128, 24, seed=3)
     a_max = s24.sparse24_mask_reference(a).float().abs().amax(1)
-    got = f8.fp8_mm_cusparselt(a, b, True, False, False, False, a_max=a_max)
-    torch.testing.assert_close(got, f8.fp8_mm_reference(a, b, True, False, False, False), atol=0, rtol=0)
+    got = f8.fp8_mm_cusparselt(a, b, a_max=a_max)
+    torch.testing.assert_close(got, f8.fp8_mm_reference(a, b), atol=0, rtol=0)
 
 
 def test_dense_rowwise_fp8_mm_is_exact_where_quantizing_is():
@@ -225,4 +226,4 @@ def test_scaled_mm_emulation_is_scaled_mm():
     expected = torch._scaled_mm(a8, b8, scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16)
     # Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (~1e-3 of the largest entry)
     atol = 2e-3 * expected.abs().max().item() if DEVICE == "cuda" else 0
-    torch.testing.assert_close(f8.scaled_mm_emulated(a8, b8, sa, sb), expected, atol=atol, rtol=2 ** -8)
+    torch.testing.assert_close(scaled_mm_emulated(a8, b8, sa, sb), expected, atol=atol, rtol=2 ** -8)

@@ -1,8 +1,10 @@
-"""The 2:4 matmul op `sparse24_mm` against masked dense matmuls (CPU: its emulation; a GPU with
-2:4 sparse tensor cores: the real sparse matmul)."""
+"""The 2:4 matmul ops `sparse24_mm` (forward, dX) and `sparse24_weight_grad_mm` (K = tokens)
+against masked dense matmuls (CPU: their emulation; a GPU with 2:4 sparse tensor cores: the real
+sparse matmul)."""
 import pytest
 import torch
 
+import fvcompile.kernels  # noqa: F401 - registers the ops
 from fvcompile.kernels import sparse24 as s24
 from test_sparse24 import MM_TOL, randn  # tests/kernels/, beside this file
 
@@ -39,8 +41,10 @@ def test_sparse24_mm_square_and_relu_prologues(square, relu, transpose_out):
     a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
     a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
     g = randn(*((16, 40) if transpose_out else (40, 16)), dtype=torch.float64)
-    out = torch.ops.fvcompile.sparse24_mm(a1, b1, select=not relu, square=square, relu=relu,
-                                          transpose_out=transpose_out)
+    if transpose_out:  # a weight gradient's layout: the op of that role (no relu prologue there)
+        out = torch.ops.fvcompile.sparse24_weight_grad_mm(a1, b1, square=square, transpose_out=True, strided_k=False)
+    else:
+        out = torch.ops.fvcompile.sparse24_mm(a1, b1, select=not relu, square=square, relu=relu)
     assert out.is_contiguous()
     expected = formula(a2, b2)
     torch.testing.assert_close(out, expected)
@@ -68,7 +72,7 @@ def test_sparse_mm_strided_k_selects_in_the_strided_order(k):
     gen = torch.Generator().manual_seed(7)
     a = torch.randn(12, k, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(k, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    out = torch.ops.fvcompile.sparse24_mm(a, b, strided_k=True)
+    out = torch.ops.fvcompile.sparse24_weight_grad_mm(a, b)  # strided_k=True, its default
     order = strided_order(64)  # K padded with zeros to 64 first
     padded = torch.nn.functional.pad(a.detach(), (0, 64 - k))
     keep = torch.zeros_like(padded, dtype=torch.bool)
@@ -76,7 +80,7 @@ def test_sparse_mm_strided_k_selects_in_the_strided_order(k):
     keep = keep[:, :k]
     expected = torch.where(keep, a.detach(), 0) @ b.detach()
     torch.testing.assert_close(out, expected)
-    assert not torch.allclose(out, torch.ops.fvcompile.sparse24_mm(a, b))  # the grouping matters
+    assert not torch.allclose(out, torch.ops.fvcompile.sparse24_weight_grad_mm(a, b, strided_k=False))  # it matters
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(a.grad, (torch.ones_like(out) @ b.detach().t()) * keep)
     torch.testing.assert_close(b.grad, torch.where(keep, a.detach(), 0).t() @ torch.ones_like(out))
