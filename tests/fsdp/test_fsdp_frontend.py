@@ -2,6 +2,8 @@
 collectives move no data), so these tests check structure, not numbers: placements per mode,
 the model's own names and state_dict keys, and the collectives in the graphs that
 `fvcompile.optimize(fullgraph=True)` traces (counted, forward and backward)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +15,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 import fvcompile
 from fvcompile.fsdp import MixedPrecisionPolicy, simple_fsdp
 from fvcompile.models import get
+from fvcompile.models.llama import Llama
 
 WORLD_SIZE = 4
 ALL_GATHER = "_c10d_functional.all_gather_into_tensor.default"
@@ -29,28 +32,42 @@ def fake_world():
     dist.destroy_process_group()
 
 
-class RecordOps(fvcompile.GraphPass):
-    """Changes nothing: its runs record the ops of the forward and the backward graph."""
+class RecordCollectives(fvcompile.GraphPass):
+    """Changes nothing: records the dtype of every collective's input, per graph."""
 
-    name = "record_ops"
+    name = "record_collectives"
     hook = "post_grad"
 
+    def __init__(self):
+        self.dtypes = {}  # graph kind -> [(op name, dtype)]
+
     def run(self, gm, ctx):
+        self.dtypes[ctx.graph_kind] = [
+            (str(n.target), n.args[0].meta["val"].dtype) for n in gm.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("_c10d_functional.")
+            and "wait_tensor" not in str(n.target)]
         return fvcompile.PassResult()
 
 
-def _traced_collectives(model, spec) -> dict[str, dict[str, int]]:
-    optimized = fvcompile.optimize(model, passes=[RecordOps()], fullgraph=True, codegen=False)
+def _traced_collectives(model, spec, *, dtypes: bool = False) -> dict[str, dict]:
+    """{graph kind: {op: count}} (or {graph kind: {(op, dtype): count}}) of the collectives in the
+    training graphs `optimize(fullgraph=True, codegen=False)` traces."""
+    record = RecordCollectives()
+    optimized = fvcompile.optimize(model, passes=[record], fullgraph=True, codegen=False)
     spec.train_step(optimized, spec.train_batch(model, 2)).backward()
-    runs = optimized.fvcompile_report.pass_runs("record_ops")
-    assert [r.graph_kind for r in runs] == ["forward", "backward"]  # one graph: no break
-    return {r.graph_kind: {op: n for op, n in r.ops_before.items() if op.startswith("_c10d")} for r in runs}
+    assert list(record.dtypes) == ["forward", "backward"]  # one graph: no break
+    counts = {}
+    for kind, found in record.dtypes.items():
+        keys = found if dtypes else [op for op, _ in found]
+        counts[kind] = {key: keys.count(key) for key in keys}
+    return counts
 
 
 def _wrapped_llama(mode, mesh_shape, **kwargs):
+    # llama-tiny with one block: the structure of two, at half the trace time.
     spec = get("llama-tiny")
     torch.manual_seed(0)
-    model = spec.build()
+    model = Llama(dataclasses.replace(spec.extra["config"], n_layers=1))
     names = [n for n, _ in model.named_parameters()]
     keys = list(model.state_dict())
     shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -76,7 +93,7 @@ def test_fully_shard(fake_world):
     # One all-gather per parameter in the forward; in the backward every parameter's gradient is
     # reduce-scattered and the gathers are recomputed (reshard after forward), except the
     # embedding's: its backward needs the token ids, not the weight.
-    assert ops["forward"] == {ALL_GATHER: n, "_c10d_functional.wait_tensor.default": n}
+    assert ops["forward"] == {ALL_GATHER: n}
     assert ops["backward"][REDUCE_SCATTER] == n
     assert ops["backward"][ALL_GATHER] == n - 1
     assert ALL_REDUCE not in ops["backward"]
@@ -95,7 +112,7 @@ def test_replicate(fake_world):
     assert all(p.placements == (Replicate(),) and p.to_local().shape == p.shape for p in model.parameters())
     ops = _traced_collectives(model, spec)
     assert ops["forward"] == {}  # nothing to gather
-    assert ops["backward"] == {ALL_REDUCE: n, "_c10d_functional.wait_tensor.default": n}
+    assert ops["backward"] == {ALL_REDUCE: n}
 
 
 def test_hybrid_shard(fake_world):
@@ -111,13 +128,17 @@ def test_hybrid_shard(fake_world):
     assert ops["backward"][ALL_GATHER] == n - 1
 
 
-def test_mixed_precision_gathers_in_param_dtype(fake_world):
+def test_mixed_precision_gathers_in_param_dtype_and_reduces_in_reduce_dtype(fake_world):
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     spec, model, n = _wrapped_llama("fully_shard", (WORLD_SIZE,), mp_policy=policy)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights
     assert model.output.weight.dtype == torch.bfloat16  # what the forward computes with
     spec.train_step(model, spec.train_batch(model, 2)).backward()  # eager
     assert all(p.grad.dtype == torch.float32 and p.grad.placements == (Shard(0),) for p in model.parameters())
+    model.zero_grad()
+    ops = _traced_collectives(model, spec, dtypes=True)
+    assert ops["forward"] == {(ALL_GATHER, torch.bfloat16): n}
+    assert ops["backward"] == {(ALL_GATHER, torch.bfloat16): n - 1, (REDUCE_SCATTER, torch.float32): n}
 
 
 def test_tied_weights_stay_shared(fake_world):
