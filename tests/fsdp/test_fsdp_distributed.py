@@ -88,20 +88,20 @@ def _worker(rank, tmp, jobs):
             simple_fsdp(model, mesh, mode=mode, mp_policy=policy)
             load_checkpoint(model, f"{tmp}/init")  # saved by one process, loaded on two
             losses = _train(model, spec, batch, rank, compile_)
-            grads_dtype = {p.dtype for p in model.parameters()}
+            param_dtypes = {p.dtype for p in model.parameters()}
             state = {k: v.detach().clone() for k, v in full_state_dict(model).items()}
             if save:
                 save_checkpoint(model, f"{tmp}/{save}")
             if job.get("optimizer_roundtrip"):
-                _check_optimizer_roundtrip(model, spec, mesh, f"{tmp}/with_optimizer")
-            results[job["name"]] = {"losses": losses, "state": state, "param_dtypes": grads_dtype}
+                _check_optimizer_roundtrip(model, spec, f"{tmp}/with_optimizer")
+            results[job["name"]] = {"losses": losses, "state": state, "param_dtypes": param_dtypes}
         if rank == 0:
             torch.save(results, f"{tmp}/results.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _check_optimizer_roundtrip(model, spec, mesh, path):
+def _check_optimizer_roundtrip(model, spec, path):
     """Model and optimizer state saved in one mode load into a model wrapped in another (other
     placements: the checkpoint reshards) and a fresh optimizer, by parameter name."""
     from fvcompile.fsdp import full_state_dict, load_checkpoint, save_checkpoint, simple_fsdp

@@ -141,6 +141,32 @@ def test_mixed_precision_gathers_in_param_dtype_and_reduces_in_reduce_dtype(fake
     assert ops["backward"] == {(ALL_GATHER, torch.bfloat16): n - 1, (REDUCE_SCATTER, torch.float32): n}
 
 
+def test_third_party_module_written_the_usual_way(fake_world):
+    """torch's own TransformerEncoderLayer: parameters read as attributes deep inside
+    MultiheadAttention (in_proj_weight, out_proj.weight) are gathered like any other."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    keys = list(model.state_dict())
+    simple_fsdp(model, init_device_mesh("cpu", (WORLD_SIZE,)))
+    assert list(model.state_dict()) == keys
+    n = len(list(model.parameters()))
+    record = RecordCollectives()
+    optimized = fvcompile.optimize(model, passes=[record], fullgraph=True, codegen=False)
+    optimized(torch.randn(2, 5, 16)).sum().backward()
+    assert [op for op, _ in record.dtypes["forward"]] == [ALL_GATHER] * n
+    assert [op for op, _ in record.dtypes["backward"]].count(REDUCE_SCATTER) == n
+    assert all(p.grad is not None and p.grad.placements == (Shard(0),) for p in model.parameters())
+
+
+def test_fsdp2_mixed_precision_policy_is_accepted():
+    from torch.distributed.fsdp import MixedPrecisionPolicy as FSDP2Policy
+
+    ours = MixedPrecisionPolicy.from_any(FSDP2Policy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    assert ours == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    with pytest.raises(ValueError, match="output_dtype"):
+        MixedPrecisionPolicy.from_any(FSDP2Policy(output_dtype=torch.float32))
+
+
 def test_tied_weights_stay_shared(fake_world):
     class Tied(nn.Module):
         def __init__(self):
