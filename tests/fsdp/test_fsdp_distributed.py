@@ -48,7 +48,7 @@ def _reference(tmp_path):
 def _train(model, spec, batch, rank, compile_: bool):
     from fvcompile import optimize
 
-    optimizer = model.optimizer = _optimizer(model.parameters())
+    optimizer = _optimizer(model.parameters())
     step_model = optimize(model, fullgraph=True, codegen=False) if compile_ else model
     local = tuple(t.chunk(WORLD_SIZE)[rank] for t in batch)
     losses = []
@@ -63,7 +63,7 @@ def _train(model, spec, batch, rank, compile_: bool):
     if compile_:
         report = step_model.fvcompile_report  # every step ran the one compiled graph
         assert (report.graph_calls, report.eager_calls, len(report.graphs)) == (STEPS, 0, 1), report.summary()
-    return losses
+    return losses, optimizer
 
 
 def _worker(rank, tmp, jobs):
@@ -87,13 +87,13 @@ def _worker(rank, tmp, jobs):
             policy = MixedPrecisionPolicy(param_dtype=mp, reduce_dtype=torch.float32) if mp else None
             simple_fsdp(model, mesh, mode=mode, mp_policy=policy)
             load_checkpoint(model, f"{tmp}/init")  # saved by one process, loaded on two
-            losses = _train(model, spec, batch, rank, compile_)
+            losses, optimizer = _train(model, spec, batch, rank, compile_)
             param_dtypes = {p.dtype for p in model.parameters()}
             state = {k: v.detach().clone() for k, v in full_state_dict(model).items()}
             if save:
                 save_checkpoint(model, f"{tmp}/{save}")
             if job.get("optimizer_roundtrip"):
-                _check_optimizer_roundtrip(model, spec, f"{tmp}/with_optimizer")
+                _check_optimizer_roundtrip(model, optimizer, spec, f"{tmp}/with_optimizer")
             results[job["name"]] = {"losses": losses, "state": state, "param_dtypes": param_dtypes}
         if rank == 0:
             torch.save(results, f"{tmp}/results.pt")
@@ -101,19 +101,19 @@ def _worker(rank, tmp, jobs):
         dist.destroy_process_group()
 
 
-def _check_optimizer_roundtrip(model, spec, path):
+def _check_optimizer_roundtrip(model, optimizer, spec, path):
     """Model and optimizer state saved in one mode load into a model wrapped in another (other
     placements: the checkpoint reshards) and a fresh optimizer, by parameter name."""
     from fvcompile.fsdp import full_state_dict, load_checkpoint, save_checkpoint, simple_fsdp
 
-    save_checkpoint(model, path, model.optimizer)
-    momentum = {n: model.optimizer.state[p]["momentum_buffer"].full_tensor() for n, p in model.named_parameters()}
+    save_checkpoint(model, path, optimizer)
+    momentum = {n: optimizer.state[p]["momentum_buffer"].full_tensor() for n, p in model.named_parameters()}
     other = simple_fsdp(spec.build(), _mesh_1d(), mode="replicate")
-    optimizer = _optimizer(other.parameters())
-    load_checkpoint(other, path, optimizer)
+    other_optimizer = _optimizer(other.parameters())
+    load_checkpoint(other, path, other_optimizer)
     _assert_same_state(full_state_dict(other), full_state_dict(model), atol=0, rtol=0)
     for n, p in other.named_parameters():
-        torch.testing.assert_close(optimizer.state[p]["momentum_buffer"].full_tensor(), momentum[n], atol=0, rtol=0, msg=n)
+        torch.testing.assert_close(other_optimizer.state[p]["momentum_buffer"].full_tensor(), momentum[n], atol=0, rtol=0, msg=n)
 
 
 def _mesh_1d():
