@@ -193,3 +193,18 @@ def test_bad_arguments_are_clear_errors(fake_world):
     model = simple_fsdp(nn.Linear(4, 4), mesh)
     with pytest.raises(ValueError, match="DTensors already"):
         simple_fsdp(model, mesh)
+
+
+def test_meta_device_model_wraps_with_no_memory():
+    """What the cluster simulation needs: Llama-3 8B built on the meta device wraps on a 64-rank
+    hybrid mesh (8 x 8) of a fake process group, each rank holding 1/8 of every weight."""
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=64)
+    try:
+        with torch.device("meta"):
+            model = get("llama3-8b").build()
+        simple_fsdp(model, init_device_mesh("cpu", (8, 8)), mode="hybrid_shard")
+        shard = model.layers[0].attention.wq._parameters["weight"]
+        assert shard.placements == (Replicate(), Shard(0)) and shard.device.type == "meta"
+        assert shard.to_local().shape == (4096 // 8, 4096)
+    finally:
+        dist.destroy_process_group()
