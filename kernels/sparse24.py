@@ -84,7 +84,7 @@ def sparse24_mask_reference(x: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _keep_top2(s0, s1, s2, s3):
+    def keep_top2(s0, s1, s2, s3):
         # Keep a value when fewer than 2 of the others beat it; on a tie the lower index wins.
         k0 = ((s1 > s0).to(tl.int32) + (s2 > s0).to(tl.int32) + (s3 > s0).to(tl.int32)) < 2
         k1 = ((s0 >= s1).to(tl.int32) + (s2 > s1).to(tl.int32) + (s3 > s1).to(tl.int32)) < 2
@@ -93,7 +93,7 @@ if triton is not None:
         return k0, k1, k2, k3
 
     @triton.jit
-    def _split4(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def split4(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # (BLOCK_M, BLOCK_K) -> the 4 members of each group of 4 columns, each (BLOCK_M, BLOCK_K/4, 1).
         # [g, i, j] of the reshape is column 4g + 2i + j.
         even, odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # j = 0, j = 1
@@ -102,8 +102,8 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
-    def _join4(x0, x1, x2, x3, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # The inverse of _split4.
+    def join4(x0, x1, x2, x3, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # The inverse of split4.
         return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BLOCK_M, BLOCK_K))
 
     @triton.jit
@@ -115,8 +115,8 @@ if triton is not None:
         # view (the weight gradient selects along tokens): the tile load reads it in place.
         # WITH_MAX: also the largest kept |value| of each of the tile's rows and columns, into
         # row_part (M, tiles along K) and col_part (tiles along M, K): the FP8 scales of both
-        # matmuls that read the output, once reduced. Plain stores: atomic maxima, 512 per column
-        # at 8192 tokens, made this kernel 3.5x slower (0.67 ms against 0.19 ms, H200).
+        # matmuls that read the output, once reduced. Plain stores: atomic maxima (one per tile
+        # and column) made this kernel several times slower.
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)  # K % 4 == 0: groups are all in or all out
@@ -126,11 +126,11 @@ if triton is not None:
         x = x.to(tl.float32)
         if RELU:
             x = tl.maximum(x, 0.0)
-            s0, s1, s2, s3 = _split4(x, BLOCK_M, BLOCK_K)
+            s0, s1, s2, s3 = split4(x, BLOCK_M, BLOCK_K)
         else:
-            s0, s1, s2, s3 = _split4(tl.abs(x), BLOCK_M, BLOCK_K)
-        k0, k1, k2, k3 = _keep_top2(s0, s1, s2, s3)
-        keep = _join4(k0.to(tl.int8), k1.to(tl.int8), k2.to(tl.int8), k3.to(tl.int8), BLOCK_M, BLOCK_K)
+            s0, s1, s2, s3 = split4(tl.abs(x), BLOCK_M, BLOCK_K)
+        k0, k1, k2, k3 = keep_top2(s0, s1, s2, s3)
+        keep = join4(k0.to(tl.int8), k1.to(tl.int8), k2.to(tl.int8), k3.to(tl.int8), BLOCK_M, BLOCK_K)
         out = tl.where(keep != 0, x, 0.0).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
         if WITH_MAX:
@@ -141,7 +141,7 @@ if triton is not None:
             tl.store(col_part_ptr + tl.program_id(0) * K + cols, tl.max(kept, 0).to(part_ty), mask=cols < K)
 
     @triton.jit
-    def _pick(idx, w0, w1, w2, w3):
+    def pick(idx, w0, w1, w2, w3):
         return tl.where(idx == 0, w0, tl.where(idx == 1, w1, tl.where(idx == 2, w2, w3)))
 
 def unit_stride_dim(x: Tensor) -> int:

@@ -9,7 +9,7 @@ failing sparse matmul can break the CUDA context of the process it runs in):
   `torch._cslt_sparse_mm`, the algorithm searched once per shape (`cslt_plan`); the FP8 matmul
   (kernels/sparse24_fp8.py) runs here only, with its own probe;
 - "cusparselt-compress", the last resort: `torch._cslt_compress` + `torch._cslt_sparse_mm`,
-  correct on every GPU but slow (6.7 ms where our pack takes 0.2 ms on an H100).
+  correct on every GPU but slow (cuSPARSELt's compress runs far below memory speed).
 
 Each takes (a, b, *, select, square, relu, transpose_out) as `sparse24_matmul` (kernels/sparse24_mm.py)
 does, with `a` of a dtype in PACK_DTYPES and K a multiple of ALIGN_K.
@@ -42,10 +42,9 @@ def cslt_plan(compressed: Tensor, b: Tensor, transpose_out: bool, out_dtype=None
     and, where this build's search reports them (`torch._C._cusparselt.mm_search`), its split-K
     settings; {} (the defaults) where there is no search, or where the probe turned it off.
 
-    A transposed result takes the defaults: on an H200 (torch 2.11+cu130, cuSPARSELt 0.8,
-    2026-11-26) the search with transpose_result=True fails with "internal error" and leaves the
-    CUDA context broken (illegal instruction at the next kernel), while the matmul itself is right
-    (bench/diag/cslt_diag.py)."""
+    A transposed result takes the defaults: the search with transpose_result=True can fail with
+    "internal error" and leave the CUDA context broken (illegal instruction at the next kernel),
+    while the matmul itself is right (bench/diag/cslt_diag.py)."""
     if transpose_out or not _cslt_search:
         return {}
     key = (tuple(compressed.shape), tuple(b.shape), b.stride(), b.dtype, b.device, out_dtype, alpha is not None)
@@ -136,7 +135,7 @@ def first_working_backend(device) -> str | None:
 
 # The child searches the parent's sys.path first, in the parent's order: a PYTHONPATH would come
 # after the child's cwd, where a checkout's bare fvcompile/ folder can shadow the package that the
-# parent imported (it did on the GPU machine, 2026-11-27: "No module named 'fvcompile.passes'").
+# parent imported (it did on a GPU machine: "No module named 'fvcompile.passes'").
 _PROBE_CHILD = ("import sys; sys.path[:0] = {path!r}; "
                 "from fvcompile.kernels.sparse24_backends import probe_report; probe_report({device!r})")
 
@@ -166,7 +165,7 @@ def fp8_probe(device, scales_in_matmul: bool = False) -> str:
             got = fp8_mm_cusparselt(a, b, transpose_out=transpose_out, scales_in_matmul=scales_in_matmul)
             expected = fp8_mm_reference(a, b, transpose_out=transpose_out)
             # Relative to the largest entry: Hopper's FP8 tensor cores accumulate with fewer bits
-            # than fp32 (H200: errors ~7e-4 of the largest), which elementwise rtol fails near zero.
+            # than fp32, which elementwise rtol fails near zero.
             got, expected = got.float(), expected.float()
             return bool((got - expected).abs().max() <= 1e-2 * expected.abs().max())
         except Exception:  # noqa: BLE001 - any failure means "not here"
@@ -184,8 +183,8 @@ class ProbeResult(NamedTuple):
 
 def _probe_in_child(device: str) -> ProbeResult:
     """Probe in a process of its own: a sparse matmul that fails can leave the CUDA context broken,
-    which no exception handler can undo (on an H200 on 2026-11-26 a failing cuSPARSELt search was
-    followed by an illegal instruction at every later kernel). Where no backend works with
+    which no exception handler can undo (a failing cuSPARSELt search has been followed by an
+    illegal instruction at every later kernel). Where no backend works with
     cuSPARSELt's algorithm search and one does without it, this process stops searching (`cslt_plan`
     takes the defaults) and warns."""
     global _cslt_search, cslt_search_off

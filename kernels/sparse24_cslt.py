@@ -1,11 +1,10 @@
 """2:4 selection + packing straight into cuSPARSELt's compressed format (Hopper), in one pass.
 
-`torch._cslt_compress` turns a 2:4 tensor into the operand of `torch._cslt_sparse_mm`, but on an
-H100 it runs at ~80 GB/s: 6.7 ms for an 8192 x 21504 bf16 activation, 3.7x the sparse matmul it
-feeds (bench/results, 2026-11-26). This kernel selects (2 largest magnitudes of every 4 along the
-last dim; optionally of relu(x), and optionally squaring the kept values: relu(h)² straight from h)
-and writes the same bytes at memory speed (0.20 ms there), reading strided inputs (a transposed
-view) in place.
+`torch._cslt_compress` turns a 2:4 tensor into the operand of `torch._cslt_sparse_mm`, but runs
+far below memory speed, slower than the sparse matmul it feeds. This kernel selects (2 largest
+magnitudes of every 4 along the last dim; optionally of relu(x), and optionally squaring the kept
+values: relu(h)² straight from h) and writes the same bytes in one pass at memory speed, reading
+strided inputs (a transposed view) in place.
 
 The format, as `torch._cslt_compress` writes it for 16-bit types on sm90 (measured with
 bench/cslt_layout_probe.py; the probe's outputs are the test fixture tests/kernels/data/):
@@ -185,7 +184,7 @@ def cslt_sparse_mm_reference(compressed: Tensor, b: Tensor, bias=None, alpha: Te
 if triton is not None:
     import triton.language as tl
 
-    from fvcompile.kernels.sparse24 import _keep_top2, _pick, _split4
+    from fvcompile.kernels.sparse24 import keep_top2, pick, split4
 
     @triton.jit
     def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, scale_ptr, M, M_pad, K, K_IN, stride_xm, stride_xk,
@@ -206,13 +205,13 @@ if triton is not None:
         x = x.to(tl.float32)
         if RELU:
             x = tl.maximum(x, 0.0)
-        x0, x1, x2, x3 = _split4(x, BLOCK_M, BLOCK_K)
-        k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
+        x0, x1, x2, x3 = split4(x, BLOCK_M, BLOCK_K)
+        k0, k1, k2, k3 = keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
         # Exactly 2 are kept: the first is at 0, 1 or 2, the second at 1, 2 or 3.
         idx0 = tl.where(k0, 0, tl.where(k1, 1, 2))
         idx1 = tl.where(k3, 3, tl.where(k2, 2, 1))
-        v0 = _pick(idx0, x0, x1, x2, x3)
-        v1 = _pick(idx1, x0, x1, x2, x3)
+        v0 = pick(idx0, x0, x1, x2, x3)
+        v1 = pick(idx1, x0, x1, x2, x3)
         if SQUARE:
             v0 = v0 * v0
             v1 = v1 * v1

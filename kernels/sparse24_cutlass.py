@@ -1,11 +1,10 @@
 """2:4 packing in CUTLASS's layout: what `torch._sparse_semi_structured_mm` reads, on sm8x GPUs.
 
 The sparse matmul backend "cutlass" of `kernels/sparse24_backends.py` (PyTorch's CUTLASS kernel
-runs on sm8x only; Hopper takes cuSPARSELt's layout, `kernels/sparse24_cslt.py`). Ops:
-
-- `relu2_sparse24_pack(h) -> (values, meta)`: fused relu, square, 2:4 selection and packing.
-- `sparse24_pack(x) -> (values, meta)`: the same for any tensor (2 of 4 by magnitude); exact for
-  a tensor that already is 2:4.
+runs on sm8x only; Hopper takes cuSPARSELt's layout, `kernels/sparse24_cslt.py`). Its op:
+`sparse24_pack(x) -> (values, meta)`, x with the 2 largest magnitudes of every 4 kept, packed (exact
+for a tensor that already is 2:4); `relu2_sparse24_pack` (kernels/relu2_sparse24_pack.py) fuses
+relu and square into the same kernel.
 
 The Triton kernel is checked against PyTorch's own conversion,
 `torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass`
@@ -26,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fvcompile.kernels.sparse24 import (PACK_DTYPES, need_triton, pad_cols, sparse24_mask_reference,
-                                        sparse24_relu_reference, squared, triton, unit_stride_dim, use_triton)
+from fvcompile.kernels.sparse24 import (PACK_DTYPES, need_triton, pad_cols, sparse24_mask_reference, squared, triton,
+                                        unit_stride_dim, use_triton)
 
 ALIGN_M = 32  # metadata is reordered in blocks of 32 rows: M is padded to this
 
@@ -53,13 +52,13 @@ def unpack_reference(values: Tensor, meta: Tensor, rows: int) -> Tensor:
     return sparse_semi_structured_to_dense_cutlass(values, meta)[:rows]
 
 
-def _as_rows(x: Tensor) -> Tensor:
+def as_rows(x: Tensor) -> Tensor:
     """(..., K) -> (M, K) with unit stride along K."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _check_packable(x: Tensor) -> None:
+def check_packable(x: Tensor) -> None:
     if x.dtype not in PACK_DTYPES:
         raise ValueError(f"2:4 packing needs fp16 or bf16, got {x.dtype} (CUTLASS packs fp32 as 1:2)")
     if x.shape[-1] % 32:
@@ -69,7 +68,7 @@ def _check_packable(x: Tensor) -> None:
 if triton is not None:
     import triton.language as tl
 
-    from fvcompile.kernels.sparse24 import _keep_top2, _pick, _split4
+    from fvcompile.kernels.sparse24 import keep_top2, pick, split4
 
     @triton.jit
     def _cutlass_indices(m0, m1, m3):
@@ -113,8 +112,8 @@ if triton is not None:
         x = x.to(tl.float32)  # exact for fp16/bf16; the interpreter has no bf16 arithmetic
         if RELU_SQUARE:
             x = tl.maximum(x, 0.0)  # selected on relu(x); squaring keeps the order
-        x0, x1, x2, x3 = _split4(x, BLOCK_M, BLOCK_K)
-        k0, k1, k2, k3 = _keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
+        x0, x1, x2, x3 = split4(x, BLOCK_M, BLOCK_K)
+        k0, k1, k2, k3 = keep_top2(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3))
         if RELU_SQUARE:
             x0 = x0 * x0
             x1 = x1 * x1
@@ -128,7 +127,7 @@ if triton is not None:
         w2 = tl.where(k2, x2, 0.0).to(out_ty).to(tl.float32)
         w3 = tl.where(k3, x3, 0.0).to(out_ty).to(tl.float32)
         idx0, idx1 = _cutlass_indices((w0 != 0).to(tl.int32), (w1 != 0).to(tl.int32), (w3 != 0).to(tl.int32))
-        values = tl.reshape(tl.join(_pick(idx0, w0, w1, w2, w3), _pick(idx1, w0, w1, w2, w3)),
+        values = tl.reshape(tl.join(pick(idx0, w0, w1, w2, w3), pick(idx1, w0, w1, w2, w3)),
                             (BLOCK_M, BLOCK_K // 2)).to(out_ty)
         half_cols = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         tl.store(values_ptr + rows[:, None] * (K // 2) + half_cols[None, :], values,
@@ -143,11 +142,10 @@ if triton is not None:
 
 def _pack_triton(x: Tensor, relu_square: bool, block_m: int = 32, block_k: int = 128) -> tuple[Tensor, Tensor]:
     # 32 rows: a whole block of CUTLASS's metadata row permutation, written in 128-byte runs (a
-    # 16-row tile fills every other 8 bytes of them). Not yet measured: the parts bench times four
-    # tile shapes (the H200 timed only the kernel before tiles, 1.56 ms at 8192 x 21504, where
-    # PyTorch's tile took 0.62 ms).
+    # 16-row tile fills every other 8 bytes of them). Not yet measured at these tiles: the parts
+    # bench times four tile shapes.
     need_triton()
-    _check_packable(x)
+    check_packable(x)
     x = x.reshape(-1, x.shape[-1])  # a 2-D view stays a view, transposed or not
     m, k = x.shape
     m_pad = padded_rows(m)
@@ -181,30 +179,18 @@ def cutlass_mm(a: Tensor, b: Tensor, *, select: bool = True, square: bool = Fals
     return (out.t() if transpose_out else out).contiguous()
 
 
-@torch.library.custom_op("fvcompile::relu2_sparse24_pack", mutates_args=())
-def relu2_sparse24_pack(h: Tensor) -> tuple[Tensor, Tensor]:
-    """relu(h)² with 2 of 4 kept, packed: values (M_pad, K/2) and CUTLASS metadata (M_pad, K/16)."""
-    _check_packable(h)
-    if use_triton(h):
-        return relu2_sparse24_pack_triton(h)
-    r = sparse24_relu_reference(_as_rows(h))
-    return pack_reference(r * r)
-
-
 @torch.library.custom_op("fvcompile::sparse24_pack", mutates_args=())
 def sparse24_pack(x: Tensor) -> tuple[Tensor, Tensor]:
     """x with the 2 largest magnitudes of every 4 kept, packed like `relu2_sparse24_pack`."""
-    _check_packable(x)
+    check_packable(x)
     if use_triton(x):
         return sparse24_pack_triton(x)
-    return pack_reference(sparse24_mask_reference(_as_rows(x)))
+    return pack_reference(sparse24_mask_reference(as_rows(x)))
 
 
-def _pack_fake(x):
+@sparse24_pack.register_fake
+def pack_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The packed shapes: values (M_pad, K/2) in x's dtype, metadata (M_pad, K/16) int16."""
     k = x.shape[-1]
     m_pad = padded_rows(x.numel() // k)
     return x.new_empty((m_pad, k // 2)), x.new_empty((m_pad, k // 16), dtype=torch.int16)
-
-
-relu2_sparse24_pack.register_fake(_pack_fake)
-sparse24_pack.register_fake(_pack_fake)

@@ -7,16 +7,16 @@ largest kept value maps to e4m3's largest (448), and the dense operand b per ten
     sa = rowmax|S(a)| / 448,   sb = max|b| / 448
     out = dtype( fp32(e4m3(S(a) / sa) @ e4m3(b / sb)) * (sa * sb)[:, None] )
 
-The product accumulates in fp32 (on Hopper's FP8 tensor cores with fewer bits: errors ~1e-3 of
-the largest entry, H200), is scaled in fp32 and is rounded once, to a's dtype.
+The product accumulates in fp32 (on Hopper's FP8 tensor cores with fewer bits), is scaled in fp32
+and is rounded once, to a's dtype.
 `fp8_mm_reference` is that formula in plain PyTorch: the test oracle and the emulation on devices
 without FP8 2:4 sparse tensor cores. On Hopper, `fp8_mm_cusparselt` packs S(a) straight into
 cuSPARSELt's FP8 layout (kernels/sparse24_cslt.py) and multiplies with `torch._cslt_sparse_mm`,
 which applies sa · sb itself, in its epilogue (cuSPARSELt's "alpha vector scaling": one factor
 per row of the sparse operand): the product is written once, already scaled. Where the one-time
 probe finds that epilogue wrong or missing (`sparse24_backends.fp8_scales_in_matmul`), the product
-comes out in bf16 and one more pass (`rescale_triton`) scales it (on an H200 with torch 2.11 and
-cuSPARSELt 0.8 the alpha vector is "operation not supported" for FP8): one more rounding, 2⁻⁹
+comes out in bf16 and one more pass (`rescale_triton`) scales it (some cuSPARSELt builds answer
+"operation not supported" for FP8's alpha vector): one more rounding, 2⁻⁹
 relative, small next to e4m3's 2⁻⁴. bf16 there, not a's dtype: the unscaled product reaches
 448² · K, far past fp16's largest value (65504) for an fp16 model.
 
@@ -128,9 +128,7 @@ def rescale_triton(product: Tensor, sa: Tensor, sb: Tensor, transpose_out: bool,
                    block_m: int = 32, block_n: int = 128) -> Tensor:
     """`rescale` in one pass, into a new contiguous tensor: product (M, N) may be a padded matmul
     output sliced to size (rows of unit stride, read as vectors; other strides are copied first).
-    Eager PyTorch makes four passes (float, two multiplies, cast) over fp32 temporaries: ~0.3 ms
-    for an 8192 x 4096 product on an H100, where one pass takes ~0.05 ms, against ~0.75 ms for
-    the FP8 2:4 matmul itself."""
+    Eager PyTorch makes four passes (float, two multiplies, cast) over fp32 temporaries."""
     m, n = product.shape
     product = product if product.stride(1) == 1 else product.contiguous()
     out = torch.empty((n, m) if transpose_out else (m, n), dtype=dtype or product.dtype, device=product.device)
@@ -153,7 +151,7 @@ def quantize_column_major_triton(b: Tensor, scale: Tensor, strided_k: bool = Fal
                                  block_k: int = 64, block_n: int = 64) -> Tensor:
     """e4m3(b / scale) for b (K, N) of any strides, laid out column-major (the FP8 B operand
     cuSPARSELt wants): one pass over b, where eager PyTorch makes five (float, divide, clamp,
-    cast, transposing copy: ~0.8 ms for a 4096 x 21504 weight on an H100's bandwidth). The strided
+    cast, transposing copy). The strided
     order of a weight gradient's tokens and the padding are read into place in the same pass
     (`quantize_column_major_reference`), not copied first."""
     k, n = b.shape
@@ -221,7 +219,7 @@ def fp8_mm_cusparselt(a: Tensor, b: Tensor, *, select: bool = True, square: bool
         alpha = torch.nn.functional.pad(sa * sb, (0, compressed.shape[0] - m))
         return cslt_mm(compressed, b8, m, False, out_dtype=a.dtype, alpha=alpha, n=n)
     # Never a transposed result from cuSPARSELt: its algorithm search skips those (`cslt_plan`), and
-    # in FP8 its default algorithm took 1.35 ms where the searched one takes 0.64 ms (H200, 2026-11-27,
-    # the sparse dW2 at 8192 tokens). The rescale pass writes the transpose instead, at no extra cost.
+    # in FP8 its default algorithm is much slower than the searched one. The rescale pass
+    # writes the transpose instead, at no extra cost.
     product = cslt_mm(compressed, b8, m, False, out_dtype=PRODUCT)[:, :n]  # b8's padded columns: a view
     return rescale_triton(product, sa, sb, transpose_out, a.dtype)

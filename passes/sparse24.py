@@ -2,125 +2,76 @@
 
 A Squared-ReLU FFN computes `Y = relu(X W1ᵀ)² W2ᵀ`. Its activations are mostly zero, so keeping
 the 2 largest of every 4 along the hidden dimension loses almost nothing, and the second matmul
-can then run on 2:4 sparse tensor cores. This pass finds the pattern in the joint forward+backward
-graph (Inductor's `joint_custom_pre_pass`) and rewrites it. It changes numerics: it runs only when
-named (`passes=["sparse24"]` or `passes=[Sparse24(...)]`).
+can then run on 2:4 sparse tensor cores. This pass finds the FFNs in the joint forward+backward
+graph (Inductor's `joint_custom_pre_pass`) and rewrites them. It changes numerics: it runs only
+when named (`passes=["sparse24"]` or `passes=[Sparse24(...)]`).
 
-What it matches, as AOTAutograd leaves it (`F.relu(x) ** 2`, `torch.square(F.relu(x))`,
-`x.relu().pow(2)`, `nn.ReLU` then `.square()` all become `pow.Tensor_Scalar(relu, 2)`; `r * r`
-becomes `mul.Tensor(r, r)`):
+The pass is a pipeline over three modules:
+- matching (passes/sparse24_match.py): one `FfnSite` record per FFN, however it is spelled
+  (`F.relu(x) ** 2`, `torch.square`, `r * r`, an in-place relu, `clamp(min=0)`, autocast's casts,
+  linears written as einsum, dropout before the second linear), or a `Skip` with its reason
+  (a relu not squared, a square of something else, a hidden width off the alignment, ...);
+- the rewrite steps (passes/sparse24_steps.py), each over that record: the sparse relu, the
+  sparse weight gradients, the sparse forward matmul and dX, the dense matmuls in FP8;
+- the options (passes/sparse24_config.py): one frozen `Sparse24Config`, or a named recipe.
 
-    h ─ relu ─[casts, views]─ pow(·, 2) | mul(r, r) ─[casts, views]─ mm(·, W2ᵀ) | addmm(b, ·, W2ᵀ)
+The FFN's matmuls, with H = X W1ᵀ, A = mask ⊙ relu(H)² (the 2:4 activation), Y = A W2ᵀ,
+dA = dY W2 and dH = 2 · relu_s(H) ⊙ dA (zero wherever the sparse relu is zero):
 
-Casts (autocast puts `pow` in fp32) and views that keep the elements in order (3-D tokens
-flattened for the matmul; an in-place `F.relu(h, inplace=True)` or `nn.ReLU(inplace=True)`, which
-functionalization turns into relu and views back; einsum's unsqueezes and permutes of size-1 dims)
-may sit in between, as long as the matmul reduces over the hidden dim. A linear written as an einsum
-(`torch.einsum("btf,df->btd", a, w)`) reaches the graph as a bmm of batch 1: the pass sees those as
-mms while it matches (passes/bmm_as_mm.py) and puts back every one it did not rewrite; their weight
-gradients come as Aᵀ·dY, not dYᵀ·A, and are rewritten as well. Dropout between relu² and the
-matmul (T5's and Primer's FFN) keeps the site: it only zeros more entries, so its output is still
-2:4 and the matmul reads it as it is; a factor computed from the model's activations (a relu²-GLU's
-gate) does not, and the site is skipped with the reason. Other spellings of the same
-function match too: `torch.clamp(h, min=0)` (`clamp_min(h, 0)`, whose gradient reads h, not r: the
-square's `2r` factor still zeroes the dropped entries) and `torch.relu(h) * torch.relu(h)` (two relu
-nodes of one input, merged into one; dH is then the sum of their two gradients). Every use of the
-relu and of its square in the forward must be part of the pattern; uses that only compute gradients
-are fine. A square of anything else (RMSNorm's `x²`) and a relu that is not squared are reported as
-skipped with the reason; GELU/SiLU/SwiGLU FFNs have neither and are left alone.
-
-Why the relu node is what gets replaced. The rewrite is `relu(h) -> fvcompile.sparse24_relu(h)`
-(relu, then keep the 2 largest of every 4 along the hidden dim). Squaring is monotone on relu's
-output, so the 2 largest of relu(h)² are the 2 largest of relu(h): squaring the sparse relu gives
-exactly the 2:4-sparse relu². And because the joint graph's backward is written in terms of the
-relu node's output r (the square's gradient `2 * r * grad` and relu's gradient
-`where(le(r, 0), 0, ·)`), those formulas, now reading the sparse r, are exactly the gradient of the
-sparse function (the mask is piecewise constant): forward and backward change together and stay
-consistent, with no custom autograd in the graph.
-
-The four backward matmuls of the FFN, with H = X W1ᵀ, A = mask ⊙ relu(H)² (the 2:4 activation),
-Y = A W2ᵀ, dA = dY W2 and dH = 2 · relu_s(H) ⊙ dA (zero wherever the sparse relu is zero):
-
-| matmul                 | what it is                          | here                                   |
-|------------------------|-------------------------------------|----------------------------------------|
-| dA = dY · W2           | input gradient of the 2nd linear    | dense                                   |
-| dW2 = dYᵀ · A          | weight gradient of the 2nd linear   | dense, with the masked A (default); or |
-|                        |                                     | sparse: A 2:4 along tokens (option)    |
-| dX = dH · W1           | input gradient of the 1st linear    | sparse: dH is 2:4 along the hidden dim |
-| dW1 = dHᵀ · X          | weight gradient of the 1st linear   | dense; or sparse: dH 2:4 along tokens, |
-|                        |                                     | its 5% densest features whole ("all")  |
+| matmul         | what it is                         | here                                            |
+|----------------|------------------------------------|-------------------------------------------------|
+| Y = A · W2ᵀ    | the second linear                  | sparse: A is 2:4 along the hidden dim           |
+| dA = dY · W2   | input gradient of the 2nd linear   | dense                                           |
+| dW2 = dYᵀ · A  | weight gradient of the 2nd linear  | dense with the masked A; or sparse ("dW2"):     |
+|                |                                    | A 2:4 along tokens, grouped strided             |
+| dX = dH · W1   | input gradient of the 1st linear   | sparse: dH is 2:4 along the hidden dim          |
+| dW1 = dHᵀ · X  | weight gradient of the 1st linear  | dense; or sparse ("all"): dH 2:4 along tokens,  |
+|                |                                    | its densest features whole                      |
 
 dH inherits the forward mask, and the hidden dim is dX's reduction dim, so dX is a 2:4 sparse
-matmul with no further approximation. dW2 reduces over tokens: the forward's per-row mask gives
-no 2:4 structure along that dim. By default dW2 stays dense with the masked A, which makes every
-gradient here the exact gradient of the sparse forward (the reference the tests check against),
-at the price of that matmul's speedup. `Sparse24(sparse_weight_grad=True)` follows the paper
-instead: a second 2:4 selection of A along the tokens (the 2 largest of every 4 tokens, per
-hidden unit) makes dW2 = dYᵀ · S_tokens(A) a sparse matmul too, an approximation of that one
-gradient (its reference: the same formula in plain PyTorch). The tokens are grouped strided, t with
-t + T/4, t + T/2 and t + 3T/4, T padded with zero tokens to a multiple of 64 (`sparse24_mm(strided_k=True)`;
-the pack kernel reads them in place, so any token count runs sparse),
-not as neighbours: neighbouring tokens are alike, and dropping 2 of 4 alike tokens loses more. In
-the CPU study that took the sparse dW2 from +0.67% to -0.13% held-out loss
-(bench/results/sparse24_backward_study_cpu_2026-11-27.json), as the paper's token permutation does.
-Without it, at most 2 of the FFN's 6 matmuls are sparse, so fwd+bwd cannot reach the paper's 1.3x
-even with perfect kernels (at 2x per sparse matmul: 6 / 5 = 1.2x); with it, 3 of 6 (6 / 4.5 =
-1.33x). On an H100 or H200 in bf16
-the 2:4 matmul is ~1.5x faster than the dense one, not 2x: the bounds are 1.07x-1.08x and 1.12x
-(bench/README.md). A token-wise sparse dW1 as well cost 10.7% training loss with neighbouring
-tokens grouped, and 2.1% strided (1.5%-1.7% with the 5% densest features left dense;
-bench/diag/sparse24_backward_study.py): `Sparse24(sparse_weight_grad="all")` builds that last one, so
-that all four sparse-able matmuls are sparse (`sparse24_mm(dense_rows=0.05)` multiplies the densest
-features whole, a small dense matmul after the sparse one).
+matmul with no further approximation. The weight gradients reduce over tokens, where the forward's
+per-row mask gives no 2:4 structure: by default they stay dense with the masked A, which makes
+every gradient the exact gradient of the sparse forward. `sparse_weight_grad="dW2"` follows the
+paper instead: a second 2:4 selection of A along the tokens (grouped strided, t with t + T/4,
+t + T/2 and t + 3T/4, not as neighbours: neighbouring tokens are alike, and dropping 2 of 4 alike
+tokens loses more) makes dW2 a sparse matmul too, an approximation of that one gradient. Without
+it, at most 2 of the FFN's 6 matmuls are sparse, which bounds what fwd+bwd can gain;
+`sparse_weight_grad="all"` makes dW1 sparse the same way, so that all four sparse-able matmuls
+are. bench/README.md has what each costs in training loss and gains in time.
 
 Devices. On a GPU where a one-time probe of the 2:4 sparse matmul succeeds
-(`fvcompile.kernels.sparse24_backends.sparse_tensor_cores_available`) and the activation is fp16/bf16, the
-forward matmul consuming A and the backward matmul consuming dH become `fvcompile.sparse24_mm`.
-The forward one reads r and squares as it packs (A = r² is never written for it); in an inference
-graph it reads h itself and the sparse relu disappears: relu, 2:4 selection, square and packing
-are one memory pass before the sparse matmul.
-Elsewhere (CPU, older GPUs, fp32) the pass runs the emulated path: only the relu is replaced and
-the matmuls stay dense on the masked tensors (the same numbers, no speedup), and the result's
-notes say so; `Sparse24(emulate=False)` leaves such sites dense instead. `sparse_mm=True` forces
-the `sparse24_mm` rewrite anywhere (it then emulates at run time): useful for inspecting and
-testing the full rewrite on CPU. The hidden width must be a multiple of 64 (the sparse matmul's
-alignment) on every device, so that the emulation never makes a site sparse that the GPU could
-not; token counts are free (dynamic shapes work; the kernels pad rows).
+(`fvcompile.kernels.sparse24_backends.sparse_tensor_cores_available`) and the activation is
+fp16/bf16, the sparse matmuls become `fvcompile.sparse24_mm` (forward, dX) and
+`fvcompile.sparse24_weight_grad_mm` (dW2, dW1). Elsewhere (CPU, older GPUs, fp32) the pass runs the
+emulated path: only the relu is replaced and the matmuls stay dense on the masked tensors (the
+same numbers, no speedup), and the result's notes say so; `emulate=False` leaves such sites dense
+instead, and `sparse_mm=True` forces the matmul rewrite anywhere (emulated at run time). The
+hidden width must be a multiple of 64 (the sparse matmul's alignment) on every device, so that
+the emulation never makes a site sparse that the GPU could not; token counts are free.
 
-FP8 (`fp8=True`), the paper's path: all six FFN matmuls in float8_e4m3fn. The 2:4 sparse ones
-(forward, dX, and dW2/dW1 with `sparse_weight_grad`) scale the sparse operand per row and the
-dense one per tensor, the product scaled back by both (in cuSPARSELt's epilogue where the probe
-finds that right; `kernels/sparse24_fp8.py` defines the formula, which is also the reference and
-the emulation). The row maxima behind those scales are not read again where the graph has them:
-in training the selection (`sparse24_relu_max`) also returns r's row maxima (the forward matmul's
-scales) and column maxima (the sparse dW2's), and dX's and the sparse dW1's are `amax`es over dH's
-rows and columns in the graph, for Inductor to fuse where it can (the same numbers: a row's
-maximum is always kept). The matmuls left dense (h = X W1ᵀ, dA = dY W2, and dW1 and dW2 where they
-are not sparse) run FP8 with row-wise scales (`fp8_rowwise_mm`, passes/fp8_matmuls.py): first
-measured on an H200, the FFN with only its sparse matmuls in FP8 ran 1.08x-1.10x against bf16
-dense while the dense FFN with all six in FP8 ran 1.33x, so FP8 for the sparse matmuls alone
-cannot win. Every other op keeps the model's dtype, and gradients pass straight through the
-quantization. Quantization on top of sparsity is measured against both: the training study's loss,
-and speed against the bf16 dense FFN and against the dense FFN with all six matmuls in FP8
-(bench/fp8_dense.py, the same row-wise formula). The FP8 2:4 matmul needs Hopper (cuSPARSELt; a
-probe checks it); elsewhere the rewritten matmuls emulate the FP8 numbers.
+FP8 (`fp8=True`), the paper's path: all six FFN matmuls in float8_e4m3fn. The 2:4 ones scale the
+sparse operand per row and the dense one per tensor (kernels/sparse24_fp8.py defines the formula,
+which is also the reference and the emulation); the row maxima behind those scales come from the
+graph where it has them (the selection's own pass, or `amax`es over dH for Inductor to fuse). The
+matmuls left dense run FP8 with row-wise scales (passes/fp8_matmuls.py, the `fp8_dense` pass's
+rewrite): FP8 for the sparse matmuls alone cannot beat a dense FFN all in FP8, which is the
+baseline quantization on top of sparsity is held against. Gradients pass straight through the
+quantization. The FP8 2:4 matmul needs Hopper (cuSPARSELt; a probe checks it); elsewhere the
+rewritten matmuls emulate the FP8 numbers.
 
-Dense warm-up (`warmup_steps=N`). The rewritten ops get a schedule: a key per site (this pass
-object's token, the module path and the site's index in it), N, and whether the op counts a step.
-In a training (joint) graph the site's `sparse24_relu` counts one step per forward call; the
-site's `sparse24_mm`s (forward and backward) and its ops in inference graphs read the step count.
-Step i runs dense while i < N (`fvcompile.kernels.sparse24._in_dense_warmup`). A "step" is a
-forward call of the compiled training graph: with gradient accumulation, count micro-batches. The
-counter lives in this Python process and is read by the ops at run time (they are opaque to
-Inductor), so it does not survive a restart and cannot run under CUDA graphs (the pass says so
-with an error: a replayed graph would never leave, or never enter, the warm-up). The token is
-part of the uuid when N > 0, so a second `Sparse24(warmup_steps=N)` never reuses the first one's
-compiled graph (and its counters) from Inductor's cache. Under activation checkpointing the counting
-op is marked to be saved, not recomputed in the backward (which would count a step twice and could
-recompute r sparse where the forward ran dense): with a warm-up, r stays in memory.
+Dense warm-up (`warmup_steps=N`). The pass object owns a `WarmupSchedule`
+(kernels/sparse24_schedule.py) with a step counter per site; the rewritten ops carry the site's
+key. In a training graph the site's sparse relu counts one step per forward call; its matmuls
+(forward and backward) and its ops in inference graphs read the count. Step i runs dense while
+i < N. A "step" is a forward call of the compiled training graph: with gradient accumulation,
+count micro-batches. The counters live in this process and are read by the ops at run time (they
+are opaque to Inductor), so they do not survive a restart and cannot run under CUDA graphs (the
+pass says so with an error: a replayed graph would never leave, or never enter, the warm-up).
+Under activation checkpointing the counting op is marked to be saved, not recomputed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,9 +85,24 @@ from fvcompile.passes import bmm_as_mm, fp8_matmuls, graph_utils, sparse24_confi
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
 from fvcompile.passes.graph_utils import gradient_only_nodes, module_path, op_counts, op_delta
 from fvcompile.passes.sparse24_config import RECIPES, Sparse24Config  # noqa: F401 - the pass's vocabulary
-from fvcompile.passes.sparse24_match import (KIND_FFN, Skip, is_relu, match_site, merge_twin_relus, other_square,
-                                             squares_and_gradients)
+from fvcompile.passes.sparse24_match import (KIND_FFN, FfnSite, Skip, is_relu, match_site, merge_twin_relus,
+                                             other_square, squares_and_gradients)
 from fvcompile.passes.sparse24_steps import SiteRewrite, steps_for
+
+
+@dataclass(frozen=True)
+class DeviceSupport:
+    """What a device runs of sparse24's matmuls (each a one-time probe, cached)."""
+
+    has_cores: bool  # 2:4 sparse tensor cores
+    has_fp8: bool  # an FP8 2:4 matmul (asked only when the pass runs FP8)
+    cslt: bool  # cuSPARSELt is the backend (its plan costs host time per call)
+
+    @staticmethod
+    def of(device: torch.device, fp8: bool) -> DeviceSupport:
+        has_cores = backends.sparse_tensor_cores_available(device)
+        return DeviceSupport(has_cores, fp8 and backends.fp8_sparse_mm_available(device),
+                             has_cores and backends.sparse_mm_backend(device) == "cusparselt")
 
 
 class Sparse24(GraphPass):
@@ -168,78 +134,86 @@ class Sparse24(GraphPass):
         return backends.sparse_tensor_cores_available(device)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        config = self.config
-        if config.warmup_steps and ctx.device.type == "cuda" and inductor_config.triton.cudagraphs:
-            # A replayed graph skips the ops' host code, where the warm-up counts its steps.
-            raise ValueError(
-                f"Sparse24(warmup_steps={config.warmup_steps}) cannot run under CUDA graphs "
-                "(mode='reduce-overhead'): the warm-up counts steps on the host, which a graph replay "
-                "skips. Compile without CUDA graphs for the warm-up's steps, or use warmup_steps=0.")
+        self._refuse_cuda_graphs(ctx)
         graph = gm.graph
         result = PassResult()
         merge_twin_relus(graph, gradient_only_nodes(graph))
         # einsum's batch-1 bmms of relu² and dH as the mms they are, put back where not rewritten.
         einsum_mms = bmm_as_mm.as_mm(graph, squares_and_gradients(graph))
         grad = gradient_only_nodes(graph)
-        has_cores = backends.sparse_tensor_cores_available(ctx.device)
-        has_fp8 = config.fp8 and backends.fp8_sparse_mm_available(ctx.device)
-        cslt = has_cores and backends.sparse_mm_backend(ctx.device) == "cusparselt"  # host cost per call (below)
-        training = ctx.graph_kind == "joint"
+        device = DeviceSupport.of(ctx.device, self.config.fp8)
         sites_per_module: dict[str, int] = {}
         emulated = 0
-
         for relu in [n for n in graph.nodes if is_relu(n) and n not in grad]:  # a relu of gradients is no activation
-            module = module_path(relu)
             found = match_site(relu, grad)
             if found is None:
                 continue
-            if isinstance(found, Skip):
-                result.skipped.append(Site(relu.name, module, found.detail, kind=found.kind, reason=found.reason))
-                continue
-            if not ctx.module_allowed(module):
-                result.skipped.append(Site(relu.name, module, "excluded by module filter", kind=KIND_FFN,
-                                           reason="excluded"))
-                continue
-            dtype = found.matmuls[0].meta["val"].dtype  # what the matmul would pack
-            on_cores = has_cores and dtype in k24.PACK_DTYPES and (not config.fp8 or has_fp8)
-            if not on_cores and not config.emulate:
-                why = (backends.no_sparse_mm_reason(ctx.device) if not has_cores
-                       else f"{dtype} has no 2:4 sparse matmul (needs fp16/bf16)" if dtype not in k24.PACK_DTYPES
-                       else f"no FP8 2:4 sparse matmul on {ctx.device}")
-                result.skipped.append(Site(relu.name, module, f"{why} and emulate=False: left dense", kind=KIND_FFN,
-                                           reason="no_sparse_mm"))
-                continue
-            emulated += not on_cores
-
-            index = sites_per_module.get(module, 0)
-            sites_per_module[module] = index + 1
-            use_mm = config.sparse_mm or (config.sparse_mm is None and (on_cores or config.fp8))
-            rewrite = SiteRewrite(graph, found, training, config.fp8, with_maxima=training and config.fp8 and use_mm)
-            if self.schedule is not None:
-                rewrite.schedule = self.schedule.key(f"{module or relu.name}#{index}")
-            before = op_counts(graph)
-            detail = "; ".join(phrase for step in steps_for(config, training, use_mm) for phrase in step(rewrite))
-            detail += self._device_detail(ctx.device, on_cores)
-            result.rewritten.append(Site(relu.name, module, detail, kind=KIND_FFN,
-                                         ops=op_delta(before, op_counts(graph))))
-
+            site, on_cores = self._visit(graph, relu, found, ctx, device, sites_per_module)
+            if site.reason:  # skipped
+                result.skipped.append(site)
+            else:
+                result.rewritten.append(site)
+                emulated += not on_cores
         result.skipped += [Site(node.name, module_path(node), skip.detail, kind=skip.kind, reason=skip.reason)
                            for node in graph.nodes if (skip := other_square(node, grad))]
         bmm_as_mm.as_bmm(graph, einsum_mms)
-        if emulated:
-            where = (backends.no_sparse_mm_reason(ctx.device) if not has_cores
-                     else f"no FP8 2:4 sparse matmul on {ctx.device}" if config.fp8 and not has_fp8
-                     else "the activations are not fp16/bf16")
-            result.notes.append(f"emulated: {where}; {emulated} site(s) run the 2:4 masked-dense "
-                                "path (same numerics as the sparse matmul, no speedup)")
-        if cslt and len(result.rewritten) > emulated and not inductor_config.triton.cudagraphs:  # sites on cores
-            result.notes.append(
-                "host cost: torch._cslt_sparse_mm sets up its cuSPARSELt plan on every call (~0.4 ms of host "
-                "time each, ~0.9 ms with FP8's scaling; H200): at a few thousand tokens the FFN waits on the "
-                "host; mode='reduce-overhead' (CUDA graphs) takes that out")
-        if config.warmup_steps and result.rewritten:
-            result.notes.append(f"dense warm-up: the first {config.warmup_steps} training steps run dense")
+        result.notes += self._notes(ctx.device, device, len(result.rewritten), emulated)
         return result
+
+    def _refuse_cuda_graphs(self, ctx: PassContext) -> None:
+        if self.config.warmup_steps and ctx.device.type == "cuda" and inductor_config.triton.cudagraphs:
+            # A replayed graph skips the ops' host code, where the warm-up counts its steps.
+            raise ValueError(
+                f"Sparse24(warmup_steps={self.config.warmup_steps}) cannot run under CUDA graphs "
+                "(mode='reduce-overhead'): the warm-up counts steps on the host, which a graph replay "
+                "skips. Compile without CUDA graphs for the warm-up's steps, or use warmup_steps=0.")
+
+    def _visit(self, graph: fx.Graph, relu: fx.Node, found: FfnSite | Skip, ctx: PassContext,
+               device: DeviceSupport, sites_per_module: dict[str, int]) -> tuple[Site, bool]:
+        """One matched relu: the site it is, rewritten or skipped with the reason, and whether it
+        runs on sparse tensor cores."""
+        config, module = self.config, module_path(relu)
+        if isinstance(found, Skip):
+            return Site(relu.name, module, found.detail, kind=found.kind, reason=found.reason), False
+        if not ctx.module_allowed(module):
+            return Site(relu.name, module, "excluded by module filter", kind=KIND_FFN, reason="excluded"), False
+        dtype = found.matmuls[0].meta["val"].dtype  # what the matmul would pack
+        on_cores = device.has_cores and dtype in k24.PACK_DTYPES and (not config.fp8 or device.has_fp8)
+        if not on_cores and not config.emulate:
+            why = (backends.no_sparse_mm_reason(ctx.device) if not device.has_cores
+                   else f"{dtype} has no 2:4 sparse matmul (needs fp16/bf16)" if dtype not in k24.PACK_DTYPES
+                   else f"no FP8 2:4 sparse matmul on {ctx.device}")
+            return Site(relu.name, module, f"{why} and emulate=False: left dense", kind=KIND_FFN,
+                        reason="no_sparse_mm"), False
+        index = sites_per_module.get(module, 0)
+        sites_per_module[module] = index + 1
+        training = ctx.graph_kind == "joint"
+        use_mm = config.sparse_mm or (config.sparse_mm is None and (on_cores or config.fp8))
+        rewrite = SiteRewrite(graph, found, training, config.fp8, with_maxima=training and config.fp8 and use_mm)
+        if self.schedule is not None:
+            rewrite.schedule = self.schedule.key(f"{module or relu.name}#{index}")
+        before = op_counts(graph)
+        detail = "; ".join(phrase for step in steps_for(config, training, use_mm) for phrase in step(rewrite))
+        detail += self._device_detail(ctx.device, on_cores)
+        return Site(relu.name, module, detail, kind=KIND_FFN, ops=op_delta(before, op_counts(graph))), on_cores
+
+    def _notes(self, where: torch.device, device: DeviceSupport, rewritten: int, emulated: int) -> list[str]:
+        """The pass-wide remarks: the emulated sites and why, the host's cost, the warm-up."""
+        notes = []
+        if emulated:
+            why = (backends.no_sparse_mm_reason(where) if not device.has_cores
+                   else f"no FP8 2:4 sparse matmul on {where}" if self.config.fp8 and not device.has_fp8
+                   else "the activations are not fp16/bf16")
+            notes.append(f"emulated: {why}; {emulated} site(s) run the 2:4 masked-dense "
+                         "path (same numerics as the sparse matmul, no speedup)")
+        if device.cslt and rewritten > emulated and not inductor_config.triton.cudagraphs:  # sites on cores
+            notes.append(
+                "host cost: torch._cslt_sparse_mm sets up its cuSPARSELt plan on every call, in host time: "
+                "at a few thousand tokens the FFN waits on the host; mode='reduce-overhead' (CUDA graphs) "
+                "takes that out")
+        if self.config.warmup_steps and rewritten:
+            notes.append(f"dense warm-up: the first {self.config.warmup_steps} training steps run dense")
+        return notes
 
     def _device_detail(self, device: torch.device, on_cores: bool) -> str:
         """What the report adds to a rewritten site's detail about FP8 and the device."""
