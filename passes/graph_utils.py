@@ -191,8 +191,10 @@ def value_source(x: fx.Node) -> fx.Node:
 # ---- where a node came from, and what a graph holds ---------------------------------------------
 
 def module_path(node: fx.Node) -> str:
-    """The dotted module path a node came from ("" when the graph does not record it)."""
-    stack = node.meta.get("nn_module_stack")
+    """The dotted module path a node came from ("" when the graph does not record it); for a
+    backward node of a joint graph, the module of the forward op it differentiates (AOTAutograd
+    copies that op's stack to it as "fwd_nn_module_stack")."""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
