@@ -187,6 +187,31 @@ if triton is not None:
     from fvcompile.kernels.sparse24 import keep_top2, pick, split4
 
     @triton.jit
+    def _store_metadata(meta_ptr, codes, M_pad, K, OUT8: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+        # codes (BLOCK_M, BLOCK_K // 4): each group's 4-bit code, written in cuSPARSELt's metadata
+        # layout (module docstring) for this program's tile.
+        G: tl.constexpr = BLOCK_K // 4
+        if OUT8:  # groups 2j and 2j + 1 of a row share a byte (low and high nibble)
+            pairs = tl.reshape(codes, (BLOCK_M, G // 2, 2))
+            byte = tl.sum(pairs << (tl.arange(0, 2) * 4)[None, None, :], axis=2)  # (BLOCK_M, G // 2)
+            r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+            g = tl.program_id(1) * G + tl.arange(0, G // 2)[None, :] * 2
+            offset = ((r // 64) * 8 * K + (g // 16) * 512 + ((r % 64) // 16) * 128 + 16 * (r % 8)
+                      + (r % 16) // 8 + 2 * ((g >> 3) & 1) + 4 * ((g >> 1) & 1) + 8 * ((g >> 2) & 1))
+            tl.store(meta_ptr + offset, byte.to(tl.uint8), mask=(r < M_pad) & (g < K // 4))
+        else:  # rows i and i + 8 of each 16-row tile share a byte (low and high nibble)
+            quads = tl.reshape(codes, (BLOCK_M // 16, 2, 8, G))
+            byte = tl.sum(quads << (tl.arange(0, 2) * 4)[None, :, None, None], axis=1)  # (BLOCK_M // 16, 8, G)
+            r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M // 16)[:, None, None] * 16
+                 + tl.arange(0, 8)[None, :, None]).to(tl.int64)
+            g = tl.program_id(1) * G + tl.arange(0, G)[None, None, :]
+            j = g % 8
+            offset = ((r // 64) * 8 * K + (g // 8) * 256 + ((r % 64) // 16) * 64
+                      + 8 * (r % 8) + 2 * (j % 4) + j // 4)
+            tl.store(meta_ptr + offset, byte.to(tl.uint8), mask=(r < M_pad) & (g < K // 4))
+
+    @triton.jit
     def _cslt_pack_kernel(x_ptr, values_ptr, meta_ptr, scale_ptr, M, M_pad, K, K_IN, stride_xm, stride_xk,
                           RELU: tl.constexpr, SQUARE: tl.constexpr, OUT8: tl.constexpr, HAS_SCALE: tl.constexpr,
                           STRIDED_K: tl.constexpr, UNIT_STRIDE_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -194,7 +219,6 @@ if triton is not None:
         # One (BLOCK_M, BLOCK_K) tile: BLOCK_M a multiple of 16, BLOCK_K of 32 (16-bit output) or
         # 64 (8-bit output): whole metadata tiles. K is the packed width, K_IN <= K the input's
         # (a strided grouping pads K: columns K_IN.. read as zeros).
-        G: tl.constexpr = BLOCK_K // 4
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         src = (cols % 4) * (K // 4) + cols // 4 if STRIDED_K else cols  # see strided_order
@@ -227,25 +251,7 @@ if triton is not None:
         tl.store(values_ptr + rows[:, None] * (K // 2) + half_cols[None, :], values,
                  mask=(rows[:, None] < M_pad) & (half_cols[None, :] < K // 2))
 
-        codes = idx0 | (idx1 << 2)
-        if OUT8:  # groups 2j and 2j + 1 of a row share a byte (low and high nibble)
-            pairs = tl.reshape(codes, (BLOCK_M, G // 2, 2))
-            byte = tl.sum(pairs << (tl.arange(0, 2) * 4)[None, None, :], axis=2)  # (BLOCK_M, G // 2)
-            r = rows[:, None]
-            g = tl.program_id(1) * G + tl.arange(0, G // 2)[None, :] * 2
-            offset = ((r // 64) * 8 * K + (g // 16) * 512 + ((r % 64) // 16) * 128 + 16 * (r % 8)
-                      + (r % 16) // 8 + 2 * ((g >> 3) & 1) + 4 * ((g >> 1) & 1) + 8 * ((g >> 2) & 1))
-            tl.store(meta_ptr + offset, byte.to(tl.uint8), mask=(r < M_pad) & (g < K // 4))
-        else:  # rows i and i + 8 of each 16-row tile share a byte (low and high nibble)
-            quads = tl.reshape(codes, (BLOCK_M // 16, 2, 8, G))
-            byte = tl.sum(quads << (tl.arange(0, 2) * 4)[None, :, None, None], axis=1)  # (BLOCK_M // 16, 8, G)
-            r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M // 16)[:, None, None] * 16
-                 + tl.arange(0, 8)[None, :, None]).to(tl.int64)
-            g = tl.program_id(1) * G + tl.arange(0, G)[None, None, :]
-            j = g % 8
-            offset = ((r // 64) * 8 * K + (g // 8) * 256 + ((r % 64) // 16) * 64
-                      + 8 * (r % 8) + 2 * (j % 4) + j // 4)
-            tl.store(meta_ptr + offset, byte.to(tl.uint8), mask=(r < M_pad) & (g < K // 4))
+        _store_metadata(meta_ptr, idx0 | (idx1 << 2), M_pad, K, OUT8, BLOCK_M, BLOCK_K)
 
 
 def cslt_pack_triton(x: Tensor, square: bool = False, relu: bool = False, out_dtype: torch.dtype | None = None,
