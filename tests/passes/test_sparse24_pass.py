@@ -548,6 +548,18 @@ def test_options_form_one_frozen_validated_config_with_recipes():
         Sparse24(sparsity=0.5)  # no such option
 
 
+def test_a_site_is_rewritten_by_the_steps_its_config_asks_for():
+    from fvcompile.passes import sparse24_steps as st
+
+    relu, dw2, dw1, fwd, dx, fp8 = (st.sparse_relu, st.sparse_dw2, st.sparse_dw1, st.sparse_forward, st.sparse_dx,
+                                    st.dense_fp8)
+    assert st.steps_for(RECIPES["exact"], training=True, use_mm=True) == [relu, fwd, dx]
+    assert st.steps_for(RECIPES["exact"], training=True, use_mm=False) == [relu]  # emulated: matmuls dense
+    assert st.steps_for(RECIPES["paper"], training=True, use_mm=True) == [relu, dw2, fwd, dx, fp8]
+    assert st.steps_for(RECIPES["fastest"], training=True, use_mm=True) == [relu, dw2, dw1, fwd, dx, fp8]
+    assert st.steps_for(RECIPES["fastest"], training=False, use_mm=True) == [relu, fwd, fp8]  # no backward
+
+
 def test_the_uuid_covers_the_helper_modules(monkeypatch):
     with_helpers = Sparse24().uuid()
     monkeypatch.setattr(Sparse24, "helpers", ())
