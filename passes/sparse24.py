@@ -115,6 +115,8 @@ class Sparse24(GraphPass):
         """`Sparse24()`, `Sparse24(recipe="paper")` (sparse24_config.RECIPES), `Sparse24(config)`, or
         options by keyword over any of them: `Sparse24(recipe="paper", warmup_steps=100)`. The
         options are Sparse24Config's fields (passes/sparse24_config.py)."""
+        if config is not None and not isinstance(config, Sparse24Config):
+            raise TypeError(f"Sparse24 takes a Sparse24Config, a recipe= or options by keyword, got {config!r}")
         if config is not None and recipe is not None:
             raise ValueError("Sparse24 takes a config or a recipe, not both")
         base = config if config is not None else sparse24_config.recipe(recipe) if recipe else Sparse24Config()

@@ -546,6 +546,8 @@ def test_options_form_one_frozen_validated_config_with_recipes():
         Sparse24(recipe="fast")
     with pytest.raises(TypeError):
         Sparse24(sparsity=0.5)  # no such option
+    with pytest.raises(TypeError, match="by keyword"):
+        Sparse24(False)  # emulate=False, by position as it once was
 
 
 def test_a_site_is_rewritten_by_the_steps_its_config_asks_for():
