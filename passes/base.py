@@ -16,7 +16,6 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -125,24 +124,3 @@ class GraphPass:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
-
-
-def module_path(node: fx.Node) -> str:
-    """The dotted module path a node came from ("" when the graph does not record it)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    # Dynamo records paths like "L['self'].layers[0].feed_forward" (or L['model']... when a
-    # function calls the module): drop the root, make them "layers.0.feed_forward".
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
-    return path.replace("[", ".").replace("]", "").replace("'", "")
-
-
-def call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
-    """A call_function node at the graph's insertion point, with the fake value its inputs' fake
-    values give (meta["val"], as tracing would have set it)."""
-    node = graph.call_function(target, args, kwargs)
-    args_val, kwargs_val = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    node.meta["val"] = target(*args_val, **kwargs_val)
-    return node

@@ -386,7 +386,7 @@ def test_pass_with_a_misspelt_hook_is_refused():
 def test_module_path_drops_any_dynamo_root():
     from torch import fx
 
-    from fvcompile.passes.base import module_path
+    from fvcompile.passes.graph_utils import module_path
 
     graph = fx.Graph()
     node = graph.placeholder("x")

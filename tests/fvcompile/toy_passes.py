@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site, module_path
+from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
+from fvcompile.passes.graph_utils import module_path
 
 aten = torch.ops.aten
 
