@@ -10,8 +10,10 @@ PAPER = "Hybrid Transformer Demucs (arXiv 2211.08553)"
 
 CONFIGS = {
     # 2 transformer layers: one self-attention and one cross-attention layer.
-    # 1000 samples: not a multiple of the hop (64) or of the waveform downsampling (16).
-    "htdemucs-tiny": HTDemucsConfig(channels=8, depth=2, nfft=256, t_layers=2, t_heads=2,
+    # nfft 128: the smallest with 2 layers of kernel 8 / stride 4 (64 -> 16 -> 4 bins). Compile
+    # time grows with nfft: the iSTFT's overlap-add decomposes into one op per window sample.
+    # 1000 samples: not a multiple of the hop (32) or of the waveform downsampling (16).
+    "htdemucs-tiny": HTDemucsConfig(channels=8, depth=2, nfft=128, t_layers=2, t_heads=2,
                                     segment_samples=1000),
     # The pretrained `htdemucs` of facebookresearch/demucs (7.8 s training segments).
     "htdemucs": HTDemucsConfig(),
