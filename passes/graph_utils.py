@@ -16,7 +16,8 @@ from torch import fx
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-CASTS = {prims.convert_element_type.default, aten._to_copy.default, aten.alias.default}
+# Ops whose output holds their input's values (a clone is what Dropout(p=0.0) leaves in training).
+CASTS = {prims.convert_element_type.default, aten._to_copy.default, aten.alias.default, aten.clone.default}
 ORDER_KEEPING_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
                        aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
 PERMUTES = {aten.permute.default, aten.transpose.int}

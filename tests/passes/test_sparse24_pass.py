@@ -695,6 +695,20 @@ def test_dropout_between_relu2_and_the_matmul_keeps_the_site(sparse_weight_grad,
         assert_step_close(got, expected)
 
 
+def test_dropout_of_zero_in_training_keeps_the_site():
+    """Dropout(p=0.0) in training leaves a clone between relu² and the matmul: the same values,
+    so the site is rewritten as with p > 0 (issue #16: it was skipped as 'not a matmul')."""
+    torch.manual_seed(9)
+    model = DropoutFFN(p=0.0)
+    x, grad_out = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_mm=True)], codegen=False)
+    got = run_step(optimized, model, x, grad_out)
+    expected = run_step(lambda t: model.w2(masked_relu(model.w1(t)) ** 2), model, x, grad_out)
+    (site,) = sites(optimized)
+    assert site.ops[MM24] == 2 and not sites(optimized, "skipped")
+    assert_step_close(got, expected)
+
+
 def test_a_gate_between_relu2_and_the_matmul_is_no_site():
     model = DropoutFFN(gated=True)
     optimized = fvcompile.optimize(model, passes=[Sparse24()], codegen=False)
