@@ -47,7 +47,7 @@ class Sparse24Config:
         for name in ("emulate", "fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.sparse_mm not in (None, True, False):
+        if not (self.sparse_mm is None or isinstance(self.sparse_mm, bool)):
             raise ValueError(f"sparse_mm must be None, True or False, got {self.sparse_mm!r}")
 
     @property
@@ -60,6 +60,11 @@ class Sparse24Config:
 
     def replace(self, **changes) -> Sparse24Config:
         """A copy with `changes` (validated as a new config is)."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = [name for name in changes if name not in fields]
+        if unknown:
+            raise TypeError(f"sparse24 has no option {unknown[0]!r}: its options are {', '.join(fields)}, "
+                            f"and recipe= (one of {', '.join(RECIPES)})")
         return dataclasses.replace(self, **changes)
 
     def options(self) -> dict[str, Any]:
