@@ -45,19 +45,9 @@ def optimize(
     `state_dict()` keys are the model's own, and `.fvcompile_report` says what each pass did.
     """
     check_model(model)
-    check_flag("verify", verify)
-    check_flag("codegen", codegen)
     include, exclude = checked_globs("include", include), checked_globs("exclude", exclude)
-    if dump_dir is not None:
-        check_dump_dir(dump_dir)
     options = dict(compile_kwargs.pop("options", None) or {})
-    if not isinstance(compile_kwargs.get("mode") or "", str):
-        raise TypeError(f"mode= takes a torch.compile mode name, got {compile_kwargs['mode']!r}")
-    check_mode(compile_kwargs.get("mode"))
-    check_inductor_options({k: v for k, v in options.items() if k not in CONFIG_KEYS})
-    resolved = resolve_passes(passes, torch.device("cpu"))  # fails now on bad passes
-    check_hooks(resolved)
-    merged_config_patches(resolved, options)
+    _check_arguments(passes, verify, codegen, dump_dir, compile_kwargs.get("mode"), options)
 
     report = OptimizeReport()
     options.update(passes=passes, codegen=codegen, report=report, include=include, exclude=exclude)
@@ -87,6 +77,21 @@ def optimize(
         compiled = verify_first_call(model, compiled, report)
     compiled.fvcompile_report = report
     return compiled
+
+
+def _check_arguments(passes, verify, codegen, dump_dir, mode, options: dict) -> None:
+    """Everything optimize is given, checked when it is called, not at the first call."""
+    check_flag("verify", verify)
+    check_flag("codegen", codegen)
+    if dump_dir is not None:
+        check_dump_dir(dump_dir)
+    if not isinstance(mode or "", str):
+        raise TypeError(f"mode= takes a torch.compile mode name, got {mode!r}")
+    check_mode(mode)
+    check_inductor_options({k: v for k, v in options.items() if k not in CONFIG_KEYS})
+    resolved = resolve_passes(passes, torch.device("cpu"))
+    check_hooks(resolved)
+    merged_config_patches(resolved, options)
 
 
 def _compile_module_call(module: nn.Module, backend, compile_kwargs: dict):

@@ -139,32 +139,15 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
     report.passes = [p.name for p in passes]
     report.approximate = [p.name for p in passes if not p.exact]
 
-    compile_id, recompile_reason = _compile_identity()
-    graph_report = GraphReport(compile_id, codegen, len(gm.graph.nodes), recompile_reason)
-    report.graphs.append(graph_report)
-    for reason, count in _new_graph_breaks().items():
-        report.graph_breaks[reason] = report.graph_breaks.get(reason, 0) + count
-    graph_report.random_ops = _random_ops(gm)
-
+    graph_report = _new_graph_report(gm, report, codegen)
     dumper = None
     if own.get("dump_dir"):
         from fvcompile.dump import Dumper
 
-        dumper = Dumper(own["dump_dir"], compile_id, report)
+        dumper = Dumper(own["dump_dir"], graph_report.compile_id, report)
         dumper.write_dynamo_graph(gm)
 
-    # The user's own passes at our hooks: from options= first, else Inductor's current config.
-    user_passes = {key: options.pop(key, getattr(inductor_config, key)) for key in CONFIG_KEYS}
-    scope = PassScope(_globs(own.get("include", ())), _globs(own.get("exclude", ())))
-
-    config_patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **options}
-    config_patches.update(merged_config_patches(passes, options))
-    # Hooks with no fvcompile pass keep the user's pass as it was.
-    config_patches.update({k: v for k, v in user_passes.items() if v is not None})
-    config_patches.update(hook_patches(passes, graph_report, scope, user_passes, dumper))
-    if dumper or own.get("disable_caches") or not codegen:
-        # The passes must run to be seen; a codegen=False graph is FX code, which no cache keeps.
-        config_patches["force_disable_caches"] = True
+    config_patches = _config_patches(passes, own, options, mode, graph_report, dumper)
     if codegen:
         inner_compile = inductor_compile_fx.compile_fx_inner
     else:
@@ -174,11 +157,41 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
             graph_report.notes.append(f"codegen=False: no scheduler, so {', '.join(skipped)} did not run")
     hits_before = _cache_hits()
     compiled = inductor_compile_fx.compile_fx(gm, example_inputs, config_patches=config_patches,
-                          inner_compile=dumper.wrap_inner_compile(inner_compile) if dumper else inner_compile)
+                                              inner_compile=dumper.wrap_inner_compile(inner_compile)
+                                              if dumper else inner_compile)
     graph_report.cache_hit = _cache_hits() > hits_before
     if dumper:
         dumper.write_report()
     return _counting_calls(compiled, report)
+
+
+def _new_graph_report(gm: torch.fx.GraphModule, report: OptimizeReport, codegen: bool) -> GraphReport:
+    """The report of one graph Dynamo handed over: its compile id, why it was recompiled, the
+    graph breaks since the last one, and its random ops."""
+    compile_id, recompile_reason = _compile_identity()
+    graph_report = GraphReport(compile_id, codegen, len(gm.graph.nodes), recompile_reason)
+    report.graphs.append(graph_report)
+    for reason, count in _new_graph_breaks().items():
+        report.graph_breaks[reason] = report.graph_breaks.get(reason, 0) + count
+    graph_report.random_ops = _random_ops(gm)
+    return graph_report
+
+
+def _config_patches(passes, own: dict, options: dict, mode, graph_report: GraphReport, dumper) -> dict:
+    """This compile's Inductor config: the mode's, the user's options, the passes' needs, and a
+    HookPass at every hook with work (the user's own pass at a hook chained after ours)."""
+    # The user's own passes at our hooks: from options= first, else Inductor's current config.
+    user_passes = {key: options.pop(key, getattr(inductor_config, key)) for key in CONFIG_KEYS}
+    scope = PassScope(_globs(own.get("include", ())), _globs(own.get("exclude", ())))
+    patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **options}
+    patches.update(merged_config_patches(passes, options))
+    # Hooks with no fvcompile pass keep the user's pass as it was.
+    patches.update({k: v for k, v in user_passes.items() if v is not None})
+    patches.update(hook_patches(passes, graph_report, scope, user_passes, dumper))
+    if dumper or own.get("disable_caches") or not graph_report.codegen:
+        # The passes must run to be seen; a codegen=False graph is FX code, which no cache keeps.
+        patches["force_disable_caches"] = True
+    return patches
 
 
 def register_backend() -> None:

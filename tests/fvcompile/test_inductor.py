@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from toy_passes import Mlp, ReluToClampPass
+from toy_passes import Mlp, RecordingPass, ReluToClampPass
 from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache
 
@@ -90,4 +90,16 @@ def test_torch_compile_finds_the_backend_in_a_fresh_process():
 
 
 def test_llama_inductor_parity_forward_backward():
-    assert_train_step_parity("llama-tiny", atol=1e-4, rtol=1e-4, fullgraph=True)
+    """Parity with eager, and the post-grad graphs a pass receives are those codegen=False gives
+    it (Inductor's own post-grad passes included); the scheduler hook runs under codegen."""
+    def recorders():
+        return [RecordingPass("post_grad", name="record_post_grad"),
+                RecordingPass("pre_fusion", name="record_pre_fusion")]
+
+    with_codegen, without = recorders(), recorders()
+    assert_train_step_parity("llama-tiny", atol=1e-4, rtol=1e-4, fullgraph=True, passes=with_codegen)
+    torch._dynamo.reset()
+    assert_train_step_parity("llama-tiny", atol=1e-4, rtol=1e-4, fullgraph=True, passes=without, codegen=False)
+    assert [c.graph_kind for c in with_codegen[0].contexts] == ["forward", "backward"]
+    assert with_codegen[0].graphs == without[0].graphs
+    assert [c.graph_kind for c in with_codegen[1].contexts] == ["forward", "backward"] and not without[1].contexts

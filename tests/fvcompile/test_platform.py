@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import fx
 from torch._inductor import config as inductor_config
-from toy_passes import Mlp, ReluToClampPass
+from toy_passes import Mlp, RecordingPass, ReluToClampPass
 
 import fvcompile
 from fvcompile.hooks import HOOKS
@@ -14,28 +13,6 @@ from fvcompile.passes.base import GraphPass, PassContext, PassResult
 from fvcompile.testing import PassTestBackend
 
 aten = torch.ops.aten
-
-
-class RecordingPass(GraphPass):
-    """Changes nothing; keeps the context and the graph's text it was given at each call."""
-
-    name = "recording"
-
-    def __init__(self, hook: str = "post_grad"):
-        self.hook = hook
-        self.contexts: list[PassContext] = []
-        self.graphs: list[str] = []
-
-    def options(self):
-        return {"hook": self.hook}
-
-    def run(self, graph, ctx: PassContext) -> PassResult:
-        self.contexts.append(ctx)
-        if isinstance(graph, fx.GraphModule):
-            self.graphs.append(graph.print_readable(print_output=False, include_stride=True, include_device=True))
-        else:  # scheduler nodes
-            self.graphs.append("\n".join(node.get_name() for node in graph))
-        return PassResult()
 
 
 class NeedsConfig(GraphPass):
@@ -137,32 +114,28 @@ def test_every_hook_is_dumped(tmp_path):
 
 
 @pytest.mark.inductor
-@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
-def test_codegen_false_gives_post_grad_passes_inductors_graph(training):
+def test_codegen_false_gives_post_grad_passes_inductors_inference_graph():
     """The post-grad graph a pass receives without codegen is the one real codegen gives it,
-    Inductor's own post-grad passes included; the scheduler hooks run under real codegen."""
+    Inductor's own post-grad passes included (training: test_inductor.py's llama parity test);
+    the scheduler hooks run under real codegen only."""
     from fvcompile.models import get
 
     spec = get("llama-tiny")
 
-    def post_grad_graphs(codegen: bool):
+    def record(codegen: bool):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = spec.build()
-        batch = spec.train_batch(model, 2)
-        recorder, scheduler = RecordingPass("post_grad"), RecordingPass("pre_fusion")
-        compiled = torch.compile(model, backend=PassTestBackend(recorder, scheduler, codegen=codegen))
-        if training:
-            spec.train_step(compiled, batch).backward()
-        else:
-            with torch.no_grad():
-                spec.train_step(compiled, batch)
+        recorder = RecordingPass("post_grad", name="record_post_grad")
+        scheduler = RecordingPass("pre_fusion", name="record_pre_fusion")
+        with torch.no_grad():
+            spec.train_step(torch.compile(model, backend=PassTestBackend(recorder, scheduler, codegen=codegen)),
+                            spec.train_batch(model, 2))
         return recorder, scheduler
 
-    without, scheduler_without = post_grad_graphs(codegen=False)
-    with_codegen, scheduler_with = post_grad_graphs(codegen=True)
-    kinds = ["forward", "backward"] if training else ["inference"]
-    assert [c.graph_kind for c in without.contexts] == kinds == [c.graph_kind for c in with_codegen.contexts]
+    without, scheduler_without = record(codegen=False)
+    with_codegen, scheduler_with = record(codegen=True)
+    assert [c.graph_kind for c in without.contexts] == ["inference"] == [c.graph_kind for c in with_codegen.contexts]
     assert without.graphs == with_codegen.graphs
     assert not scheduler_without.contexts  # no scheduler without lowering
-    assert [c.graph_kind for c in scheduler_with.contexts] == kinds and all(scheduler_with.graphs)
+    assert [c.graph_kind for c in scheduler_with.contexts] == ["inference"] and all(scheduler_with.graphs)

@@ -41,6 +41,27 @@ class ReluToClampPass(GraphPass):
         return result
 
 
+class RecordingPass(GraphPass):
+    """Changes nothing; keeps the context and the graph's text it was given at each call."""
+
+    def __init__(self, hook: str = "post_grad", name: str = "recording"):
+        self.hook = hook
+        self.name = name
+        self.contexts: list[PassContext] = []
+        self.graphs: list[str] = []
+
+    def options(self):
+        return {"hook": self.hook}
+
+    def run(self, graph, ctx: PassContext) -> PassResult:
+        self.contexts.append(ctx)
+        if isinstance(graph, fx.GraphModule):
+            self.graphs.append(graph.print_readable(print_output=False, include_stride=True, include_device=True))
+        else:  # scheduler nodes
+            self.graphs.append("\n".join(node.get_name() for node in graph))
+        return PassResult()
+
+
 class BreakNumericsPass(GraphPass):
     """Wrong on purpose: relu(x) -> abs(x). For verify=True tests."""
 
