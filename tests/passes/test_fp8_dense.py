@@ -3,10 +3,10 @@ against the same formula written in plain PyTorch (`fp8_rowwise_mm` in an autogr
 import pytest
 import torch
 import torch.nn.functional as F
+from fp8_reference import Fp8DenseLinear
 from torch import nn
 
 import fvcompile
-from fvcompile.kernels.sparse24_fp8 import fp8_rowwise_mm
 from fvcompile.passes import pass_class
 from fvcompile.passes.fp8_matmuls import DenseFP8
 from fvcompile.testing import PassTestBackend
@@ -32,23 +32,8 @@ class FFN(nn.Module):
         return self.w2(F.relu(self.w1(x)) ** 2)
 
 
-class Fp8Linear(torch.autograd.Function):
-    """y = x wᵀ (+ b) with the forward and both backward matmuls in FP8, row-wise scales,
-    straight through the quantization."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return fp8_rowwise_mm(x, w.t(), x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        return fp8_rowwise_mm(grad, w, x.dtype), fp8_rowwise_mm(grad.t(), x, x.dtype)
-
-
 def linear_reference(layer: nn.Linear, x):
-    y = Fp8Linear.apply(x.reshape(-1, x.shape[-1]), layer.weight).reshape(*x.shape[:-1], -1)
+    y = Fp8DenseLinear.apply(x.reshape(-1, x.shape[-1]), layer.weight).reshape(*x.shape[:-1], -1)
     return y if layer.bias is None else y + layer.bias
 
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fp8_reference import Fp8DenseLinear
 from torch import nn
 from torch._inductor.utils import fresh_cache
 
@@ -165,20 +166,6 @@ class Fp8SecondLinear(torch.autograd.Function):
     def backward(ctx, grad):
         r, w2 = ctx.saved_tensors
         return fp8_rowwise_mm(grad, w2, r.dtype) * 2 * r, fp8_rowwise_mm(grad.t(), r * r, r.dtype)
-
-
-class Fp8DenseLinear(torch.autograd.Function):
-    """y = x wᵀ with all three matmuls dense FP8, row-wise scales: the FFN in a dense FP8 warm-up."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return fp8_rowwise_mm(x, w.t(), x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        return fp8_rowwise_mm(grad, w, x.dtype), fp8_rowwise_mm(grad.t(), x, x.dtype)
 
 
 class Fp8FirstLinear(Fp8DenseLinear):
