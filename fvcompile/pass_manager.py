@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, CustomSchedulerPa
 
 from fvcompile.hooks import HOOKS
 from fvcompile.passes.base import GraphPass, PassContext
+from fvcompile.passes.graph_utils import op_counts
 from fvcompile.report import GraphReport, HookVisit, PassRun
 
 try:  # a post-grad pass told whether the graph is an inference graph (not in every torch release)
@@ -118,11 +118,6 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
-def op_counts(graph: fx.Graph) -> dict[str, int]:
-    """How many of each op the graph calls ("aten.mm.default": 3, ...)."""
-    return dict(Counter(str(n.target) for n in graph.nodes if n.op == "call_function"))
-
-
 def run_installed_passes(installed, graph, stage: str, kind: str):
     """Run what was installed at a hook as Inductor would: one pass or a list of passes; an
     inference-aware post-grad pass is told whether this is the inference graph; a scheduler
@@ -196,10 +191,7 @@ class HookPass(CustomInferenceAwareGraphPass, CustomSchedulerPass):
             return self._run_on_nodes(graph)
         gm = graph.owning_module
         kind = graph_kind(self.stage, graph, is_inference)
-        rank, world_size = rank_and_world_size()
-        ctx = PassContext(graph_kind=kind, device=graph_device(graph), include=self.scope.include,
-                          exclude=self.scope.exclude, hook=self.hook, rank=rank, world_size=world_size,
-                          process_groups=collective_groups(graph), store=self.store)
+        ctx = self._context(kind, graph_device(graph), collective_groups(graph))
         self.report.hooks.append(HookVisit(self.hook, kind, len(graph.nodes)))
         if self.dumper:
             self.dumper.write_hook_graph(self.hook, kind, gm)
@@ -208,7 +200,8 @@ class HookPass(CustomInferenceAwareGraphPass, CustomSchedulerPass):
             result, seconds = self._run(p, gm, ctx)
             graph.lint()
             gm.recompile()
-            self.report.pass_runs.append(PassRun(p.name, self.hook, kind, seconds, result, before, op_counts(graph)))
+            self.report.pass_runs.append(PassRun(p.name, self.hook, kind, seconds, result, dict(before),
+                                                 dict(op_counts(graph))))
             if self.dumper:
                 self.dumper.write_pass_graph(kind, p.name, gm)
         if self.dumper:
@@ -218,10 +211,7 @@ class HookPass(CustomInferenceAwareGraphPass, CustomSchedulerPass):
 
     def _run_on_nodes(self, nodes: list) -> list:
         kind = scheduler_graph_kind()
-        rank, world_size = rank_and_world_size()
-        ctx = PassContext(graph_kind=kind, device=_scheduler_device(), include=self.scope.include,
-                          exclude=self.scope.exclude, hook=self.hook, rank=rank, world_size=world_size,
-                          store=self.store)
+        ctx = self._context(kind, _scheduler_device())
         nodes = list(nodes)
         self.report.hooks.append(HookVisit(self.hook, kind, len(nodes)))
         if self.dumper:
@@ -234,6 +224,12 @@ class HookPass(CustomInferenceAwareGraphPass, CustomSchedulerPass):
         if self.user_pass is not None:
             nodes = run_installed_passes(self.user_pass, nodes, self.stage, kind)
         return nodes
+
+    def _context(self, kind: str, device: torch.device, process_groups: tuple[str, ...] = ()) -> PassContext:
+        rank, world_size = rank_and_world_size()
+        return PassContext(graph_kind=kind, device=device, include=self.scope.include, exclude=self.scope.exclude,
+                           hook=self.hook, rank=rank, world_size=world_size, process_groups=process_groups,
+                           store=self.store)
 
     @staticmethod
     def _run(p: GraphPass, graph, ctx: PassContext):

@@ -8,9 +8,11 @@ cache runs no pass: `cache_hit` says so instead of showing an empty list.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from fvcompile.passes.base import PassResult
+from fvcompile.passes.graph_utils import op_delta
 
 
 @dataclass
@@ -25,9 +27,7 @@ class PassRun:
 
     def op_delta(self) -> dict[str, int]:
         """How many of each op the pass added (negative: removed)."""
-        ops = set(self.ops_before) | set(self.ops_after)
-        delta = {op: self.ops_after.get(op, 0) - self.ops_before.get(op, 0) for op in ops}
-        return {op: d for op, d in sorted(delta.items()) if d}
+        return op_delta(Counter(self.ops_before), Counter(self.ops_after))
 
 
 @dataclass
