@@ -2,7 +2,7 @@
 `fvcompile.optimize(fullgraph=True, codegen=False)`, give the losses and weights of training in
 one process (to fp32 rounding); mixed precision trains; DCP checkpoints reshard (1 -> 2 ranks
 when the ranks load their initial weights, 2 -> 1 when the test reads their final ones).
-All in one spawn: each costs ~10 s of imports per rank."""
+All in one spawn: every spawn imports torch and fvcompile again in each rank."""
 import datetime
 import time
 
