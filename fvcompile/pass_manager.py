@@ -196,6 +196,8 @@ class HookPass(CustomInferenceAwareGraphPass, CustomSchedulerPass):
         if self.dumper:
             self.dumper.write_hook_graph(self.hook, kind, gm)
         for p in self.passes:
+            if not p.applies_to(ctx):
+                continue
             before = op_counts(graph)
             result, seconds = self._run(p, gm, ctx)
             graph.lint()

@@ -104,6 +104,11 @@ class GraphPass:
         """Whether `passes="auto"` should apply this (exact) pass on `device`."""
         return True
 
+    def applies_to(self, ctx: PassContext) -> bool:
+        """Whether the pass looks at this graph at all (a pass that does not is not in the report):
+        e.g. the FSDP passes only at graphs holding collectives."""
+        return True
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Rewrite `gm` in place. At a scheduler hook, `gm` is the list of scheduler nodes
         instead: reorder or replace its items in place."""

@@ -214,3 +214,28 @@ def op_counts(graph: fx.Graph) -> Counter:
 def op_delta(before: Counter, after: Counter) -> dict[str, int]:
     """after - before, op by op, the ops whose count changed only (+: added, -: removed)."""
     return {op: after[op] - before[op] for op in sorted(set(before) | set(after)) if after[op] != before[op]}
+
+
+def repair_order(graph: fx.Graph) -> None:
+    """Move each node that now reads a value defined after it (a rewrite moved that value later)
+    to just after its last input, keeping every other node where it is."""
+    defined: set[fx.Node] = set()
+    waiting: list[fx.Node] = []  # nodes whose inputs are not all defined yet, in graph order
+    for node in list(graph.nodes):
+        if any(i not in defined for i in node.all_input_nodes):
+            waiting.append(node)
+            continue
+        defined.add(node)
+        anchor = node
+        progress = True
+        while progress:  # nodes that waited for this one follow it, in their own order
+            progress = False
+            for w in list(waiting):
+                if all(i in defined for i in w.all_input_nodes):
+                    anchor.append(w)
+                    anchor = w
+                    defined.add(w)
+                    waiting.remove(w)
+                    progress = True
+    if waiting:
+        raise RuntimeError(f"repair_order: {waiting[0].name} reads a value no node defines (a cycle)")

@@ -16,10 +16,13 @@ from fvcompile.passes.base import GraphPass
 KNOWN_PASSES: dict[str, str] = {
     "sparse24": "fvcompile.passes.sparse24:Sparse24",
     "fp8_dense": "fvcompile.passes.fp8_matmuls:DenseFP8",
+    "fsdp_bucketing": "fvcompile.passes.fsdp_bucketing:FSDPBucketing",
+    "fsdp_reordering": "fvcompile.passes.fsdp_reordering:FSDPReordering",
 }
-# The passes `passes="auto"` may pick: exact ones only (approximate passes run when named).
-# A test checks each listed class has `exact = True`.
-AUTO_CANDIDATES: tuple[str, ...] = ()
+# The passes `passes="auto"` may pick: exact ones only (approximate passes run when named), in
+# the order they run. A test checks each listed class has `exact = True`. The FSDP passes look
+# only at graphs that hold collectives (`GraphPass.applies_to`); bucketing comes first.
+AUTO_CANDIDATES: tuple[str, ...] = ("fsdp_bucketing", "fsdp_reordering")
 
 
 def pass_class(name: str) -> type[GraphPass]:
