@@ -28,7 +28,7 @@ from fvcompile.passes import fsdp_collectives, fsdp_cost, fsdp_plan, fsdp_ranks,
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
 from fvcompile.passes.fsdp_collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT, Collective, find_collectives
 from fvcompile.passes.fsdp_cost import CostModel
-from fvcompile.passes.fsdp_plan import check_module_plan, default_cap_bytes, plan_by_cost, plan_by_modules
+from fvcompile.passes.fsdp_plan import check_module_plan, plan_by_cost, plan_by_modules
 from fvcompile.passes.fsdp_ranks import check_ranks_agree
 from fvcompile.passes.graph_utils import call, repair_order
 
@@ -45,7 +45,7 @@ class FSDPBucketing(GraphPass):
     cost: a `CostModel` or a preset name ("cpu_gloo", "h100_nvlink", ...); None: the preset for
         the graph's device.
     bucket_cap_mb: the largest bucket (MiB of gathered parameters or of unreduced gradients);
-        None: twice the model's largest block (`fsdp_plan.default_cap_bytes`).
+        None: twice the model's largest block (`fsdp_plan.default_cap_bytes`, per kind).
     bit_exact: bucket only the gathers; reductions stay per parameter (see the module's docstring).
     """
 
@@ -102,9 +102,9 @@ class FSDPBucketing(GraphPass):
     def _buckets(self, graph, collectives, ctx, result) -> list[list[Collective]]:
         if self.plan == "cost":
             cost = self.cost or CostModel.for_device(ctx.device)
-            cap = int(self.bucket_cap_mb * 2**20) if self.bucket_cap_mb else default_cap_bytes(collectives)
-            result.notes.append(f"buckets planned by the cost model ({cost.describe()}), at most "
-                                f"{cap / 2**20:.3g} MiB each")
+            cap = int(self.bucket_cap_mb * 2**20) if self.bucket_cap_mb else None
+            limit = f"{self.bucket_cap_mb:.3g} MiB" if cap else "twice the largest block's tensors"
+            result.notes.append(f"buckets planned by the cost model ({cost.describe()}), at most {limit} each")
             return plan_by_cost(graph, collectives, cost, cap)
         buckets, unplanned = plan_by_modules(collectives, self.plan)
         result.skipped += [Site(c.start.name, c.module, f"{c.kind} of {c.module or c.start.name} kept on its own: "

@@ -28,13 +28,16 @@ Bucket = list[Collective]
 
 # ---- the cost model's plan -----------------------------------------------------------------
 
-def plan_by_cost(graph: fx.Graph, collectives: list[Collective], cost: CostModel, cap_bytes: int) -> list[Bucket]:
-    """Buckets for every kind of collective in the graph (in graph order within each kind)."""
+def plan_by_cost(graph: fx.Graph, collectives: list[Collective], cost: CostModel,
+                 cap_bytes: int | None = None) -> list[Bucket]:
+    """Buckets for every kind of collective in the graph (in graph order within each kind), each
+    at most `cap_bytes` (None: `default_cap_bytes` of that kind's collectives)."""
     node_s = _compute_before_each_node(graph, cost)
     buckets = []
     for _, same in _by_key(collectives):
         units = [list(u) for _, u in groupby(same, key=lambda c: c.module)]  # a module's parameters stay together
-        buckets += _merge_units(units, node_s, cost, cap_bytes, gather=same[0].kind == "all_gather")
+        cap = cap_bytes or default_cap_bytes(same)
+        buckets += _merge_units(units, node_s, cost, cap, gather=same[0].kind == "all_gather")
     return buckets
 
 
@@ -56,38 +59,54 @@ def _compute_before_each_node(graph: fx.Graph, cost: CostModel) -> dict[fx.Node,
 
 
 def _merge_units(units: list[Bucket], node_s: dict, cost: CostModel, cap_bytes: int, gather: bool) -> list[Bucket]:
-    """Greedy: merge the next unit into the current bucket when the estimated step time does not
-    grow. A gather's communication hides behind the compute of the bucket before it (it is
-    prefetched there); a reduction's behind the compute after it (it runs while later gradients
-    are computed)."""
-    # Each unit's compute window: from its anchor (a gather's first wait, a reduction's start) to the next unit's.
+    """Greedy: add the next unit to the current bucket unless that makes the step, simulated up
+    to that unit on a compute and a communication stream, take longer (or the bucket outgrow its
+    cap). Ties merge: one collective fewer for the host to issue."""
     anchors = [(u[0].wait if gather else u[-1].start) for u in units] + [None]
+    # Each unit's compute: from its anchor (a gather's first wait, a reduction's start) to the next unit's.
     window = [node_s[anchors[i + 1]] - node_s[anchors[i]] for i in range(len(units))]
+    step_s = _gathers_step_s if gather else _reductions_step_s
 
-    def comm(bucket_units):
-        c = bucket_units[0][0]
-        return cost.collective_s(c.kind, sum(x.bytes for u in bucket_units for x in u), c.group_size)
+    def comm(bucket):  # bucket: indices of units
+        first = units[bucket[0]][0]
+        nbytes = sum(c.bytes for i in bucket for c in units[i])
+        return cost.collective_s(first.kind, nbytes, first.group_size) + cost.op_overhead_s
 
-    buckets: list[list[Bucket]] = [[units[0]]]
-    windows = [window[0]]
-    for unit, w in zip(units[1:], window[1:]):
-        current = buckets[-1]
-        hide = windows[-2] if gather and len(buckets) > 1 else 0.0  # what hides the current gather
-        size = sum(x.bytes for u in current + [unit] for x in u)
-        # Apart, the host issues and waits on one more collective (an op's overhead).
-        if gather:
-            apart = max(hide, comm(current)) + max(windows[-1], comm([unit])) + w + cost.op_overhead_s
-            together = max(hide, comm(current + [unit])) + windows[-1] + w
+    buckets: list[list[int]] = [[0]]
+    for u in range(1, len(units)):
+        size = sum(c.bytes for i in buckets[-1] + [u] for c in units[i])
+        merged = buckets[:-1] + [buckets[-1] + [u]]
+        apart = step_s(buckets + [[u]], window, comm)
+        if size <= cap_bytes and step_s(merged, window, comm) <= apart * (1 + 1e-9):  # a tie up to rounding
+            buckets[-1].append(u)
         else:
-            apart = max(windows[-1], comm(current)) + max(w, comm([unit])) + cost.op_overhead_s
-            together = windows[-1] + max(w, comm(current + [unit]))
-        if size <= cap_bytes and together <= apart:
-            current.append(unit)
-            windows[-1] += w
-        else:
-            buckets.append([unit])
-            windows.append(w)
-    return [[c for u in b for c in u] for b in buckets]
+            buckets.append([u])
+    return [[c for i in b for c in units[i]] for b in buckets]
+
+
+def _gathers_step_s(buckets: list[list[int]], window: list[float], comm) -> float:
+    """Time to compute through the buckets when each bucket's gather is issued as the previous
+    bucket's compute starts (one bucket ahead) and the gathers queue on one stream."""
+    comm_end = compute_start = compute_end = 0.0
+    for b in buckets:
+        comm_start = max(compute_start, comm_end)
+        comm_end = comm_start + comm(b)
+        compute_start = max(compute_end, comm_end)
+        compute_end = compute_start + sum(window[i] for i in b)
+    return compute_end
+
+
+def _reductions_step_s(buckets: list[list[int]], window: list[float], comm) -> float:
+    """Time to compute through the buckets when each bucket's reduction is issued once its last
+    gradient exists, queues on one stream, and is waited on before the next one is issued. The
+    last reduction's own time is left out: what follows the units compared hides it."""
+    clock = comm_free = 0.0
+    for b in buckets:
+        clock += sum(window[i] for i in b[:-1])  # the gradients of the bucket's other units
+        clock = max(clock, comm_free)  # the previous reduction's wait
+        comm_free = clock + comm(b)
+        clock += window[b[-1]]
+    return clock
 
 
 def default_cap_bytes(collectives: list[Collective]) -> int:
