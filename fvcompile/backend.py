@@ -134,7 +134,8 @@ def fvcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None
     check_mode(mode)
     report: OptimizeReport = own.get("report") or _torch_compile_report
     codegen = own.get("codegen", True)
-    passes = resolve_passes(own.get("passes", "auto"), _inputs_device(example_inputs))
+    passes = [p for p in resolve_passes(own.get("passes", "auto"), _inputs_device(example_inputs))
+              if p.wanted(gm, example_inputs)]
     check_hooks(passes)
     report.passes = [p.name for p in passes]
     report.approximate = [p.name for p in passes if not p.exact]

@@ -104,6 +104,11 @@ class GraphPass:
         """Whether `passes="auto"` should apply this (exact) pass on `device`."""
         return True
 
+    def wanted(self, gm: fx.GraphModule, example_inputs) -> bool:
+        """Whether to install the pass for this Dynamo graph at all; one that is not wanted adds no
+        config patch and is not in the cache key (e.g. the FSDP passes without distributed tensors)."""
+        return True
+
     def applies_to(self, ctx: PassContext) -> bool:
         """Whether the pass looks at this graph at all (a pass that does not is not in the report):
         e.g. the FSDP passes only at graphs holding collectives."""

@@ -26,7 +26,8 @@ from torch import fx
 
 from fvcompile.passes import fsdp_collectives, fsdp_cost, fsdp_plan, fsdp_ranks, graph_utils
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
-from fvcompile.passes.fsdp_collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT, Collective, find_collectives
+from fvcompile.passes.fsdp_collectives import (ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT, Collective,
+                                                find_collectives, may_hold_collectives)
 from fvcompile.passes.fsdp_cost import CostModel
 from fvcompile.passes.fsdp_plan import check_module_plan, plan_by_cost, plan_by_modules
 from fvcompile.passes.fsdp_ranks import check_ranks_agree
@@ -66,6 +67,9 @@ class FSDPBucketing(GraphPass):
     def options(self):
         cost = None if self.cost is None else {k: v for k, v in vars(self.cost).items()}
         return {"plan": self.plan, "cost": cost, "bucket_cap_mb": self.bucket_cap_mb, "bit_exact": self.bit_exact}
+
+    def wanted(self, gm: fx.GraphModule, example_inputs) -> bool:
+        return may_hold_collectives(gm, example_inputs)
 
     def applies_to(self, ctx: PassContext) -> bool:
         return bool(ctx.process_groups)

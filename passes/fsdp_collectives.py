@@ -140,6 +140,21 @@ def find_collectives(graph: fx.Graph) -> tuple[list[Collective], list[Site]]:
     return found, skipped
 
 
+def may_hold_collectives(gm: fx.GraphModule, example_inputs) -> bool:
+    """Whether a Dynamo graph can hold collectives once AOTAutograd traces it: it takes
+    distributed tensors (DTensor parameters) or calls a functional collective itself."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(x, DTensor) for x in example_inputs):
+        return True
+    return any(n.op == "call_function" and _is_collective_call(n.target) for n in gm.graph.nodes)
+
+
+def _is_collective_call(target) -> bool:
+    name = f"{getattr(target, '__module__', '')}.{target}"
+    return "_c10d_functional" in name or "functional_collectives" in name
+
+
 def signature(graph: fx.Graph) -> list[str]:
     """The collectives the graph issues, in order, as text: op, group, shape and dtype."""
     out = []

@@ -32,7 +32,7 @@ from torch import fx
 from fvcompile.passes import fsdp_collectives, fsdp_cost, fsdp_ranks, graph_utils
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
 from fvcompile.passes.fsdp_bucketing import BUCKETS_KEY
-from fvcompile.passes.fsdp_collectives import Collective, find_collectives
+from fvcompile.passes.fsdp_collectives import Collective, find_collectives, may_hold_collectives
 from fvcompile.passes.fsdp_cost import CostModel
 from fvcompile.passes.fsdp_ranks import check_ranks_agree
 from fvcompile.passes.graph_utils import repair_order
@@ -74,6 +74,9 @@ class FSDPReordering(GraphPass):
 
     def config_patches(self):
         return {"reorder_for_peak_memory": False}  # it would undo the prefetches (module docstring)
+
+    def wanted(self, gm: fx.GraphModule, example_inputs) -> bool:
+        return may_hold_collectives(gm, example_inputs)
 
     def applies_to(self, ctx: PassContext) -> bool:
         return bool(ctx.process_groups)
