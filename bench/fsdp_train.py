@@ -25,7 +25,8 @@ What each figure is:
   frees of blocks allocated before the step do not).
 - --inductor-bucketing / --inductor-overlap turn on PyTorch's own FX bucketing and overlap
   scheduling (`torch._inductor.config`) for the run; when compiling with them fails, the error
-  is recorded in the result and the run goes on without them.
+  is recorded in the result (`inductor_options`: `error`, `errors`) and the run goes on with
+  fewer of them (bucketing alone, then none; `applied` says which ran).
 """
 from __future__ import annotations
 
@@ -259,6 +260,14 @@ def inductor_knobs(args) -> dict:
     return knobs
 
 
+def _fewer_knobs(args) -> list[dict]:
+    """The options to fall back to, in order, when compiling with those asked fails."""
+    fallbacks = []
+    if args.inductor_bucketing and args.inductor_overlap:
+        fallbacks.append(inductor_knobs(argparse.Namespace(inductor_bucketing=True, inductor_overlap=False)))
+    return fallbacks + [{}]
+
+
 def resume(model, optimizer, folder: str) -> int:
     """Load model and optimizer from `folder`; returns the step to continue at."""
     from fvcompile.fsdp import load_checkpoint
@@ -337,17 +346,17 @@ class StepRecord:
 
 class Steps:
     """Runs training steps through the module the steps call (compiled as asked), under PyTorch's
-    bucketing and overlap options when asked; when compiling with them fails at the first step,
-    it records the error in `knobs_status`, compiles without them and runs the step again."""
+    bucketing and overlap options when asked. When compiling with them fails at the first step,
+    it records the error in `knobs_status`, compiles with fewer of them (bucketing without
+    overlap, then none) and runs the step again; `knobs_status["applied"]` says what ran."""
 
     def __init__(self, model, optimizer, spec, args, device):
         self.model, self.optimizer, self.spec, self.args, self.device = model, optimizer, spec, args, device
         knobs = inductor_knobs(args)
-        self.knobs_status = {"asked": knobs, "error": None} if knobs else None
+        self.knobs_status = {"asked": knobs, "applied": knobs, "error": None, "errors": []} if knobs else None
+        self._fallbacks = _fewer_knobs(args)
         self._knobs = ExitStack()
-        if knobs:
-            self._knobs.enter_context(torch._inductor.config.patch(knobs))
-        self.step_model = compiled(model, args)
+        self._compile(knobs)
         self._ran = False
 
     def __enter__(self) -> "Steps":
@@ -356,18 +365,28 @@ class Steps:
     def __exit__(self, *exc) -> None:
         self._knobs.close()
 
+    def _compile(self, knobs: dict) -> None:
+        self._knobs.close()
+        self._knobs = ExitStack()
+        if knobs:
+            self._knobs.enter_context(torch._inductor.config.patch(knobs))
+        self.step_model = compiled(self.model, self.args)
+
     def run(self, batch, profiled: bool) -> StepRecord:
-        try:
-            record = self._step(batch, profiled)
-        except Exception as error:
-            if not self.knobs_status or self._ran:
-                raise
-            self.knobs_status["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:500]}"
-            self.optimizer.zero_grad()
-            self._knobs.close()
-            torch._dynamo.reset()
-            self.step_model = compiled(self.model, self.args)
-            record = self._step(batch, profiled)
+        while True:
+            try:
+                record = self._step(batch, profiled)
+                break
+            except Exception as error:
+                if not self.knobs_status or self._ran or not self._fallbacks:
+                    raise
+                message = f"{type(error).__name__}: {str(error).splitlines()[0][:500]}"
+                self.knobs_status["errors"].append({"knobs": self.knobs_status["applied"], "error": message})
+                self.knobs_status["error"] = self.knobs_status["error"] or message  # the asked set's
+                self.knobs_status["applied"] = self._fallbacks.pop(0)
+                self.optimizer.zero_grad()
+                torch._dynamo.reset()
+                self._compile(self.knobs_status["applied"])
         self._ran = True
         return record
 
@@ -491,9 +510,11 @@ def print_summary(result: dict) -> None:
     peaks = [p["bytes"] for p in result["peak_memory_bytes"]]
     print("peak memory per rank: " + ", ".join("?" if b is None else f"{b / 2**20:.2f} MiB" for b in peaks)
           + f"  ({result['peak_memory_bytes'][0]['method']})")
-    if result["inductor_options"]:
-        error = result["inductor_options"]["error"]
-        print(f"PyTorch's options {result['inductor_options']['asked']}: " + (f"FAILED, {error}" if error else "applied"))
+    options = result["inductor_options"]
+    if options:
+        for failed in options["errors"]:
+            print(f"PyTorch's options {failed['knobs']}: FAILED, {failed['error']}")
+        print(f"PyTorch's options the run used: {options['applied'] or 'none'}")
 
 
 if __name__ == "__main__":
