@@ -96,16 +96,17 @@ def _from_parameters_only(node: fx.Node) -> bool:
 
 
 def _only_reaches_output(node: fx.Node) -> bool:
-    """Whether `node`'s value goes only to the graph's outputs, through casts, views and further
-    collectives (a gradient, reduced and returned), not into computation."""
+    """Whether `node`'s value goes only to the graph's outputs, through casts, views, a bucket's
+    cat and further collectives (a gradient, reduced and returned), not into computation."""
     todo, seen = [node], set()
     while todo:
         cur = todo.pop()
         for user in cur.users:
             if user.op == "output" or user in seen:
                 continue
-            if len(user.all_input_nodes) != 1 and user.target not in KINDS:
-                return False
+            moves_data = user.target in DATA_MOVEMENT or getattr(user.target, "is_view", False)
+            if len(user.all_input_nodes) != 1 and user.target not in KINDS and not moves_data:
+                return False  # computed with: e.g. added to an activation
             seen.add(user)
             todo.append(user)
     return True

@@ -6,8 +6,8 @@ its parameters' first use and each wait right after, so nothing overlaps. This p
 
 - each all-gather's start up to the wait of the gather before it (prefetch: bucket i+1 moves
   while bucket i computes), and the first one to where its input exists;
-- each reduction's wait down to the start of a later reduction (the gradients of the next bucket
-  are computed while this one is reduced), or to the graph's end for the last.
+- each reduction's wait down to the start of a later reduction on the same group (the gradients
+  of the next bucket are computed while this one is reduced), or to the graph's end for the last.
 
 How far ahead is bounded by a memory budget: a prefetched gather holds its gathered parameters,
 and a reduction in flight its unreduced gradients, while other buckets' are alive. Without a
@@ -90,7 +90,8 @@ class FSDPReordering(GraphPass):
         gathers = [c for c in collectives if c.kind == "all_gather"]
         reductions = [c for c in collectives if c.kind != "all_gather"]
         _prefetch(graph, gathers, budget)
-        _delay_waits(graph, reductions, budget)
+        for same in _by_group(reductions):  # hybrid: the reduce-scatters, then the all-reduces of their results
+            _delay_waits(graph, same, budget)
         repair_order(graph)
         overlaps = _overlaps(graph, collectives, self.cost or CostModel.for_device(ctx.device), budget)
         check_ranks_agree(graph, ctx, self.name)
@@ -179,8 +180,16 @@ def _overlaps(graph: fx.Graph, collectives: list[Collective], cost: CostModel, b
     return out
 
 
+def _by_group(collectives: list[Collective]) -> list[list[Collective]]:
+    """The collectives split by kind and process group, each list in graph order."""
+    groups: dict[tuple, list[Collective]] = {}
+    for c in collectives:
+        groups.setdefault((c.kind, c.group), []).append(c)
+    return list(groups.values())
+
+
 def _why_exposed(c: Collective, collectives: list[Collective], budget) -> tuple[str, str]:
-    same = [x for x in collectives if x.kind == c.kind]
+    same = next(g for g in _by_group(collectives) if c in g)
     if c.kind == "all_gather" and c is same[0]:
         return "first", "the graph's first gather: nothing is computed before its parameters are used"
     if c.kind != "all_gather" and c is same[-1]:

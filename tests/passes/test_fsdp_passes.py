@@ -17,7 +17,7 @@ from fvcompile.models import get
 from fvcompile.models.llama import Llama
 from fvcompile.passes.fsdp_bucketing import FSDPBucketing
 from fvcompile.passes.fsdp_cost import CostModel
-from fvcompile.passes.fsdp_collectives import ALL_GATHER, REDUCE_SCATTER, WAIT
+from fvcompile.passes.fsdp_collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT
 from fvcompile.passes.fsdp_ranks import CollectiveMismatchError, agree
 from fvcompile.passes.fsdp_reordering import FSDPReordering
 from fvcompile.testing import PassTestBackend
@@ -51,12 +51,13 @@ class KeepGraphs(fvcompile.GraphPass):
         return fvcompile.PassResult()
 
 
-def _traced(*passes, mp_policy=None):
+def _traced(*passes, mp_policy=None, mode="fully_shard"):
     """Trace one training step of the wrapped model through `passes`; the backend and the graphs."""
     spec = get("llama-tiny")
     torch.manual_seed(0)
     model = Llama(dataclasses.replace(spec.extra["config"], n_layers=2))
-    simple_fsdp(model, init_device_mesh("cpu", (WORLD_SIZE,)), mp_policy=mp_policy)
+    mesh = init_device_mesh("cpu", (2, WORLD_SIZE // 2) if mode == "hybrid_shard" else (WORLD_SIZE,))
+    simple_fsdp(model, mesh, mode=mode, mp_policy=mp_policy)
     keep = KeepGraphs()
     backend = PassTestBackend(*passes, keep)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -131,6 +132,17 @@ def test_bit_exact_keeps_reductions_and_a_zero_budget_prefetches_nothing(fake_wo
     assert all(not _between(forward, g) for g in forward if g.target == ALL_GATHER)
     reasons = {s.reason for r in backend.runs("fsdp_reordering", "forward") for s in r.result.skipped}
     assert reasons == {"first", "memory_budget"}
+
+
+@pytest.mark.parametrize("mode", ["replicate", "hybrid_shard"])
+def test_all_reduces_are_bucketed_too(fake_world, mode):
+    backend, graphs = _traced(FSDPBucketing(), FSDPReordering(), mode=mode)
+    before = backend.op_count(ALL_REDUCE, before=True, pass_name=BUCKETING, graph_kind="backward")
+    after = backend.op_count(ALL_REDUCE, pass_name=LAST, graph_kind="backward")
+    assert before == PARAMS and 1 <= after < before
+    # Each group's last reduction is exposed (nothing left to compute), every other one overlaps.
+    exposed = [s.reason for r in backend.runs("fsdp_reordering", "backward") for s in r.result.skipped]
+    assert exposed == ["last"] * (2 if mode == "hybrid_shard" else 1)
 
 
 def _between(nodes, start):
