@@ -9,6 +9,7 @@ All in one spawn: every spawn imports torch and fvcompile again in each rank."""
 import datetime
 import os
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def _train(model, optimizer, spec, job, rank, tmp, watch=None) -> list[float]:
             save_checkpoint(model, f"{tmp}/{job['save_at_k']}", optimizer)
         if step == job.get("rank_1_dies_at") and rank == 1:
             os._exit(0)  # status 0: mp.spawn waits for rank 0 instead of killing it
-        with watch.step(step) if watch else _nothing():
+        with watch.step(step) if watch else nullcontext():
             loss = spec.train_step(step_model, _batch(spec, model, step, rank))
             loss.backward()
             optimizer.step()
@@ -130,14 +131,6 @@ def _train(model, optimizer, spec, job, rank, tmp, watch=None) -> list[float]:
         report = step_model.fvcompile_report  # every step ran the one compiled graph
         assert (report.graph_calls, report.eager_calls, len(report.graphs)) == (len(steps), 0, 1), report.summary()
     return losses
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _run_job(job, spec, rank, tmp) -> dict:
