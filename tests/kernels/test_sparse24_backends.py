@@ -85,7 +85,11 @@ def test_sparse_mm_backends_select_pad_and_probe(fake_sparse_matmuls, backend, s
 
 # ---- the probe runs in a child process ---------------------------------------------------------
 
-def test_probe_in_child_finds_no_sparse_matmul_on_cpu():
+def test_probe_in_child_finds_no_sparse_matmul_on_cpu(monkeypatch):
+    # One real child, not two: with the search on, a child finding nothing is followed by a second
+    # one without it, whose outcome the stand-in children below check (both failing: the first's
+    # answer stands; the second finding a backend: that backend, with a warning).
+    monkeypatch.setattr(backends, "_cslt_search", False)
     backend, fp8, why, scales_in_matmul = backends._probe_in_child("cpu")  # the real child: imports us, probes all
     assert backend is None and fp8 == "no" and "no sparse matmul" in why and not scales_in_matmul, why
 
