@@ -4,7 +4,9 @@ training in one process (to fp32 rounding), as PyTorch's FSDP2 `fully_shard` doe
 precision trains; DCP checkpoints reshard (1 -> 2 ranks when the ranks load their initial
 weights, 2 -> 1 when the test reads their final ones); a run saved at step RESUME_AT (model and
 optimizer) and resumed on 1 -> 2, 2 -> 2 and 2 -> 1 ranks continues with the losses of the
-uninterrupted run; and when a rank dies, the other's `RankWatch` raises an error naming it.
+uninterrupted run; our FSDP passes keep the losses (bit for bit with `bit_exact=True`); ranks
+whose graphs would issue different collectives fail at compile time, on both ranks; the cost
+model measures the group; and when a rank dies, the other's `RankWatch` raises an error naming it.
 All in one spawn: every spawn imports torch and fvcompile again in each rank."""
 import datetime
 import os
@@ -111,7 +113,8 @@ def _train(model, optimizer, spec, job, rank, tmp, watch=None) -> list[float]:
 
     step_model = model
     if job.get("compile"):
-        step_model = optimize(model, fullgraph=True, codegen=False, passes=job.get("passes", "auto"))
+        passes = job["passes_by_rank"][rank] if "passes_by_rank" in job else job.get("passes", "auto")
+        step_model = optimize(model, fullgraph=True, codegen=False, passes=passes)
     steps = range(RESUME_AT if job.get("resume") else 0, STEPS)
     losses = []
     for step in steps:
@@ -143,6 +146,16 @@ def _run_job(job, spec, rank, tmp) -> dict:
         load_checkpoint(model, f"{tmp}/{job['resume']}", optimizer)
     else:
         load_checkpoint(model, f"{tmp}/init")  # saved by one process, loaded on two
+    if "passes_by_rank" in job:  # ranks that would issue different collectives fail at compile time
+        try:
+            _train(model, optimizer, spec, job, rank, tmp)
+        except Exception as e:
+            return {"error": str(e)}
+        return {"error": None}
+    if job.get("measure"):  # the cost model's constants, measured on the two ranks
+        from fvcompile.passes.fsdp_cost import CostModel
+
+        return {"cost": CostModel.measure()}
     if "rank_1_dies_at" in job:
         started = time.monotonic()
         try:
@@ -227,6 +240,8 @@ def _assert_same_state(got, want, **tol):
 def test_two_ranks_train_like_one_process_resume_and_name_a_dead_rank(tmp_path):
     from fvcompile.fsdp import load_checkpoint
     from fvcompile.models import get
+    from fvcompile.passes.fsdp_bucketing import FSDPBucketing
+    from fvcompile.passes.fsdp_reordering import FSDPReordering
 
     want_losses, want_state = _reference(tmp_path)
     results = _spawn(tmp_path, [
@@ -239,12 +254,31 @@ def test_two_ranks_train_like_one_process_resume_and_name_a_dead_rank(tmp_path):
         {"name": "FSDP2 eager", "impl": "fsdp2"},
         {"name": "resume 1 -> 2", "mode": "fully_shard", "resume": "reference_at_k"},
         {"name": "resume 2 -> 2", "mode": "fully_shard", "resume": "two_ranks_at_k"},
+        # Our FSDP passes: "fully_shard" above runs passes="auto" (buckets from the cost model, reordered).
+        {"name": "unbucketed", "mode": "fully_shard", "compile": True, "passes": []},
+        {"name": "bit_exact", "mode": "fully_shard", "compile": True,
+         "passes": [FSDPBucketing(bit_exact=True), FSDPReordering()]},
+        {"name": "ranks disagree", "mode": "fully_shard", "compile": True,
+         "passes_by_rank": [[FSDPBucketing(plan=["layers.0"])], [FSDPBucketing(plan=["layers.1"])]]},
+        {"name": "measure", "measure": True},
         {"name": "dead rank", "mode": "fully_shard", "rank_1_dies_at": 2},  # last: rank 1 is gone after it
     ])
     fp32 = dict(atol=1e-5, rtol=1e-4)
     for name in ("fully_shard", "replicate", "hybrid_shard eager", "FSDP2 eager"):
         torch.testing.assert_close(results[name]["losses"], want_losses, msg=name, **fp32)
         _assert_same_state(results[name]["state"], want_state, **fp32)
+
+    # The FSDP passes: bit_exact (gathers bucketed, reductions per parameter) gives the unbucketed
+    # run's losses and weights bit for bit; the default buckets reductions too: fp32 rounding at
+    # most (with 2 ranks a sum of two numbers is the same in any order, so it is exact here too).
+    torch.testing.assert_close(results["unbucketed"]["losses"], want_losses, **fp32)
+    assert results["bit_exact"]["losses"] == results["unbucketed"]["losses"]
+    _assert_same_state(results["bit_exact"]["state"], results["unbucketed"]["state"], atol=0, rtol=0)
+    torch.testing.assert_close(results["fully_shard"]["losses"], results["unbucketed"]["losses"], **fp32)
+    disagree = results["ranks disagree"]["error"]
+    assert disagree and "would issue different collectives" in disagree and "collective #" in disagree, disagree
+    cost = results["measure"]["cost"]
+    assert cost.source == "measured on 2 ranks (cpu)" and cost.latency_s > 0 and cost.bandwidth > 0, cost
 
     # Mixed precision: bf16 compute (losses not fp32's), fp32 master weights and reduction (near fp32's).
     bf16 = results["bf16 fully_shard eager"]
