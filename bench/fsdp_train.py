@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mp", choices=("none", "bf16"), default="none",
                    help="bf16: compute in bf16, reduce gradients in fp32, fp32 master weights")
     p.add_argument("--compile", choices=("none", "inductor", "fvcompile"), default="none")
-    p.add_argument("--passes", default="auto", help="fvcompile.optimize's passes= (with --compile fvcompile)")
+    p.add_argument("--passes", default="auto", type=_passes,
+                   help="fvcompile.optimize's passes= (with --compile fvcompile): auto, none, or names a,b")
     p.add_argument("--inductor-bucketing", action="store_true",
                    help="PyTorch's bucket_all_gathers_fx and bucket_reduce_scatters_fx = 'all'")
     p.add_argument("--inductor-overlap", action="store_true",
@@ -89,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     _check(p, args)
     return args
+
+
+def _passes(text: str):
+    """'auto', 'none' (no pass: one collective per parameter) or comma-separated pass names."""
+    if text == "auto":
+        return "auto"
+    return [] if text == "none" else [name for name in text.split(",") if name]
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
