@@ -33,12 +33,42 @@ def run_python(code: str, cwd: Path, pythonpath: Path | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def fake_installed_packages(folder: Path) -> Path:
+def fake_installed_packages(folder: Path, names=FOLDERS) -> Path:
     """Packages named like our folders, with what transformers imports from Hugging Face's `kernels`."""
-    for name in FOLDERS:
+    for name in names:
         (folder / name).mkdir(parents=True)
         (folder / name / "__init__.py").write_text(f"class CUDAProperties:\n    pass\n\nWHO = 'installed {name}'\n")
     return folder
+
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+@pytest.fixture(scope="module")
+def from_the_repository_root(tmp_path_factory):
+    """What one interpreter started in the repository root finds, with packages named `models` and
+    `passes` installed, and `kernels`: Hugging Face's, which transformers brings (a stand-in where
+    transformers is not installed). It imports them, runs a transformers model if it can, then
+    imports our subpackages: one interpreter start for the tests below."""
+    site = fake_installed_packages(tmp_path_factory.mktemp("site"),
+                                   FOLDERS if not HAS_TRANSFORMERS else ("models", "passes"))
+    return run_python(
+        "import json, torch, kernels, models, passes\n"
+        "from kernels import CUDAProperties\n"
+        "found = {'kernels': kernels.__file__, 'top': [getattr(m, 'WHO', None) for m in (kernels, models, passes)]}\n"
+        f"if {HAS_TRANSFORMERS}:\n"
+        "    from transformers import AutoModelForCausalLM, LlamaConfig\n"
+        "    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+        "                      num_attention_heads=2, num_key_value_heads=2)\n"
+        "    model = AutoModelForCausalLM.from_config(cfg)\n"
+        "    found['logits'] = list(model(torch.tensor([[1, 2, 3]])).logits.shape)\n"
+        "import fvcompile.kernels, fvcompile.models.registry, fvcompile.passes.registry\n"
+        "from fvcompile.passes import resolve_passes\n"
+        "from fvcompile.models import get\n"
+        "found['ours'] = [list(m.__path__)[0] for m in (fvcompile.kernels, fvcompile.models, fvcompile.passes)]\n"
+        "found['model'] = get('llama-tiny').name\n"
+        "print(json.dumps(found))",
+        cwd=ROOT, pythonpath=site)
 
 
 def test_folders_are_not_regular_packages():
@@ -49,19 +79,11 @@ def test_folders_are_not_regular_packages():
             "and bind names in fvcompile/_subpackages.py")
 
 
-def test_installed_packages_win_from_the_repository_root(tmp_path):
-    site = fake_installed_packages(tmp_path / "site")
-    found = run_python(
-        "import json, kernels, models, passes\n"
-        "from kernels import CUDAProperties\n"
-        "import fvcompile.kernels, fvcompile.models.registry, fvcompile.passes.registry\n"
-        "from fvcompile.passes import resolve_passes\n"
-        "from fvcompile.models import get\n"
-        "print(json.dumps({'top': [m.WHO for m in (kernels, models, passes)],\n"
-        "                  'ours': [list(m.__path__)[0] for m in (fvcompile.kernels, fvcompile.models, fvcompile.passes)],\n"
-        "                  'model': get('llama-tiny').name}))",
-        cwd=ROOT, pythonpath=site)
-    assert found["top"] == ["installed kernels", "installed models", "installed passes"]
+def test_installed_packages_win_from_the_repository_root(from_the_repository_root):
+    found = from_the_repository_root
+    kernels_installed = "installed kernels" if not HAS_TRANSFORMERS else None  # Hugging Face's has no WHO
+    assert found["top"] == [kernels_installed, "installed models", "installed passes"]
+    assert Path(found["kernels"]).parent != ROOT / "kernels", found  # an installed package, not our folder
     assert found["ours"] == [str(ROOT / name) for name in FOLDERS]
     assert found["model"] == "llama-tiny"
 
@@ -84,19 +106,10 @@ def test_package_names_and_ops_as_their_init_gave_them():
     assert hasattr(torch.ops.fvcompile, "sparse24_mm")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+@pytest.mark.skipif(not HAS_TRANSFORMERS,
                     reason="transformers not installed (pip install transformers: it brings Hugging Face's kernels)")
-def test_transformers_models_from_the_repository_root():
-    found = run_python(
-        "import json, torch, kernels\n"
-        "from transformers import AutoModelForCausalLM, LlamaConfig\n"
-        "cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
-        "                  num_attention_heads=2, num_key_value_heads=2)\n"
-        "model = AutoModelForCausalLM.from_config(cfg)\n"
-        "logits = model(torch.tensor([[1, 2, 3]])).logits\n"
-        "import fvcompile.kernels\n"
-        "print(json.dumps({'kernels': kernels.__file__, 'logits': list(logits.shape)}))",
-        cwd=ROOT)
+def test_transformers_models_from_the_repository_root(from_the_repository_root):
+    found = from_the_repository_root
     assert Path(found["kernels"]).parent != ROOT / "kernels", found  # Hugging Face's, not our folder
     assert found["logits"] == [1, 3, 64]
 
