@@ -8,18 +8,28 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _waits_on_children(item) -> bool:
+    module = getattr(item, "module", None)
+    return hasattr(module, "start_in_background") and item.originalname == getattr(module, "TEST_NAME", None)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that wait on children (below) run last: their children then have the whole run
+    to finish, and the rest of the run does not wait for them."""
+    items.sort(key=_waits_on_children)  # stable: the order is kept within each group
+
+
 def pytest_collection_finish(session):
     """Slow work that runs in child processes starts now, beside the rest of the run: a test
     module with `start_in_background(config, items)` gets it called with its selected items of
     the test named by its `TEST_NAME` (the sm80/sm90 compile, the real-Inductor model parity).
     The children run at low priority on the core that the mostly single-threaded run leaves idle;
-    each test waits for its children's verdict where it runs."""
+    each test waits for its children's verdict at the end of the run."""
     if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return  # nothing to run; or a pytest-xdist worker, which runs only some of the items
     by_module = {}
     for item in session.items:
-        module = getattr(item, "module", None)
-        if hasattr(module, "start_in_background") and item.originalname == getattr(module, "TEST_NAME", None):
-            by_module.setdefault(module, []).append(item)
+        if _waits_on_children(item):
+            by_module.setdefault(item.module, []).append(item)
     for module, items in by_module.items():
         module.start_in_background(session.config, items)
