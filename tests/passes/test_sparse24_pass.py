@@ -743,25 +743,35 @@ def test_routed_experts_with_data_dependent_token_counts(capture_dynamic_output_
         assert rewritten and all(s.kind == "relu2_ffn" and s.ops[RELU24] == 1 for s in rewritten)
 
 
+def _all_sparse_step(model, x, grad_out):
+    """One step of `model` under Sparse24(sparse_weight_grad="all", sparse_mm=True): the step, and
+    the fvcompile ops of its one site."""
+    torch._dynamo.reset()
+    optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_weight_grad="all", sparse_mm=True)],
+                                   codegen=False)
+    step = run_step(optimized, model, x, grad_out)
+    return step, {op: n for op, n in sites(optimized)[0].ops.items() if op.startswith("fvcompile.")}
+
+
+@pytest.fixture(scope="module")
+def plain_all_sparse_step():
+    """The plain form's model, inputs and step, compiled once for every spelling compared with it."""
+    torch.manual_seed(6)
+    plain = SquaredReluFFN(hidden=256, bias=True)
+    x, grad_out = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
+    return plain.state_dict(), x, grad_out, _all_sparse_step(plain, x, grad_out)
+
+
 @pytest.mark.parametrize("form", ["relu_inplace", "relu_module_inplace", "twin_relus", "clamp", "einsum"])
-def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form):
+def test_other_spellings_rewrite_every_matmul_the_plain_form_does(form, plain_all_sparse_step):
     """In-place relus (whose gradient reads views, and with a bias copies), twin relus (whose
     gradients are summed), clamp(min=0) (whose gradient reads h) and einsum linears (bmms of batch
     1, whose weight gradients come transposed): forward, dX, dW2 and dW1 all become sparse24_mm as
     for `F.relu(h) ** 2`, with the same numbers."""
-    torch.manual_seed(6)
-    plain = SquaredReluFFN(hidden=256, bias=True)
+    plain_state, x, grad_out, (plain_step, plain_ops) = plain_all_sparse_step
     other = SquaredReluFFN(hidden=256, bias=True, form=form)
-    other.load_state_dict(plain.state_dict())
-    x, grad_out = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
-    runs = []
-    for model in (plain, other):
-        torch._dynamo.reset()
-        optimized = fvcompile.optimize(model, passes=[Sparse24(sparse_weight_grad="all", sparse_mm=True)],
-                                       codegen=False)
-        step = run_step(optimized, model, x, grad_out)
-        runs.append((step, {op: n for op, n in sites(optimized)[0].ops.items() if op.startswith("fvcompile.")}))
-    (plain_step, plain_ops), (step, ops) = runs
+    other.load_state_dict(plain_state)
+    step, ops = _all_sparse_step(other, x, grad_out)
     assert ops == plain_ops == {RELU24: 1, MM24: 2, WGRAD24: 2}  # forward, dX, dW2 and dW1
     assert_step_close(step, plain_step)
 
