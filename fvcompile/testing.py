@@ -1,6 +1,8 @@
 """Checks shared by the tests, the benchmarks and the GPU check script."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import fvcompile
@@ -72,3 +74,19 @@ class PassTestBackend:
     def sites(self, pass_name: str | None = None, rewritten: bool = True):
         """Every site the pass rewrote (or skipped), over all its runs."""
         return [s for r in self.runs(pass_name) for s in (r.result.rewritten if rewritten else r.result.skipped)]
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """One process standing for `world_size` ranks: PyTorch's fake process group (collectives
+    trace and run, moving no data), with Dynamo's caches cleared before and after."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+        dist.destroy_process_group()

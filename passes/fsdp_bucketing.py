@@ -25,9 +25,9 @@ import torch
 from torch import fx
 
 from fvcompile.passes import fsdp_collectives, fsdp_cost, fsdp_plan, fsdp_ranks, graph_utils
-from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
+from fvcompile.passes.base import PassContext, PassResult, Site
 from fvcompile.passes.fsdp_collectives import (ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT, Collective,
-                                                find_collectives, may_hold_collectives)
+                                                CollectivePass, find_collectives)
 from fvcompile.passes.fsdp_cost import CostModel
 from fvcompile.passes.fsdp_plan import check_module_plan, plan_by_cost, plan_by_modules
 from fvcompile.passes.fsdp_ranks import check_ranks_agree
@@ -37,7 +37,7 @@ aten = torch.ops.aten
 BUCKETS_KEY = "fsdp_buckets"  # ctx.store[BUCKETS_KEY][graph kind] = {start node name: bucket label}
 
 
-class FSDPBucketing(GraphPass):
+class FSDPBucketing(CollectivePass):
     """Merge the per-parameter all-gathers and gradient reductions of FSDP into buckets.
 
     plan: "cost" (the cost model picks the buckets) or a list of buckets of module names, e.g.
@@ -46,7 +46,8 @@ class FSDPBucketing(GraphPass):
     cost: a `CostModel` or a preset name ("cpu_gloo", "h100_nvlink", ...); None: the preset for
         the graph's device.
     bucket_cap_mb: the largest bucket (MiB of gathered parameters or of unreduced gradients);
-        None: twice the model's largest block (`fsdp_plan.default_cap_bytes`, per kind).
+        None: the model's largest block, or more while a bucket is latency-bound
+        (`fsdp_plan.default_cap_bytes`, per kind).
     bit_exact: bucket only the gathers; reductions stay per parameter (see the module's docstring).
     """
 
@@ -67,12 +68,6 @@ class FSDPBucketing(GraphPass):
     def options(self):
         cost = None if self.cost is None else {k: v for k, v in vars(self.cost).items()}
         return {"plan": self.plan, "cost": cost, "bucket_cap_mb": self.bucket_cap_mb, "bit_exact": self.bit_exact}
-
-    def wanted(self, gm: fx.GraphModule, example_inputs) -> bool:
-        return may_hold_collectives(gm, example_inputs)
-
-    def applies_to(self, ctx: PassContext) -> bool:
-        return bool(ctx.process_groups)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
@@ -107,7 +102,7 @@ class FSDPBucketing(GraphPass):
         if self.plan == "cost":
             cost = self.cost or CostModel.for_device(ctx.device)
             cap = int(self.bucket_cap_mb * 2**20) if self.bucket_cap_mb else None
-            limit = f"{self.bucket_cap_mb:.3g} MiB" if cap else "twice the largest block's tensors"
+            limit = f"{self.bucket_cap_mb:.3g} MiB" if cap else "one block, or more while latency-bound"
             result.notes.append(f"buckets planned by the cost model ({cost.describe()}), at most {limit} each")
             return plan_by_cost(graph, collectives, cost, cap)
         buckets, unplanned = plan_by_modules(collectives, self.plan)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fvcompile.passes.base import Site
+from fvcompile.passes.base import GraphPass, PassContext, Site
 from fvcompile.passes.graph_utils import CASTS, module_path
 
 c10d = torch.ops._c10d_functional
@@ -154,6 +154,17 @@ def may_hold_collectives(gm: fx.GraphModule, example_inputs) -> bool:
 def _is_collective_call(target) -> bool:
     name = f"{getattr(target, '__module__', '')}.{target}"
     return "_c10d_functional" in name or "functional_collectives" in name
+
+
+class CollectivePass(GraphPass):
+    """A pass over a graph's collectives: installed only for Dynamo graphs that can hold them,
+    run only on the forward / backward graphs that do."""
+
+    def wanted(self, gm: fx.GraphModule, example_inputs) -> bool:
+        return may_hold_collectives(gm, example_inputs)
+
+    def applies_to(self, ctx: PassContext) -> bool:
+        return bool(ctx.process_groups)
 
 
 def signature(graph: fx.Graph) -> list[str]:

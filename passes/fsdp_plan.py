@@ -36,7 +36,7 @@ def plan_by_cost(graph: fx.Graph, collectives: list[Collective], cost: CostModel
     buckets = []
     for _, same in _by_key(collectives):
         units = [list(u) for _, u in groupby(same, key=lambda c: c.module)]  # a module's parameters stay together
-        cap = cap_bytes or default_cap_bytes(same)
+        cap = cap_bytes or default_cap_bytes(same, cost)
         buckets += _merge_units(units, node_s, cost, cap, gather=same[0].kind == "all_gather")
     return buckets
 
@@ -109,17 +109,20 @@ def _reductions_step_s(buckets: list[list[int]], window: list[float], comm) -> f
     return clock
 
 
-def default_cap_bytes(collectives: list[Collective]) -> int:
-    """Twice the largest repeated block (the collectives under `layers.3`, say: a module path up
-    to its first index), or the largest collective where the model has no such blocks. With one
-    bucket in use and one prefetched, at most four blocks' parameters are gathered at once."""
+def default_cap_bytes(collectives: list[Collective], cost: CostModel) -> int:
+    """One repeated block (the collectives under `layers.3`, say: a module path up to its first
+    index; the largest collective where the model has no such blocks), or more while a bucket
+    is latency-bound: below 4 x latency x bandwidth, a collective's time is mostly its latency.
+    Large models get FSDP2's per-block buckets and memory; small ones (or slow networks) fewer,
+    larger collectives."""
     blocks: dict[str, int] = {}
     for c in collectives:
         match = re.match(r"(.*?\.\d+)(\.|$)", c.module)
         key = match.group(1) if match else c.module
         blocks[key] = blocks.get(key, 0) + c.bytes
     repeated = [b for k, b in blocks.items() if re.search(r"\.\d+$", k)]
-    return 2 * max(repeated) if repeated else max(c.bytes for c in collectives)
+    block = max(repeated) if repeated else max(c.bytes for c in collectives)
+    return max(block, int(4 * cost.latency_s * cost.bandwidth))
 
 
 # ---- a plan by module name ------------------------------------------------------------------

@@ -30,9 +30,9 @@ import torch
 from torch import fx
 
 from fvcompile.passes import fsdp_collectives, fsdp_cost, fsdp_ranks, graph_utils
-from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
+from fvcompile.passes.base import PassContext, PassResult, Site
 from fvcompile.passes.fsdp_bucketing import BUCKETS_KEY
-from fvcompile.passes.fsdp_collectives import Collective, find_collectives, may_hold_collectives
+from fvcompile.passes.fsdp_collectives import Collective, CollectivePass, find_collectives
 from fvcompile.passes.fsdp_cost import CostModel
 from fvcompile.passes.fsdp_ranks import check_ranks_agree
 from fvcompile.passes.graph_utils import repair_order
@@ -50,7 +50,7 @@ class Overlap:
     why: str = ""
 
 
-class FSDPReordering(GraphPass):
+class FSDPReordering(CollectivePass):
     """Prefetch the FSDP all-gathers and delay the reduction waits, within a memory budget.
 
     memory_budget_mb: how many MiB of prefetched parameters (or of gradients in flight) may be
@@ -74,12 +74,6 @@ class FSDPReordering(GraphPass):
 
     def config_patches(self):
         return {"reorder_for_peak_memory": False}  # it would undo the prefetches (module docstring)
-
-    def wanted(self, gm: fx.GraphModule, example_inputs) -> bool:
-        return may_hold_collectives(gm, example_inputs)
-
-    def applies_to(self, ctx: PassContext) -> bool:
-        return bool(ctx.process_groups)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph

@@ -6,16 +6,15 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import fvcompile
 from fvcompile.fsdp import MixedPrecisionPolicy, simple_fsdp
 from fvcompile.models import get
 from fvcompile.models.llama import Llama
+from fvcompile.testing import fake_process_group
 
 WORLD_SIZE = 4
 ALL_GATHER = "_c10d_functional.all_gather_into_tensor.default"
@@ -25,11 +24,8 @@ ALL_REDUCE = "_c10d_functional.all_reduce.default"
 
 @pytest.fixture
 def fake_world():
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD_SIZE)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    dist.destroy_process_group()
+    with fake_process_group(WORLD_SIZE):
+        yield
 
 
 class RecordCollectives(fvcompile.GraphPass):
@@ -198,13 +194,10 @@ def test_bad_arguments_are_clear_errors(fake_world):
 def test_meta_device_model_wraps_with_no_memory():
     """What the cluster simulation needs: Llama-3 8B built on the meta device wraps on a 64-rank
     hybrid mesh (8 x 8) of a fake process group, each rank holding 1/8 of every weight."""
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=64)
-    try:
+    with fake_process_group(64):
         with torch.device("meta"):
             model = get("llama3-8b").build()
         simple_fsdp(model, init_device_mesh("cpu", (8, 8)), mode="hybrid_shard")
         shard = model.layers[0].attention.wq._parameters["weight"]
         assert shard.placements == (Replicate(), Shard(0)) and shard.device.type == "meta"
         assert shard.to_local().shape == (4096 // 8, 4096)
-    finally:
-        dist.destroy_process_group()

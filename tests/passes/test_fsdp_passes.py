@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import fvcompile
 from fvcompile.fsdp import MixedPrecisionPolicy, simple_fsdp
@@ -20,7 +19,7 @@ from fvcompile.passes.fsdp_cost import CostModel
 from fvcompile.passes.fsdp_collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT
 from fvcompile.passes.fsdp_ranks import CollectiveMismatchError, agree
 from fvcompile.passes.fsdp_reordering import FSDPReordering
-from fvcompile.testing import PassTestBackend
+from fvcompile.testing import PassTestBackend, fake_process_group
 
 WORLD_SIZE = 4
 PARAMS = 2 * 9 + 3  # per block: 2 norms, 4 attention and 3 FFN weights; embedding, final norm, output
@@ -30,11 +29,8 @@ BUCKETING, LAST = "fsdp_bucketing", "keep_graphs"  # op counts after the last pa
 
 @pytest.fixture(scope="module")
 def fake_world():
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD_SIZE)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    dist.destroy_process_group()
+    with fake_process_group(WORLD_SIZE):
+        yield
 
 
 class KeepGraphs(fvcompile.GraphPass):
