@@ -1,11 +1,11 @@
 """The CPU benchmark of SimpleFSDP: 2 gloo ranks, one run, four configurations of one model.
 
     python bench/fsdp.py                      # llama-tiny widened to 8 blocks of 256 -> 768 -> 256
-    python bench/fsdp.py --steps 12 --out bench/results
+    python bench/fsdp.py --out bench/results                  # 12 steps, the last 3 profiled
 
 Each configuration trains the same model on the same batches (`bench/fsdp_train.py`, which
 spawns its own ranks) and reports the median step time, the collectives per step and the peak
-memory per rank:
+memory per rank (the median over the profiled steps, the largest over the ranks):
 
 1. FSDP2 eager (`torch.distributed.fsdp.fully_shard` per block, then the root): the baseline;
 2. SimpleFSDP compiled by fvcompile with no pass: one collective per parameter;
@@ -42,14 +42,15 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--config", action="append", default=None, metavar="KEY=VALUE",
                    help=f"the model's config overrides (default: {' '.join(MODEL_CONFIG)})")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--profile-steps", type=int, default=3, help="the last steps, profiled: memory is their median")
     p.add_argument("--only", action="append", choices=list(CONFIGURATIONS), help="run only these rows")
     p.add_argument("--out", help="folder for fsdp_cpu_<date>.json and .md")
     args = p.parse_args(argv)
     common = ["--nproc", "2", "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--batch", str(args.batch)]
+              "--batch", str(args.batch), "--profile-steps", str(args.profile_steps)]
     for c in args.config or MODEL_CONFIG:
         common += ["--config", c]
     rows = {}
@@ -68,6 +69,7 @@ def main(argv=None) -> dict:
     print("\n" + table)
     if args.out:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, f"fsdp_cpu_{stamp}.json").write_text(json.dumps(record, indent=1))
         Path(args.out, f"fsdp_cpu_{stamp}.md").write_text(table)
     return record

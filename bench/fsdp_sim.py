@@ -23,10 +23,11 @@ model of the cluster (`CostModel.preset`: "h100_nvlink" inside one 8-GPU node, "
 across nodes, where a ring is as fast as its slowest link):
 - none: the graph as traced: one all-gather and one reduce-scatter per parameter, each waited on
   right after it starts;
-- ours: `FSDPBucketing()` (buckets from the cost model of that cluster) then `FSDPReordering()`;
+- ours: `FSDPBucketing()` (buckets from the cost model of that cluster) then `FSDPReordering()`
+  (one bucket ahead where that does not raise the graph's peak memory);
 - fsdp2: FSDP2's per-module prefetch: `FSDPBucketing(plan=[embedding, norm and output] + one
-  bucket per block)` then `FSDPReordering()` (one bucket ahead): FSDP2 gathers one wrapped block
-  at a time and prefetches the next.
+  bucket per block)` then `FSDPReordering(keep_peak=False)` (one bucket ahead, always): FSDP2
+  gathers one wrapped block at a time and prefetches the next.
 The passes run on copies of the recorded graph, as the pass manager runs them at the post-grad
 hook (the same code on the same graph, without tracing each schedule again).
 
@@ -158,7 +159,7 @@ def schedule_passes(schedule: str, cost: CostModel, blocks: int) -> list[fvcompi
         return []
     if schedule == "ours":
         return [FSDPBucketing(cost=cost), FSDPReordering(cost=cost)]
-    return [FSDPBucketing(plan=fsdp2_plan(blocks), cost=cost), FSDPReordering(cost=cost)]
+    return [FSDPBucketing(plan=fsdp2_plan(blocks), cost=cost), FSDPReordering(cost=cost, keep_peak=False)]
 
 
 def apply_passes(graphs: dict[str, fx.GraphModule], passes, world: int) -> dict[str, fx.GraphModule]:

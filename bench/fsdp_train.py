@@ -12,17 +12,19 @@ What each figure is:
   The global batch of step s is a function of s only (block s mod POOL of a pool drawn once
   with a fixed seed), so a resumed run, on any number of ranks, trains on the same data.
 - step time: forward, backward and optimizer step of one rank (CUDA synchronized), timed on
-  rank 0; the median leaves out the first --warmup steps (compilation) and the profiled step.
-- collectives per step: in one profiled step (the last), the process-group operations the
+  rank 0; the median leaves out the first --warmup steps (compilation) and the profiled steps.
+- collectives per step: in the last profiled step, the process-group operations the
   profiler records (`c10d::*`, one per collective handed to the backend, whether eager code or a
   compiled graph issued it), by kind. The loss's all-reduce lies outside the profiled region.
 - peak memory per rank: on CUDA, `torch.cuda.max_memory_allocated` over the run. On CPU, which
-  keeps no allocator statistics: the bytes of the tensors alive at the start of the profiled
+  keeps no allocator statistics, the median over the last --profile-steps steps, each profiled
+  on its own, of: the bytes of the tensors alive at the start of the profiled
   step that the run owns (parameters, gradients, optimizer state, buffers: measured from the
   tensors) plus the peak of the running sum of the CPU allocator's allocations and frees that
   the profiler records during that step (Inductor's compiled code allocates its buffers through
   that allocator, so they count; scratch memory inside a C++ kernel, Python objects and the
-  frees of blocks allocated before the step do not).
+  frees of blocks allocated before the step do not). The median, because the gloo threads'
+  buffers (a reduce-scatter copies its input) come and go at times that vary by a few MiB.
 - --inductor-bucketing / --inductor-overlap turn on PyTorch's own FX bucketing and overlap
   scheduling (`torch._inductor.config`) for the run; when compiling with them fails, the error
   is recorded in the result (`inductor_options`: `error`, `errors`) and the run goes on with
@@ -74,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PyTorch's reorder_for_compute_comm_overlap and overlap scheduling")
     p.add_argument("--steps", type=int, default=8, help="train until this step (resumed runs too)")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median step time")
+    p.add_argument("--profile-steps", type=int, default=1,
+                   help="the last steps profiled (memory: their median; left out of the step time)")
     p.add_argument("--batch", type=int, default=8, help="global batch size (a multiple of the ranks)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -318,29 +322,31 @@ def local_batch(pool, args, step: int, rank: int, world_size: int) -> tuple:
 
 
 def train(model, optimizer, spec, pool, args, start: int, rank: int, world_size: int, device, watch) -> dict:
-    """Steps start..args.steps-1, the last one profiled. Returns losses, times, collectives,
-    this rank's peak memory and the fate of PyTorch's options."""
-    losses, times, last = [], [], None
+    """Steps start..args.steps-1, the last --profile-steps profiled. Returns losses, times,
+    collectives, this rank's peak memory and the fate of PyTorch's options."""
+    losses, times, last, profiled = [], [], None, []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with Steps(model, optimizer, spec, args, device) as steps:
         for step in range(start, args.steps):
             save_if_asked(model, optimizer, args, step, watch)
             with watch.step(step) if watch else nullcontext():
-                last = steps.run(local_batch(pool, args, step, rank, world_size), profiled=step == args.steps - 1)
+                last = steps.run(local_batch(pool, args, step, rank, world_size),
+                                 profiled=step >= args.steps - args.profile_steps)
                 loss = global_mean(last.loss)
+            if last.profile:
+                profiled.append(last)
             times.append(last.seconds)
             losses.append(loss)
             if rank == 0 and not args.quiet:
                 print(f"step {step}: loss {loss:.4f}  {last.seconds * 1e3:.1f} ms", flush=True)
         save_if_asked(model, optimizer, args, args.steps, watch)
-    # Leave out this run's warm-up steps (a resumed run compiles again) and the profiled step (when another is left).
-    timed = times[args.warmup:-1] or times[args.warmup:]
-    profile = last.profile if last else None
+    # Leave out this run's warm-up steps (a resumed run compiles again) and the profiled steps (when others are left).
+    timed = times[args.warmup:len(times) - len(profiled)] or times[args.warmup:]
     return {"start_step": start, "losses": losses, "step_times_s": times,
             "median_step_s": statistics.median(timed) if timed else None,
-            "collectives_per_step": count_collectives(profile) if profile else None,
-            "peak_memory_bytes": peak_memory(profile, last.persistent_bytes if last else 0, device),
+            "collectives_per_step": count_collectives(profiled[-1].profile) if profiled else None,
+            "peak_memory_bytes": median_peak([peak_memory(r.profile, r.persistent_bytes, device) for r in profiled]),
             "inductor_options": steps.knobs_status}
 
 
@@ -482,6 +488,14 @@ def peak_memory(profile, persistent: int, device) -> dict:
         peak = max(peak, running)
     return {"bytes": persistent + peak, "persistent_bytes": persistent, "step_peak_bytes": peak,
             "method": "persistent tensors + peak of the profiled step's CPU allocator events"}
+
+
+def median_peak(peaks: list[dict]) -> dict:
+    """The profiled step whose peak is the median (the lower middle one of an even count)."""
+    if not peaks:
+        return {"bytes": None, "method": "no profiled step"}
+    ranked = sorted(peaks, key=lambda p: p["bytes"] or 0)
+    return dict(ranked[(len(ranked) - 1) // 2], steps=[p["bytes"] for p in peaks])
 
 
 def _gather(value) -> list:

@@ -7,10 +7,10 @@ that becomes one collective. Buckets trade latency for overlap and memory:
 - but a bucket is gathered as a whole, before its first parameter is used, and reduced only once
   its last gradient exists: a large bucket hides less behind compute and holds more memory.
 
-`plan_by_cost` walks the collectives in order and adds the next module's collectives to the
-current bucket while the cost model says the step gets no slower and the bucket stays within its
-byte cap. `plan_by_modules` follows a plan given by module names, e.g.
-`[["tok_embeddings", "layers.0"], ["layers.1"], ...]`, and refuses a name that matches nothing
+`plan_by_cost` walks the collectives in order and adds the next block's collectives (a module's,
+where a block outgrows the cap) to the current bucket while the cost model says the step gets no
+slower and the bucket stays within its byte cap. `plan_by_modules` follows a plan given by module
+names, e.g. `[["tok_embeddings", "layers.0"], ["layers.1"], ...]`, and refuses a name that matches nothing
 or a plan that splits a module's parameters between buckets.
 """
 from __future__ import annotations
@@ -35,10 +35,31 @@ def plan_by_cost(graph: fx.Graph, collectives: list[Collective], cost: CostModel
     node_s = _compute_before_each_node(graph, cost)
     buckets = []
     for _, same in _by_key(collectives):
-        units = [list(u) for _, u in groupby(same, key=lambda c: c.module)]  # a module's parameters stay together
         cap = cap_bytes or default_cap_bytes(same, cost)
+        units = _units(same, cap)
         buckets += _merge_units(units, node_s, cost, cap, gather=same[0].kind == "all_gather")
     return buckets
+
+
+def _units(collectives: list[Collective], cap_bytes: int) -> list[Bucket]:
+    """Whole blocks where a block fits the cap, so that buckets start where blocks start (as
+    FSDP2's do; a bucket starting mid-block could not take the next block within a one-block
+    cap), else modules: a module's parameters always stay together."""
+    units = []
+    for _, block in groupby(collectives, key=lambda c: _block_of(c.module)):
+        block = list(block)
+        if sum(c.bytes for c in block) <= cap_bytes:
+            units.append(block)
+        else:
+            units += [list(m) for _, m in groupby(block, key=lambda c: c.module)]
+    return units
+
+
+def _block_of(module: str) -> str:
+    """A module path up to its first index (`layers.3.attention.wq` -> `layers.3`); the path
+    itself where it has no index (`tok_embeddings`)."""
+    match = re.match(r"(.*?\.\d+)(\.|$)", module)
+    return match.group(1) if match else module
 
 
 def _by_key(collectives: list[Collective]):
@@ -117,8 +138,7 @@ def default_cap_bytes(collectives: list[Collective], cost: CostModel) -> int:
     larger collectives."""
     blocks: dict[str, int] = {}
     for c in collectives:
-        match = re.match(r"(.*?\.\d+)(\.|$)", c.module)
-        key = match.group(1) if match else c.module
+        key = _block_of(c.module)
         blocks[key] = blocks.get(key, 0) + c.bytes
     repeated = [b for k, b in blocks.items() if re.search(r"\.\d+$", k)]
     block = max(repeated) if repeated else max(c.bytes for c in collectives)

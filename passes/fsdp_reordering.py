@@ -9,15 +9,21 @@ its parameters' first use and each wait right after, so nothing overlaps. This p
 - each reduction's wait down to the start of a later reduction on the same group (the gradients
   of the next bucket are computed while this one is reduced), or to the graph's end for the last.
 
-How far ahead is bounded by a memory budget: a prefetched gather holds its gathered parameters,
-and a reduction in flight its unreduced gradients, while other buckets' are alive. Without a
-budget each moves one bucket ahead (FSDP2's default prefetch). Only node order changes: the
-pass is exact.
+How far ahead is bounded by memory: a prefetched gather holds its gathered parameters, and a
+reduction in flight its unreduced gradients, while other buckets' are alive. Each moves one
+bucket ahead (FSDP2's default prefetch), or as far as an explicit budget of MiB allows; and by
+default a move that would raise the graph's peak memory (`fsdp_timeline.memory_walk`: saved
+activations and gradient shards included) is undone: near the peak a gather waits for its use,
+everywhere else it overlaps. Only node order changes: the pass is exact.
 
-Inductor's scheduler reorders nodes to lower peak memory (`reorder_for_peak_memory`), which
-moves each prefetched gather back next to its wait (seen in the generated code); the pass turns
-that reordering off for the graphs it compiles (`config_patches`), so Inductor keeps the graph's
-order. (Inductor's `control_deps` could pin single edges instead; it is internal and newer.)
+Two Inductor options are turned off for the graphs the pass compiles (`config_patches`), both
+seen in the generated code. `reorder_for_peak_memory` moves each prefetched gather back next to
+its wait, undoing the prefetch (Inductor's `control_deps` could pin single edges instead; it is
+internal and newer). `allow_buffer_reuse` keeps a dead buffer alive until a later allocation of
+the same size takes it over; a block's gathered flat buffer and the next block's flat gradient
+buffer have the same size, so one extra block stayed alive through each block's backward; freed
+at their last use, buffers live as long as the liveness walk the pass plans with says.
+
 The report has one site per collective: its
 bucket (from `fsdp_bucketing`, when it ran first), the compute it overlaps, or that it is exposed
 and why.
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fvcompile.passes import fsdp_collectives, fsdp_cost, fsdp_ranks, graph_utils
+from fvcompile.passes import fsdp_collectives, fsdp_cost, fsdp_ranks, fsdp_timeline, graph_utils
 from fvcompile.passes.base import PassContext, PassResult, Site
 from fvcompile.passes.fsdp_bucketing import BUCKETS_KEY
 from fvcompile.passes.fsdp_collectives import Collective, CollectivePass, find_collectives
@@ -55,25 +61,29 @@ class FSDPReordering(CollectivePass):
 
     memory_budget_mb: how many MiB of prefetched parameters (or of gradients in flight) may be
         alive beyond the bucket in use; None: one bucket ahead, whatever its size.
+    keep_peak: undo each move that would raise the graph's peak memory (False: FSDP2's
+        behaviour, every move made whatever the peak).
     cost: a `CostModel` or preset name, for the report's estimates only (None: the device's preset).
     """
 
     name = "fsdp_reordering"
     hook = "post_grad"
     exact = True
-    helpers = (fsdp_collectives, fsdp_cost, fsdp_ranks, graph_utils)
+    helpers = (fsdp_collectives, fsdp_cost, fsdp_ranks, fsdp_timeline, graph_utils)
 
-    def __init__(self, memory_budget_mb: float | None = None, cost: CostModel | str | None = None):
+    def __init__(self, memory_budget_mb: float | None = None, cost: CostModel | str | None = None,
+                 keep_peak: bool = True):
         if memory_budget_mb is not None and not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb >= 0):
             raise ValueError(f"memory_budget_mb takes a number of MiB >= 0 (or None), got {memory_budget_mb!r}")
         self.memory_budget_mb = memory_budget_mb
+        self.keep_peak = keep_peak
         self.cost = CostModel.preset(cost) if isinstance(cost, str) else cost
 
     def options(self):
-        return {"memory_budget_mb": self.memory_budget_mb}
+        return {"memory_budget_mb": self.memory_budget_mb, "keep_peak": self.keep_peak}
 
     def config_patches(self):
-        return {"reorder_for_peak_memory": False}  # it would undo the prefetches (module docstring)
+        return {"reorder_for_peak_memory": False, "allow_buffer_reuse": False}  # module docstring
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
@@ -83,28 +93,65 @@ class FSDPReordering(CollectivePass):
         budget = None if self.memory_budget_mb is None else self.memory_budget_mb * 2**20
         gathers = [c for c in collectives if c.kind == "all_gather"]
         reductions = [c for c in collectives if c.kind != "all_gather"]
-        _prefetch(graph, gathers, budget)
+        guard = PeakGuard(graph, ctx.graph_kind) if self.keep_peak else None
+        _prefetch(graph, gathers, budget, guard)
         for same in _by_group(reductions):  # hybrid: the reduce-scatters, then the all-reduces of their results
-            _delay_waits(graph, same, budget)
+            _delay_waits(graph, same, budget, guard)
         repair_order(graph)
-        overlaps = _overlaps(graph, collectives, self.cost or CostModel.for_device(ctx.device), budget)
+        refused = guard.refused if guard else {}
+        overlaps = _overlaps(graph, collectives, self.cost or CostModel.for_device(ctx.device), budget, refused)
         check_ranks_agree(graph, ctx, self.name)
         return _report(overlaps, ctx, skipped)
 
 
-def _prefetch(graph: fx.Graph, gathers: list[Collective], budget: float | None) -> None:
+class PeakGuard:
+    """Undoes the moves that raise a graph's peak memory above what it was before the pass.
+
+    The peak is `fsdp_timeline.memory_walk`'s: values alive from the node that makes them to
+    their last use, in graph order, and the graph's outputs to its end (the forward's saved
+    activations, the backward's gradient shards, which pile up as it runs); a backward graph
+    also holds the activations saved for it (its inputs other than the parameters, `primals_*`)."""
+
+    def __init__(self, graph: fx.Graph, graph_kind: str):
+        self.graph = graph
+        backward = graph_kind == "backward"
+        saved = [n for n in graph.find_nodes(op="placeholder") if not n.name.startswith("primals")] if backward else []
+        self.walk = lambda: fsdp_timeline.memory_walk(graph, counted_inputs=saved).peak_bytes
+        self.peak = self.walk()
+        self.refused: dict[fx.Node, str] = {}  # a collective's start -> why its move was undone
+
+    def move(self, c: Collective, do) -> bool:
+        """Run `do()` (which moves nodes); undo it if the peak rose. Returns whether it stayed."""
+        before = list(self.graph.nodes)
+        do()
+        peak = self.walk()
+        if peak <= self.peak:
+            return True
+        anchor = before[0]
+        for node in before[1:]:  # the old order back
+            if node.prev is not anchor:
+                anchor.append(node)
+            anchor = node
+        self.refused[c.start] = (f"moving it would raise the graph's peak memory from {self.peak / 2**20:.4g} "
+                           f"to {peak / 2**20:.4g} MiB")
+        return False
+
+
+def _prefetch(graph: fx.Graph, gathers: list[Collective], budget: float | None, guard: PeakGuard | None) -> None:
     """Move each gather's start (and the ops making its input) up to the wait of the gather one
     bucket before it, or further back while the prefetched bytes fit the budget; the first one
-    to the graph's top."""
+    to the graph's top; each undone where it would raise the peak (`guard`)."""
     top = list(graph.find_nodes(op="placeholder"))[-1]  # a gather's input is a parameter: there is one
     for i, c in enumerate(gathers):
         ahead = _buckets_ahead(gathers, i, budget)
         if i > 0 and ahead == 0:
             continue  # over budget: it stays right before its use
-        anchor = top if i == 0 else gathers[i - ahead].wait
-        for node in _input_chain(c.start):
-            anchor.append(node)
-            anchor = node
+
+        def move(c=c, anchor=top if i == 0 else gathers[i - ahead].wait):
+            for node in _input_chain(c.start):
+                anchor.append(node)
+                anchor = node
+        guard.move(c, move) if guard else move()
 
 
 def _buckets_ahead(gathers: list[Collective], i: int, budget: float | None) -> int:
@@ -135,9 +182,10 @@ def _input_chain(start: fx.Node) -> list[fx.Node]:
     return sorted(chain, key=order.__getitem__)
 
 
-def _delay_waits(graph: fx.Graph, reductions: list[Collective], budget: float | None) -> None:
+def _delay_waits(graph: fx.Graph, reductions: list[Collective], budget: float | None, guard: PeakGuard | None) -> None:
     """Move each reduction's wait down to a later reduction's start (the next one, or further
-    while the gradients in flight fit the budget); the last ones to before their first use."""
+    while the gradients in flight fit the budget); the last ones to before their first use;
+    each undone where it would raise the peak (`guard`)."""
     for i, c in enumerate(reductions):
         later = i + 1
         if budget is not None:
@@ -146,17 +194,17 @@ def _delay_waits(graph: fx.Graph, reductions: list[Collective], budget: float | 
                 held += reductions[later].bytes
                 later += 1
         if later < len(reductions):
-            reductions[later].start.prepend(c.wait)
+            to = reductions[later].start
         else:
-            first_use = min(c.wait.users, key=_order(graph).__getitem__)
-            first_use.prepend(c.wait)
+            to = min(c.wait.users, key=_order(graph).__getitem__)
+        guard.move(c, lambda: to.prepend(c.wait)) if guard else to.prepend(c.wait)
 
 
 def _order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def _overlaps(graph: fx.Graph, collectives: list[Collective], cost: CostModel, budget) -> list[Overlap]:
+def _overlaps(graph: fx.Graph, collectives: list[Collective], cost: CostModel, budget, refused: dict) -> list[Overlap]:
     order = _order(graph)
     nodes = list(graph.nodes)
     out = []
@@ -165,7 +213,7 @@ def _overlaps(graph: fx.Graph, collectives: list[Collective], cost: CostModel, b
         o = Overlap(c, len(between), sum(cost.node_s(n) for n in between),
                     cost.collective_s(c.kind, c.bytes, c.group_size))
         if not between:
-            o.exposed_reason, o.why = _why_exposed(c, collectives, budget)
+            o.exposed_reason, o.why = ("peak_memory", refused[c.start]) if c.start in refused else _why_exposed(c, collectives, budget)
         elif o.compute_s < o.comm_s:
             o.exposed_reason = "partly_exposed"
             o.why = (f"its estimated {o.comm_s * 1e3:.3g} ms of communication outlasts the "

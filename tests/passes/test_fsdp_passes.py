@@ -132,7 +132,7 @@ def test_bit_exact_keeps_reductions_and_a_zero_budget_prefetches_nothing(fake_wo
 
 @pytest.mark.parametrize("mode", ["replicate", "hybrid_shard"])
 def test_all_reduces_are_bucketed_too(fake_world, mode):
-    backend, graphs = _traced(FSDPBucketing(), FSDPReordering(), mode=mode)
+    backend, graphs = _traced(FSDPBucketing(), FSDPReordering(keep_peak=False), mode=mode)
     before = backend.op_count(ALL_REDUCE, before=True, pass_name=BUCKETING, graph_kind="backward")
     after = backend.op_count(ALL_REDUCE, pass_name=LAST, graph_kind="backward")
     assert before == PARAMS and 1 <= after < before
@@ -148,8 +148,8 @@ def _between(nodes, start):
     return [n for n in nodes[i + 1:j] if COST.node_s(n) > 0]
 
 
-def test_reordering_prefetches_gathers_and_delays_reductions(auto_trace):
-    backend, graphs = auto_trace
+def test_reordering_prefetches_gathers_and_delays_reductions(fake_world):
+    backend, graphs = _traced(FSDPBucketing(cost=COST), FSDPReordering(keep_peak=False))  # every move made
     forward = graphs["forward"]
     gathers = [n for n in forward if n.target == ALL_GATHER]
     assert len(gathers) >= 2
@@ -168,6 +168,45 @@ def test_reordering_prefetches_gathers_and_delays_reductions(auto_trace):
     last = [s for r in backend.runs("fsdp_reordering", "backward") for s in r.result.skipped
             if s.node == reductions[-1].name]
     assert last and last[0].reason == "last"
+
+
+def test_auto_reordering_keeps_the_peak(auto_trace):
+    # Under auto, a move that would raise the graph's peak memory is undone and reported as such;
+    # the others overlap.
+    backend, graphs = auto_trace
+    sites = [s for r in backend.runs("fsdp_reordering") for s in r.result.rewritten + r.result.skipped]
+    assert any("overlaps" in s.detail for s in sites)
+    assert {s.reason for s in sites} <= {"", "first", "last", "peak_memory", "partly_exposed"}
+    for s in sites:
+        if s.reason == "peak_memory":
+            assert "raise the graph's peak memory" in s.detail and "MiB" in s.detail
+
+
+def test_peak_guard_undoes_only_the_moves_that_raise_the_peak():
+    from types import SimpleNamespace
+
+    from fvcompile.passes.fsdp_reordering import PeakGuard
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("primals_1")
+    x.meta["val"] = torch.empty(4)
+
+    def op(*args, numel):
+        node = graph.call_function(torch.ops.aten.add.Tensor, args)
+        node.meta["val"] = torch.empty(numel)
+        return node
+    big1 = op(x, x, numel=1000)
+    small1 = op(big1, big1, numel=4)  # big1 dies here
+    big2 = op(x, x, numel=1000)
+    small2 = op(big2, big2, numel=4)
+    empty = op(x, x, numel=0)
+    graph.output((small1, small2, empty))
+    guard = PeakGuard(graph, "forward")
+    assert not guard.move(SimpleNamespace(start=big2), lambda: big1.append(big2))  # both big ones alive: undone
+    assert list(graph.nodes)[1:5] == [big1, small1, big2, small2]
+    assert "from 0.003845 to 0.007645 MiB" in guard.refused[big2]
+    assert guard.move(SimpleNamespace(start=empty), lambda: x.append(empty))  # nothing rises: kept
+    assert list(graph.nodes)[1:3] == [empty, big1] and empty not in guard.refused
 
 
 def test_auto_passes_skip_graphs_without_collectives(fake_world):
