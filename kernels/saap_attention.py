@@ -1,0 +1,94 @@
+"""SAAP attention (arXiv 2502.08246): causal attention that reads only some key clusters.
+
+Each key belongs to one cluster (`key_cluster`, from the index's centroids); each query probes a
+few clusters (`probed`, from its query classifier). A query at position p reads key j <= p when
+
+- j < sink (the attention sink: the first tokens, always read),
+- or p - j < window (the local window, the query itself included),
+- or key j's cluster is one of the query's probed clusters.
+
+This file holds the plain-PyTorch reference (the CPU implementation and the test oracle) and
+the helpers that say which keys a query reads; the Triton kernels (prefill and decode, keys laid
+out by cluster) join it, checked against `saap_attention_reference`.
+
+Shapes (GQA: Hq a multiple of Hkv; query head h reads key head h // (Hq // Hkv)):
+    q: (B, Hq, Lq, D), k and v: (B, Hkv, Lk, D), Lq <= Lk: the queries are the last Lq positions
+    (prefill: Lq == Lk; decode: Lq == 1).
+    key_cluster: (B, Hkv, Lk) integer cluster of each key.
+    probed: (B, Hq, Lq, P) integer clusters each query probes (P may be 0: sink and window only).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def saap_read_mask(key_cluster: Tensor, probed: Tensor, *, sink: int, window: int) -> Tensor:
+    """(B, Hq, Lq, Lk) bool: the keys each query reads (module docstring's rule)."""
+    _check_selection(key_cluster, probed, sink, window)
+    batch, q_heads, lq, _ = probed.shape
+    kv_heads, lk = key_cluster.shape[1], key_cluster.shape[2]
+    clusters = key_cluster.repeat_interleave(q_heads // kv_heads, dim=1)  # (B, Hq, Lk)
+    # in_probed[b, h, i, j]: key j's cluster is one that query i probes.
+    in_probed = (clusters[:, :, None, :, None] == probed[:, :, :, None, :]).any(-1)
+    pos = torch.arange(lk - lq, lk, device=probed.device)[:, None]  # each query's position
+    key = torch.arange(lk, device=probed.device)[None, :]
+    causal = key <= pos
+    always = (key < sink) | (pos - key < window)
+    return causal & (always | in_probed)
+
+
+def saap_attention_reference(q: Tensor, k: Tensor, v: Tensor, key_cluster: Tensor, probed: Tensor, *,
+                             sink: int, window: int, scale: float | None = None) -> Tensor:
+    """(B, Hq, Lq, D): softmax attention of each query over the keys it reads, in q's dtype
+    (computed in fp32). Differentiable in q, k and v."""
+    _check_shapes(q, k, v, key_cluster, probed)
+    mask = saap_read_mask(key_cluster, probed, sink=sink, window=window)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def keys_read(mask: Tensor) -> Tensor:
+    """(B, Hq, Lq): how many keys each query reads."""
+    return mask.sum(-1)
+
+
+def selectivity(mask: Tensor) -> float:
+    """The fraction of the causal keys read, over every query (1.0: dense)."""
+    lq, lk = mask.shape[-2:]
+    causal_keys = sum(lk - lq + 1 + i for i in range(lq))
+    return mask.sum().item() / (causal_keys * mask.shape[0] * mask.shape[1])
+
+
+def _check_selection(key_cluster: Tensor, probed: Tensor, sink: int, window: int) -> None:
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (a query always reads itself), got {window}")
+    if sink < 0:
+        raise ValueError(f"sink must be >= 0, got {sink}")
+    if key_cluster.dim() != 3 or probed.dim() != 4:
+        raise ValueError(f"key_cluster must be (B, Hkv, Lk) and probed (B, Hq, Lq, P); got "
+                         f"{tuple(key_cluster.shape)} and {tuple(probed.shape)}")
+    if key_cluster.dtype.is_floating_point or probed.dtype.is_floating_point:
+        raise TypeError(f"key_cluster and probed hold cluster ids: integer tensors, got "
+                        f"{key_cluster.dtype} and {probed.dtype}")
+    if probed.shape[1] % key_cluster.shape[1] or probed.shape[0] != key_cluster.shape[0]:
+        raise ValueError(f"probed's batch and heads {tuple(probed.shape[:2])} do not fit key_cluster's "
+                         f"{tuple(key_cluster.shape[:2])} (query heads a multiple of key heads)")
+    if probed.shape[2] > key_cluster.shape[2]:
+        raise ValueError(f"more queries ({probed.shape[2]}) than keys ({key_cluster.shape[2]})")
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, key_cluster: Tensor, probed: Tensor) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"q must be (B, Hq, Lq, D) and k, v (B, Hkv, Lk, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if key_cluster.shape != k.shape[:3]:
+        raise ValueError(f"key_cluster must be k's (B, Hkv, Lk) = {tuple(k.shape[:3])}, got {tuple(key_cluster.shape)}")
+    if probed.shape[:3] != q.shape[:3]:
+        raise ValueError(f"probed must start with q's (B, Hq, Lq) = {tuple(q.shape[:3])}, got {tuple(probed.shape)}")
