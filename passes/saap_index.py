@@ -76,22 +76,24 @@ class LayerFit:
     bias: Tensor  # (Hq, C)
 
 
-def fit_layer(keys: Tensor, queries: Tensor, attention: Tensor, clusters: int, *, iters: int = 25,
+def fit_layer(sequences: list[tuple[Tensor, Tensor, Tensor]], clusters: int, *, iters: int = 25,
               classifier_steps: int = 200, seed: int = 0) -> LayerFit:
-    """Fit one layer. keys: (Hkv, N, D) before RoPE; queries: (Hq, N, D) as the classifier will
-    see them; attention: (Hq, N, N) the true causal attention weights of those queries over those
-    keys (rows summing to 1). Query head h reads key head h // (Hq // Hkv)."""
-    hkv, hq = keys.shape[0], queries.shape[0]
+    """Fit one layer on calibration sequences, each (keys, queries, attention): keys (Hkv, L, D)
+    before RoPE; queries (Hq, L, D) as the classifier will see them; attention (Hq, L, L) the
+    true causal attention weights of those queries over those keys (rows summing to 1). Query
+    head h reads key head h // (Hq // Hkv)."""
+    hkv, hq = sequences[0][0].shape[0], sequences[0][1].shape[0]
     group = hq // hkv
+    keys = torch.cat([k for k, _, _ in sequences], dim=1)
     centroids = torch.stack([spherical_kmeans(keys[h], clusters, iters=iters, seed=seed + h) for h in range(hkv)])
-    key_cluster = assign_keys(centroids, keys)  # (Hkv, N)
-    weights, biases = [], []
-    for h in range(hq):
-        mass = cluster_mass(attention[h].float(), key_cluster[h // group], clusters)
-        w, b = fit_classifier(queries[h], mass, steps=classifier_steps, seed=seed + h)
-        weights.append(w)
-        biases.append(b)
-    return LayerFit(centroids, torch.stack(weights), torch.stack(biases))
+    queries, masses = [], []
+    for k, q, attention in sequences:
+        key_cluster = assign_keys(centroids, k).repeat_interleave(group, dim=0)  # (Hq, L)
+        masses.append(cluster_mass(attention.float(), key_cluster, clusters))
+        queries.append(q)
+    queries, masses = torch.cat(queries, dim=1), torch.cat(masses, dim=1)
+    fits = [fit_classifier(queries[h], masses[h], steps=classifier_steps, seed=seed + h) for h in range(hq)]
+    return LayerFit(centroids, torch.stack([w for w, _ in fits]), torch.stack([b for _, b in fits]))
 
 
 def assign_keys(centroids: Tensor, keys: Tensor) -> Tensor:

@@ -53,7 +53,7 @@ def test_cluster_mass_splits_each_querys_attention_by_cluster():
 
 def test_the_classifier_probes_the_clusters_that_hold_the_mass():
     keys, queries, attention = _layer_data()
-    fit = fit_layer(keys, queries, attention, C, classifier_steps=150)
+    fit = fit_layer([(keys, queries, attention)], C, classifier_steps=150)
     key_cluster = assign_keys(fit.centroids, keys)  # (1, N)
     mass = cluster_mass(attention, key_cluster[0].expand(2, -1), C)  # (2, N, C)
     probed = probe_clusters(fit.weight, fit.bias, queries, probes=2)  # (2, N, 2)
@@ -65,7 +65,7 @@ def test_the_classifier_probes_the_clusters_that_hold_the_mass():
 
 def test_the_index_saves_loads_and_names_what_does_not_fit(tmp_path):
     keys, queries, attention = _layer_data(n=120)
-    fit = fit_layer(keys, queries, attention, C, classifier_steps=20)
+    fit = fit_layer([(keys, queries, attention)], C, classifier_steps=20)
     index = SAAPIndex.from_layers([fit, fit], {"model": "planted", "probes": 2})
     index.save(tmp_path / "index.safetensors")
     back = SAAPIndex.load(tmp_path / "index.safetensors")

@@ -1,0 +1,70 @@
+"""SAAP calibration on llama-tiny: the traced taps return the model's own keys and queries before
+and after RoPE, the index has the model's shapes, and models it cannot serve get clear errors."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fvcompile.models import get
+from fvcompile.models.llama import Llama, apply_rope
+from fvcompile.passes.saap_calibration import calibrate, tap_module
+
+
+def _model(layers=2):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get("llama-tiny").extra["config"], n_layers=layers)
+    return Llama(cfg).eval(), cfg
+
+
+def test_the_taps_are_the_models_own_keys_and_queries():
+    model, cfg = _model()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    seen = {}
+    for i, layer in enumerate(model.layers):
+        layer.attention.wk.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("k", i), out))
+        layer.attention.wq.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("q", i), out))
+    with torch.no_grad():
+        model(tokens)
+        layers = tap_module(model, tokens)(tokens)
+    assert len(layers) == cfg.n_layers
+    cos, sin = model.rope_cos[:24], model.rope_sin[:24]
+    for i, (q_pre, k_pre, q, k, _) in enumerate(layers):
+        expected_k = seen[("k", i)].view(2, 24, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        expected_q = seen[("q", i)].view(2, 24, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        torch.testing.assert_close(k_pre, expected_k)
+        torch.testing.assert_close(q_pre, expected_q)
+        torch.testing.assert_close(k, apply_rope(expected_k, cos, sin))
+        torch.testing.assert_close(q, apply_rope(expected_q, cos, sin))
+
+
+def test_calibrate_gives_an_index_of_the_models_shapes(tmp_path):
+    model, cfg = _model()
+    batches = [torch.randint(0, cfg.vocab_size, (2, 32)) for _ in range(2)]
+    index = calibrate(model, batches, clusters=4, probes=2, iters=5, classifier_steps=10,
+                      model_name="llama-tiny", progress=False)
+    assert index.shapes == {"layers": 2, "kv_heads": cfg.n_kv_heads, "q_heads": cfg.n_heads, "clusters": 4,
+                            "head_dim": cfg.head_dim}
+    assert index.meta["calibration_sequences"] == 4 and index.meta["probes"] == 2
+    index.check_fits(layers=2, q_heads=cfg.n_heads, kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, model="llama-tiny")
+
+
+class NoRope(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(1, x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_models_it_cannot_serve_get_clear_errors():
+    model = NoRope()
+    with pytest.raises(ValueError, match="before RoPE; layer 0: no half-split RoPE"):
+        calibrate(model, [torch.randn(1, 8, 16)], clusters=2, probes=1, progress=False)
+    with pytest.raises(ValueError, match="probes must be in 1..clusters"):
+        calibrate(model, [torch.randn(1, 8, 16)], clusters=2, probes=3, progress=False)
+    with pytest.raises(ValueError, match="at least one batch"):
+        calibrate(model, [], clusters=2, probes=1, progress=False)
