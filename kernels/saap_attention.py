@@ -7,9 +7,11 @@ few clusters (`probed`, from its query classifier). A query at position p reads 
 - or p - j < window (the local window, the query itself included),
 - or key j's cluster is one of the query's probed clusters.
 
-This file holds the plain-PyTorch reference (the CPU implementation and the test oracle) and
-the helpers that say which keys a query reads; the Triton kernels (prefill and decode, keys laid
-out by cluster) join it, checked against `saap_attention_reference`.
+This file holds the op `fvcompile::saap_attention` (what the saap pass puts in place of an
+attention: keys assigned to their nearest centroid, clusters probed by each query's classifier,
+then the attention), its plain-PyTorch reference (the CPU implementation and the test oracle)
+and the helpers that say which keys a query reads; the Triton kernels (prefill and decode, keys
+laid out by cluster) join it, checked against `saap_attention_reference`.
 
 Shapes (GQA: Hq a multiple of Hkv; query head h reads key head h // (Hq // Hkv)):
     q: (B, Hq, Lq, D), k and v: (B, Hkv, Lk, D), Lq <= Lk: the queries are the last Lq positions
@@ -52,6 +54,58 @@ def saap_attention_reference(q: Tensor, k: Tensor, v: Tensor, key_cluster: Tenso
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def assign_keys(centroids: Tensor, keys: Tensor) -> Tensor:
+    """(..., Hkv, Lk) the cluster of each key (keys (..., Hkv, Lk, D) before RoPE; centroids
+    (Hkv, C, D)): the most similar centroid (a key's norm does not change its cluster)."""
+    return (keys.float() @ centroids.float().transpose(-1, -2)).argmax(-1)
+
+
+def probe_clusters(weight: Tensor, bias: Tensor, queries: Tensor, probes: int) -> Tensor:
+    """(..., Hq, Lq, probes): the clusters each query's classifier ranks first (queries
+    (..., Hq, Lq, D), weight (Hq, D, C), bias (Hq, C))."""
+    logits = queries.float() @ weight.float() + bias.float()[:, None, :]
+    return logits.topk(probes, dim=-1).indices
+
+
+# One layer's part of a SAAP index, by key (`register_tables`): the op takes the key, not the
+# tensors, because Inductor lowers a custom op's constant tensor arguments with real tensors where
+# it expects fake ones; the key also keeps the tables out of the graph (sparse24's warm-up
+# schedules are registered the same way).
+_TABLES: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def register_tables(key: str, centroids: Tensor, weight: Tensor, bias: Tensor) -> None:
+    """Make (centroids (Hkv, C, D), weight (Hq, D, C), bias (Hq, C)) the tables of `key`."""
+    _TABLES[key] = (centroids, weight, bias)
+
+
+def _tables(key: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    if key not in _TABLES:
+        raise KeyError(f"no SAAP tables registered as {key!r}: construct the SAAP pass with its index in this "
+                       f"process before running a graph it compiled")
+    tables = _TABLES[key]
+    if tables[0].device != device:
+        tables = _TABLES[key] = tuple(t.to(device) for t in tables)
+    return tables
+
+
+@torch.library.custom_op("fvcompile::saap_attention", mutates_args=())
+def saap_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, tables: str, probes: int,
+                   sink: int, window: int, scale: float) -> Tensor:
+    """Causal attention of q over the keys each query reads (module docstring): q, k, v as SDPA
+    takes them (after RoPE); q_pre, k_pre the same before RoPE; tables: the key of one layer's
+    part of a SAAP index (`register_tables`)."""
+    centroids, weight, bias = _tables(tables, q.device)
+    key_cluster = assign_keys(centroids, k_pre)
+    probed = probe_clusters(weight, bias, q_pre, probes)
+    return saap_attention_reference(q, k, v, key_cluster, probed, sink=sink, window=window, scale=scale)
+
+
+@saap_attention.register_fake
+def _(q, k, v, q_pre, k_pre, *, tables, probes, sink, window, scale):
+    return q.new_empty(q.shape)
 
 
 def keys_read(mask: Tensor) -> Tensor:

@@ -15,12 +15,15 @@ hyper-parameters); `SAAPIndex.load` reads it back and `check_fits` names what di
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from fvcompile.kernels.saap_attention import assign_keys, probe_clusters  # noqa: F401  (the index's selection)
 
 
 def spherical_kmeans(x: Tensor, clusters: int, *, iters: int = 25, seed: int = 0) -> Tensor:
@@ -96,19 +99,6 @@ def fit_layer(sequences: list[tuple[Tensor, Tensor, Tensor]], clusters: int, *, 
     return LayerFit(centroids, torch.stack([w for w, _ in fits]), torch.stack([b for _, b in fits]))
 
 
-def assign_keys(centroids: Tensor, keys: Tensor) -> Tensor:
-    """(..., Hkv, Lk) the cluster of each key (keys (..., Hkv, Lk, D) before RoPE; centroids
-    (Hkv, C, D)): the most similar centroid (a key's norm does not change its cluster)."""
-    return (keys.float() @ centroids.transpose(-1, -2)).argmax(-1)
-
-
-def probe_clusters(weight: Tensor, bias: Tensor, queries: Tensor, probes: int) -> Tensor:
-    """(..., Hq, Lq, probes): the clusters each query's classifier ranks first (queries
-    (..., Hq, Lq, D), weight (Hq, D, C), bias (Hq, C))."""
-    logits = queries.float() @ weight + bias[:, None, :]
-    return logits.topk(probes, dim=-1).indices
-
-
 @dataclass
 class SAAPIndex:
     """Every layer's centroids and classifiers, and what they were fitted for."""
@@ -128,6 +118,13 @@ class SAAPIndex:
         layers, hkv, clusters, head_dim = self.centroids.shape
         return {"layers": layers, "kv_heads": hkv, "q_heads": self.weight.shape[1], "clusters": clusters,
                 "head_dim": head_dim}
+
+    def digest(self) -> str:
+        """A hash of the tensors and the description: two indexes with one digest are the same."""
+        h = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
+        for t in (self.centroids, self.weight, self.bias):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -1,0 +1,112 @@
+"""saap: causal attentions rewritten into Self-Attention with Asymmetric Partitions (arXiv 2502.08246).
+
+At each attention of an inference graph (`saap_match`: SDPA's backend op, causal, no mask, its
+query and key before RoPE found) whose keys number at least `min_seq_len`, the pass puts
+`fvcompile::saap_attention` in the op's place: keys join their nearest centroid, each query's
+classifier picks `probes` clusters, and the query reads those clusters, the first `sink` keys and
+the last `window` keys up to itself. The layer of an attention is its order in the graph; the
+index (`saap_calibration.calibrate`) holds one set of centroids and classifiers per layer, and
+an index whose layers, heads or head size differ from the graph's is an error that names them.
+Shorter sequences, masked or non-causal attention and attention without a found RoPE stay
+dense, each reported with its reason. Approximate: it runs only when named,
+`fvcompile.optimize(model, passes=[SAAP(index=...)])`.
+"""
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from fvcompile.kernels import saap_attention
+from fvcompile.kernels.saap_attention import register_tables
+from fvcompile.passes import saap_index, saap_match
+from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
+from fvcompile.passes.saap_calibration import calibrate  # noqa: F401  (the index's maker, beside the pass)
+from fvcompile.passes.saap_index import SAAPIndex
+from fvcompile.passes.saap_match import find_attention_sites
+
+SAAP_OP = torch.ops.fvcompile.saap_attention.default
+
+
+class SAAP(GraphPass):
+    """index: a `SAAPIndex` or the path of one; probes: clusters each query reads (None: the
+    index's); min_seq_len: fewer keys stay dense; sink, window: keys always read."""
+
+    name = "saap"
+    hook = "post_grad"
+    exact = False
+    helpers = (saap_index, saap_match, saap_attention)
+
+    def __init__(self, index: SAAPIndex | str | Path, *, probes: int | None = None, min_seq_len: int = 1024,
+                 sink: int = 4, window: int = 64):
+        self.index = index if isinstance(index, SAAPIndex) else SAAPIndex.load(index)
+        clusters = self.index.shapes["clusters"]
+        self.probes = self.index.meta.get("probes") if probes is None else probes
+        if not isinstance(self.probes, int) or not 0 < self.probes <= clusters:
+            raise ValueError(f"probes must be an int in 1..{clusters} (the index's clusters), got {self.probes!r}")
+        for option, value, least in (("min_seq_len", min_seq_len, 1), ("sink", sink, 0), ("window", window, 1)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{option} must be an int >= {least}, got {value!r}")
+        self.min_seq_len, self.sink, self.window = min_seq_len, sink, window
+        self.digest = self.index.digest()  # here: the pass runs under the graph's fake mode
+        for layer in range(self.index.shapes["layers"]):  # the op finds its layer's tables by key
+            register_tables(self._tables_key(layer), self.index.centroids[layer], self.index.weight[layer],
+                            self.index.bias[layer])
+
+    def options(self):
+        return {"index": self.digest, "probes": self.probes, "min_seq_len": self.min_seq_len,
+                "sink": self.sink, "window": self.window}
+
+    def applies_to(self, ctx: PassContext) -> bool:
+        return ctx.is_inference  # prefill and decode: no backward through the selection
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        sites = find_attention_sites(gm.graph)
+        result = PassResult()
+        if not sites:
+            return result
+        q, k = sites[0].q.meta["val"], sites[0].k.meta["val"]
+        self.index.check_fits(layers=len(sites), q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[-1])
+        for site in sites:
+            why = self._dense_reason(site)
+            if why:
+                result.skipped.append(Site(site.node.name, detail=f"layer {site.layer}: stays dense: {why[1]}",
+                                           kind="attention", reason=why[0]))
+                continue
+            self._rewrite(gm, site)
+            keys = site.k.meta["val"].shape[-2]
+            result.rewritten.append(Site(site.node.name, kind="attention", ops={str(SAAP_OP): 1}, detail=(
+                f"layer {site.layer}: {self.probes} of {self.index.shapes['clusters']} key clusters per query, "
+                f"plus {self.sink} sink and {self.window} window keys, over {keys} keys")))
+        return result
+
+    def _dense_reason(self, site) -> tuple[str, str] | None:
+        keys = site.k.meta["val"].shape[-2]
+        if keys < self.min_seq_len:
+            return "short", f"{keys} keys, below min_seq_len={self.min_seq_len}"
+        if not site.is_causal or site.has_mask:
+            return "not_causal", "SAAP serves causal attention without a mask"
+        if site.pre_rope_key is None or site.pre_rope_query is None:
+            return "no_rope", site.reason or "no half-split RoPE found on the query"
+        users = {u.args[1] for u in site.node.users if u.target is operator.getitem}
+        if users - {0} or len(users) != len(site.node.users):
+            return "uses_more_outputs", "the graph reads more of the attention op than its output"
+        return None
+
+    def _rewrite(self, gm: fx.GraphModule, site) -> None:
+        graph = gm.graph
+        scale = site.scale if site.scale is not None else site.q.meta["val"].shape[-1] ** -0.5
+        kwargs = {"tables": self._tables_key(site.layer), "probes": self.probes, "sink": self.sink,
+                  "window": self.window, "scale": float(scale)}
+        with graph.inserting_before(site.node):
+            new = graph.call_function(SAAP_OP, (site.q, site.k, site.v, site.pre_rope_query, site.pre_rope_key), kwargs)
+        (out,) = site.node.users
+        new.meta["val"] = out.meta["val"]
+        out.replace_all_uses_with(new)
+        graph.erase_node(out)
+        graph.erase_node(site.node)
+
+    def _tables_key(self, layer: int) -> str:
+        return f"{self.digest}/{layer}"
