@@ -173,6 +173,37 @@ def cmd_bench(args) -> None:
         console.print(f"wrote {args.json}")
 
 
+def cmd_calibrate(args) -> None:
+    import torch
+
+    from fvcompile.passes.saap_calibration import calibrate
+
+    if args.model == "smollm2-135m":  # real weights: calibrate on real text
+        from fvcompile.models.gguf_loader import load_smollm2
+        from fvcompile.text import token_batches
+
+        model, tokenizer = load_smollm2()
+        batches = token_batches(tokenizer, seq_len=args.seq_len, sequences=args.sequences)
+    else:
+        from fvcompile.models import get
+
+        spec = get(args.model)
+        if "config" not in spec.extra or not hasattr(spec.extra["config"], "rope_base"):
+            raise ValueError(f"calibrate saap serves Llama-family models (causal attention with RoPE); "
+                             f"{args.model!r} is a {spec.family} model")
+        torch.manual_seed(0)
+        model = spec.build().eval()  # random weights: a calibration of the mechanics, not of text
+        g = torch.Generator().manual_seed(0)
+        vocab = spec.extra["config"].vocab_size
+        batches = [torch.randint(0, vocab, (1, args.seq_len), generator=g) for _ in range(args.sequences)]
+    index = calibrate(model, batches, clusters=args.clusters, probes=args.probes,
+                      classifier_steps=args.classifier_steps, model_name=args.model)
+    index.save(args.out)
+    shapes = ", ".join(f"{k} {v}" for k, v in index.shapes.items())
+    _console().print(f"wrote {args.out}: SAAP index of {args.model} ({shapes}; {args.sequences} sequences "
+                     f"of {args.seq_len} tokens)")
+
+
 def cmd_inspect(args) -> None:
     if args.from_dir is not None:
         if args.model or args.out:
@@ -315,6 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=_rank_arg, metavar="N|all",
                    help="with --from: the rank to show, or 'all' (default: every rank found)")
     p.set_defaults(fn=cmd_inspect, usage_error=p.error)
+
+    p = sub.add_parser("calibrate", help="fit an approximate pass's offline data (saap: its index)")
+    p.add_argument("pass_name", choices=["saap"], help="the pass to calibrate")
+    p.add_argument("--model", required=True, help="registry name; smollm2-135m: its real weights, on real text")
+    p.add_argument("--out", required=True, help="the index file to write (.safetensors)")
+    p.add_argument("--clusters", type=_positive_int, default=64, help="key clusters per layer and KV head (default 64)")
+    p.add_argument("--probes", type=_positive_int, default=4, help="clusters a query reads by default (default 4)")
+    p.add_argument("--seq-len", type=_positive_int, default=1024, help="tokens per calibration sequence")
+    p.add_argument("--sequences", type=_positive_int, default=4, help="calibration sequences (default 4)")
+    p.add_argument("--classifier-steps", type=_positive_int, default=200, help="Adam steps per query classifier")
+    p.set_defaults(fn=cmd_calibrate)
     return parser
 
 

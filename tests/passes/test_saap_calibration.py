@@ -68,3 +68,30 @@ def test_models_it_cannot_serve_get_clear_errors():
         calibrate(model, [torch.randn(1, 8, 16)], clusters=2, probes=3, progress=False)
     with pytest.raises(ValueError, match="at least one batch"):
         calibrate(model, [], clusters=2, probes=1, progress=False)
+
+
+def test_the_command_line_writes_an_index(tmp_path, capsys):
+    from fvcompile.cli import main
+    from fvcompile.passes.saap_index import SAAPIndex
+
+    out = tmp_path / "tiny.safetensors"
+    assert main(["calibrate", "saap", "--model", "llama-tiny", "--out", str(out), "--clusters", "4", "--probes", "2",
+                 "--seq-len", "32", "--sequences", "2", "--classifier-steps", "5"]) == 0
+    index = SAAPIndex.load(out)
+    assert index.meta["model"] == "llama-tiny" and index.shapes["clusters"] == 4
+    assert main(["calibrate", "saap", "--model", "deit-tiny", "--out", str(tmp_path / "x")]) == 1
+    assert "serves Llama-family models" in capsys.readouterr().err
+
+
+def test_real_text_rows_are_consecutive_tokens_of_the_standard_library():
+    from types import SimpleNamespace
+
+    from fvcompile.text import token_batches
+
+    by_bytes = SimpleNamespace(encode=lambda text: SimpleNamespace(ids=list(text.encode()[:5000])))
+    rows = token_batches(by_bytes, seq_len=100, sequences=3, skip=1)
+    assert [tuple(r.shape) for r in rows] == [(1, 100)] * 3
+    first = token_batches(by_bytes, seq_len=100, sequences=2)
+    assert torch.equal(first[1], rows[0])  # skip=1 starts one row later
+    with pytest.raises(ValueError, match="fewer than the"):
+        token_batches(SimpleNamespace(encode=lambda text: SimpleNamespace(ids=[1])), seq_len=10**9, sequences=1)
