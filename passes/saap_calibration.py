@@ -38,11 +38,11 @@ def calibrate(model: nn.Module, batches: list[Tensor], *, clusters: int, probes:
             taps[shape] = tap_module(model, batch)
         with torch.no_grad():
             layers = taps[shape](batch)
-        for i, (q_pre, k_pre, q, k, scale) in enumerate(layers):
+        for i, (q_pre, k_pre, q, k, _, scale) in enumerate(layers):
             if len(per_layer) <= i:
                 per_layer.append([])
-            attention = causal_attention(q, k, scale)  # (B, Hq, L, L)
-            per_layer[i] += [(k_pre[b], q_pre[b], attention[b]) for b in range(q.shape[0])]
+            per_layer[i] += [(k_pre[b], q_pre[b], _attention_of(q[b:b + 1], k[b:b + 1], scale))
+                             for b in range(q.shape[0])]
     fits = [fit_layer(sequences, clusters, iters=iters, classifier_steps=classifier_steps, seed=i)
             for i, sequences in enumerate(track(per_layer, description="SAAP: fitting layers", disable=not progress))]
     meta = {"model": model_name, "probes": probes, "iters": iters, "classifier_steps": classifier_steps,
@@ -52,7 +52,7 @@ def calibrate(model: nn.Module, batches: list[Tensor], *, clusters: int, probes:
 
 def tap_module(model: nn.Module, example: Tensor):
     """A callable that runs `model`'s traced graph on an input of `example`'s shape and returns,
-    per attention layer, (query before RoPE, key before RoPE, query, key, scale)."""
+    per attention layer, (query before RoPE, key before RoPE, query, key, value, scale)."""
     with torch.no_grad():
         gm = make_fx(model)(example)
     sites = find_attention_sites(gm.graph)
@@ -65,15 +65,21 @@ def tap_module(model: nn.Module, example: Tensor):
     if causal:
         raise ValueError(f"SAAP is for causal attention without a mask; layers {causal} are not")
     output = next(iter(gm.graph.find_nodes(op="output")))
-    output.args = (tuple(n for s in sites for n in (s.pre_rope_query, s.pre_rope_key, s.q, s.k)),)
+    output.args = (tuple(n for s in sites for n in (s.pre_rope_query, s.pre_rope_key, s.q, s.k, s.v)),)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     scales = [s.scale for s in sites]
 
     def run(batch: Tensor):
         flat = gm(batch)
-        return [(*flat[4 * i:4 * i + 4], scales[i]) for i in range(len(sites))]
+        return [(*flat[5 * i:5 * i + 5], scales[i]) for i in range(len(sites))]
     return run
+
+
+def _attention_of(q: Tensor, k: Tensor, scale: float | None):
+    """A function making one sequence's (Hq, L, L) weights when the fit needs them (held, the
+    weights of every layer and sequence would not fit in memory at long lengths)."""
+    return lambda: causal_attention(q, k, scale)[0]
 
 
 def causal_attention(q: Tensor, k: Tensor, scale: float | None) -> Tensor:

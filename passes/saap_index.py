@@ -83,8 +83,9 @@ def fit_layer(sequences: list[tuple[Tensor, Tensor, Tensor]], clusters: int, *, 
               classifier_steps: int = 200, seed: int = 0) -> LayerFit:
     """Fit one layer on calibration sequences, each (keys, queries, attention): keys (Hkv, L, D)
     before RoPE; queries (Hq, L, D) as the classifier will see them; attention (Hq, L, L) the
-    true causal attention weights of those queries over those keys (rows summing to 1). Query
-    head h reads key head h // (Hq // Hkv)."""
+    true causal attention weights of those queries over those keys (rows summing to 1), or a
+    function that makes them (called once, when needed: long sequences' weights are large).
+    Query head h reads key head h // (Hq // Hkv)."""
     hkv, hq = sequences[0][0].shape[0], sequences[0][1].shape[0]
     group = hq // hkv
     keys = torch.cat([k for k, _, _ in sequences], dim=1)
@@ -92,7 +93,9 @@ def fit_layer(sequences: list[tuple[Tensor, Tensor, Tensor]], clusters: int, *, 
     queries, masses = [], []
     for k, q, attention in sequences:
         key_cluster = assign_keys(centroids, k).repeat_interleave(group, dim=0)  # (Hq, L)
-        masses.append(cluster_mass(attention.float(), key_cluster, clusters))
+        weights = attention() if callable(attention) else attention
+        masses.append(cluster_mass(weights.float(), key_cluster, clusters))
+        del weights
         queries.append(q)
     queries, masses = torch.cat(queries, dim=1), torch.cat(masses, dim=1)
     fits = [fit_classifier(queries[h], masses[h], steps=classifier_steps, seed=seed + h) for h in range(hq)]

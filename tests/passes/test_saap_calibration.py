@@ -30,7 +30,7 @@ def test_the_taps_are_the_models_own_keys_and_queries():
         layers = tap_module(model, tokens)(tokens)
     assert len(layers) == cfg.n_layers
     cos, sin = model.rope_cos[:24], model.rope_sin[:24]
-    for i, (q_pre, k_pre, q, k, _) in enumerate(layers):
+    for i, (q_pre, k_pre, q, k, _, _) in enumerate(layers):
         expected_k = seen[("k", i)].view(2, 24, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         expected_q = seen[("q", i)].view(2, 24, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         torch.testing.assert_close(k_pre, expected_k)
