@@ -68,7 +68,7 @@ from fvcompile.passes.base import PassContext  # noqa: E402
 from fvcompile.passes.fsdp_bucketing import FSDPBucketing  # noqa: E402
 from fvcompile.passes.fsdp_cost import CostModel  # noqa: E402
 from fvcompile.passes.fsdp_reordering import FSDPReordering  # noqa: E402
-from fvcompile.passes.fsdp_timeline import memory_walk, simulate  # noqa: E402
+from fvcompile.passes.fsdp_timeline import memory_walk, saved_activations, simulate  # noqa: E402
 from fvcompile.pass_manager import collective_groups  # noqa: E402
 from fvcompile.testing import PassTestBackend  # noqa: E402
 
@@ -186,7 +186,7 @@ def apply_passes(graphs: dict[str, fx.GraphModule], passes, world: int) -> dict[
 def evaluate(graphs: dict[str, fx.GraphModule], cost: CostModel) -> dict:
     """Step time, communication and graph memory of one schedule (seconds, bytes)."""
     fwd, bwd = simulate(graphs["forward"].graph, cost), simulate(graphs["backward"].graph, cost)
-    saved = [n for n in graphs["backward"].graph.find_nodes(op="placeholder") if not n.name.startswith("primals")]
+    saved = saved_activations(graphs["backward"].graph)
     mem_f = memory_walk(graphs["forward"].graph, count_outputs=True)
     mem_b = memory_walk(graphs["backward"].graph, counted_inputs=saved, count_outputs=False)
     return {

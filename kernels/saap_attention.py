@@ -48,12 +48,18 @@ def saap_attention_reference(q: Tensor, k: Tensor, v: Tensor, key_cluster: Tenso
     (computed in fp32). Differentiable in q, k and v."""
     _check_shapes(q, k, v, key_cluster, probed)
     mask = saap_read_mask(key_cluster, probed, sink=sink, window=window)
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    weights = attention_weights(q, k, mask, scale)
+    return (weights @ v.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)).to(q.dtype)
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """(B, Hq, Lq, Lk) fp32 softmax weights of q (B, Hq, Lq, D) over the keys k (B, Hkv, Lk, D)
+    that `mask` (broadcast to that shape) lets it read; query head h reads key head
+    h // (Hq // Hkv); scale None: 1 / sqrt(D), SDPA's."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 def assign_keys(centroids: Tensor, keys: Tensor) -> Tensor:
@@ -106,11 +112,6 @@ def saap_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor
 @saap_attention.register_fake
 def _(q, k, v, q_pre, k_pre, *, tables, probes, sink, window, scale):
     return q.new_empty(q.shape)
-
-
-def keys_read(mask: Tensor) -> Tensor:
-    """(B, Hq, Lq): how many keys each query reads."""
-    return mask.sum(-1)
 
 
 def selectivity(mask: Tensor) -> float:

@@ -93,13 +93,12 @@ class FSDPReordering(CollectivePass):
         budget = None if self.memory_budget_mb is None else self.memory_budget_mb * 2**20
         gathers = [c for c in collectives if c.kind == "all_gather"]
         reductions = [c for c in collectives if c.kind != "all_gather"]
-        guard = PeakGuard(graph, ctx.graph_kind) if self.keep_peak else None
+        guard = PeakGuard(graph, ctx.graph_kind) if self.keep_peak else Unguarded()
         _prefetch(graph, gathers, budget, guard)
         for same in _by_group(reductions):  # hybrid: the reduce-scatters, then the all-reduces of their results
             _delay_waits(graph, same, budget, guard)
         repair_order(graph)
-        refused = guard.refused if guard else {}
-        overlaps = _overlaps(graph, collectives, self.cost or CostModel.for_device(ctx.device), budget, refused)
+        overlaps = _overlaps(graph, collectives, self.cost or CostModel.for_device(ctx.device), budget, guard.refused)
         check_ranks_agree(graph, ctx, self.name)
         return _report(overlaps, ctx, skipped)
 
@@ -114,8 +113,7 @@ class PeakGuard:
 
     def __init__(self, graph: fx.Graph, graph_kind: str):
         self.graph = graph
-        backward = graph_kind == "backward"
-        saved = [n for n in graph.find_nodes(op="placeholder") if not n.name.startswith("primals")] if backward else []
+        saved = fsdp_timeline.saved_activations(graph) if graph_kind == "backward" else []
         self.walk = lambda: fsdp_timeline.memory_walk(graph, counted_inputs=saved).peak_bytes
         self.peak = self.walk()
         self.refused: dict[fx.Node, str] = {}  # a collective's start -> why its move was undone
@@ -133,11 +131,22 @@ class PeakGuard:
                 anchor.append(node)
             anchor = node
         self.refused[c.start] = (f"moving it would raise the graph's peak memory from {self.peak / 2**20:.4g} "
-                           f"to {peak / 2**20:.4g} MiB")
+                                 f"to {peak / 2**20:.4g} MiB")
         return False
 
 
-def _prefetch(graph: fx.Graph, gathers: list[Collective], budget: float | None, guard: PeakGuard | None) -> None:
+class Unguarded:
+    """`keep_peak=False`: every move is made."""
+
+    def __init__(self):
+        self.refused: dict[fx.Node, str] = {}  # none
+
+    def move(self, c: Collective, do) -> bool:
+        do()
+        return True
+
+
+def _prefetch(graph: fx.Graph, gathers: list[Collective], budget: float | None, guard: PeakGuard | Unguarded) -> None:
     """Move each gather's start (and the ops making its input) up to the wait of the gather one
     bucket before it, or further back while the prefetched bytes fit the budget; the first one
     to the graph's top; each undone where it would raise the peak (`guard`)."""
@@ -151,7 +160,7 @@ def _prefetch(graph: fx.Graph, gathers: list[Collective], budget: float | None, 
             for node in _input_chain(c.start):
                 anchor.append(node)
                 anchor = node
-        guard.move(c, move) if guard else move()
+        guard.move(c, move)
 
 
 def _buckets_ahead(gathers: list[Collective], i: int, budget: float | None) -> int:
@@ -182,7 +191,8 @@ def _input_chain(start: fx.Node) -> list[fx.Node]:
     return sorted(chain, key=order.__getitem__)
 
 
-def _delay_waits(graph: fx.Graph, reductions: list[Collective], budget: float | None, guard: PeakGuard | None) -> None:
+def _delay_waits(graph: fx.Graph, reductions: list[Collective], budget: float | None,
+                 guard: PeakGuard | Unguarded) -> None:
     """Move each reduction's wait down to a later reduction's start (the next one, or further
     while the gradients in flight fit the budget); the last ones to before their first use;
     each undone where it would raise the peak (`guard`)."""
@@ -197,7 +207,7 @@ def _delay_waits(graph: fx.Graph, reductions: list[Collective], budget: float | 
             to = reductions[later].start
         else:
             to = min(c.wait.users, key=_order(graph).__getitem__)
-        guard.move(c, lambda: to.prepend(c.wait)) if guard else to.prepend(c.wait)
+        guard.move(c, lambda: to.prepend(c.wait))
 
 
 def _order(graph: fx.Graph) -> dict[fx.Node, int]:

@@ -140,6 +140,12 @@ class MemoryWalk:
     end_bytes: int  # what is still alive after the last node: the values the graph returns
 
 
+def saved_activations(graph: fx.Graph) -> list[fx.Node]:
+    """A backward graph's inputs other than the parameters (`primals_*`): the activations the
+    forward saved for it (and its tangents), which it holds from its start."""
+    return [n for n in graph.find_nodes(op="placeholder") if not n.name.startswith("primals")]
+
+
 def memory_walk(graph: fx.Graph, counted_inputs=(), count_outputs: bool = True) -> MemoryWalk:
     """The bytes alive after each node, in graph order, and their peak.
 

@@ -8,13 +8,12 @@ true attention (post-RoPE, causal, GQA) of the same sequences (`saap_index.fit_l
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from rich.progress import track
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fvcompile.kernels.saap_attention import attention_weights
 from fvcompile.passes.saap_index import SAAPIndex, fit_layer
 from fvcompile.passes.saap_match import find_attention_sites
 
@@ -30,8 +29,8 @@ def calibrate(model: nn.Module, batches: list[Tensor], *, clusters: int, probes:
         raise ValueError("calibrate needs at least one batch of calibration inputs")
     if not 0 < probes <= clusters:
         raise ValueError(f"probes must be in 1..clusters ({clusters}), got {probes}")
-    per_layer: list[list[tuple[Tensor, Tensor, Tensor]]] = []
-    taps: dict[tuple, fx.GraphModule] = {}
+    per_layer: list[list[tuple]] = []  # per layer: (keys, queries, attention maker) per sequence
+    taps: dict[tuple, object] = {}  # input shape -> tap_module's callable
     for batch in track(batches, description="SAAP: collecting keys and queries", disable=not progress):
         shape = tuple(batch.shape)
         if shape not in taps:
@@ -84,7 +83,5 @@ def _attention_of(q: Tensor, k: Tensor, scale: float | None):
 
 def causal_attention(q: Tensor, k: Tensor, scale: float | None) -> Tensor:
     """(B, Hq, L, L) softmax weights of q (B, Hq, L, D) over k (B, Hkv, L, D), causal, GQA."""
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = q.float() @ k.float().transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1]))
     causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return attention_weights(q, k, causal, scale)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fvcompile.kernels.saap_attention import assign_keys, probe_clusters  # noqa: F401  (the index's selection)
+from fvcompile.kernels.saap_attention import assign_keys
 
 
 def spherical_kmeans(x: Tensor, clusters: int, *, iters: int = 25, seed: int = 0) -> Tensor:
