@@ -1,7 +1,7 @@
 """The cluster simulation of SimpleFSDP: Llama 3 8B / 70B / 405B on 8, 64 and 512 H100s,
 predicted from the real post-grad graphs, with no GPU and no memory.
 
-    python bench/fsdp_sim.py --out bench/results/            # about 17 min on 2 CPU cores
+    python bench/fsdp_sim.py --out bench/results/            # every cell (its run time: bench/README.md)
     python bench/fsdp_sim.py --blocks 6,8                    # quicker, less exact for `ours` (module docstring)
     python bench/fsdp_sim.py --models llama3-8b --gpus 8     # one cell
     python bench/fsdp_sim.py --calibrate --out $OUT          # on a lent GPU: measured compute
@@ -17,9 +17,9 @@ blocks at full width and extrapolates the repeated blocks: a figure for L blocks
 span two blocks, so one more block can change the plan's phase; and not from fewer blocks, where
 the schedule has not reached its steady pattern yet: `fsdp_reordering` leaves the collectives
 near the backward's peak memory in place, a count that grows with the first blocks and then
-stays (405B on 8 GPUs: 9 of the backward's collectives at 6 blocks, 12 at 10 and at 14), so an
-extrapolation from 6 and 8 blocks charges every block with them (`--check MODEL:GPUS:BLOCKS`
-traces that many blocks and compares them with the extrapolation).
+stays (bench/README.md has the counts), so an extrapolation from too few blocks charges every
+block with them (`--check MODEL:GPUS:BLOCKS` traces that many blocks and compares them with the
+extrapolation).
 
 Three schedules of the same graph, each simulated by `passes/fsdp_timeline.py` with the cost
 model of the cluster (`CostModel.preset`: "h100_nvlink" inside one 8-GPU node, "h100_infiniband"

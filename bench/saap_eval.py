@@ -1,7 +1,7 @@
 """SAAP on a real pretrained model: SmolLM2-135M on real text, against dense attention.
 
     python bench/saap_eval.py                              # 2048 tokens, 64 clusters, 4 probes
-    python bench/saap_eval.py --out bench/results/         # ~7 min on 2 cores (4096 tokens: ~25 min more)
+    python bench/saap_eval.py --out bench/results/         # run times: bench/README.md
 
 The index is calibrated on rows of the Python standard library's sources (`fvcompile/text.py`)
 at the evaluated length; the evaluation reads the rows after them (text the index never saw).
