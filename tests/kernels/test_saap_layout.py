@@ -1,0 +1,47 @@
+"""SAAP's slots and block lists read exactly the keys of the reference's rule, each key once,
+with each query probing its block's clusters; block probing of one query is its own top-k."""
+import pytest
+import torch
+
+from fvcompile.kernels.saap_attention import probe_clusters, saap_read_mask
+from fvcompile.kernels.saap_layout import build_blocks, per_query, probe_blocks, read_mask
+
+CASES = {  # b, hq, hkv, lq, lk, clusters, probes, sink, window, q_block, kv_block
+    "prefill_gqa": (2, 4, 2, 37, 37, 5, 2, 3, 4, 8, 4),
+    "decode": (1, 2, 1, 1, 50, 6, 2, 2, 5, 16, 8),
+    "no_sink": (1, 2, 2, 20, 20, 3, 3, 0, 1, 4, 4),
+    "one_kv_head": (2, 4, 1, 64, 64, 8, 1, 4, 8, 16, 8),
+    "last_queries": (1, 2, 1, 9, 40, 4, 1, 1, 3, 4, 8),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_block_lists_read_the_reference_keys(case):
+    b, hq, hkv, lq, lk, clusters, probes, sink, window, q_block, kv_block = case
+    g = torch.Generator().manual_seed(lk + lq)
+    key_cluster = torch.randint(0, clusters, (b, hkv, lk), generator=g)
+    n_qb = -(-lq // q_block)
+    probed = torch.stack([torch.randperm(clusters, generator=g)[:probes] for _ in range(b * hq * n_qb)])
+    probed = probed.view(b, hq, n_qb, probes)
+    blocks = build_blocks(key_cluster, probed, clusters, lq=lq, sink=sink, window=window, q_block=q_block,
+                          kv_block=kv_block)
+    got = read_mask(blocks, lq=lq, lk=lk, sink=sink, window=window)
+    want = saap_read_mask(key_cluster, per_query(probed, lq, q_block), sink=sink, window=window)
+    assert torch.equal(got, want)
+    assert blocks.slots_read(lq) >= int(want.sum())  # the kernel computes at least what is read
+
+
+def test_cluster_part_pads_each_cluster_to_whole_blocks():
+    key_cluster = torch.tensor([[[2, 0, 2, 2, 1, 2, 2]]])  # cluster 0: 1 key, 1: 1, 2: 5
+    blocks = build_blocks(key_cluster, torch.zeros(1, 1, 1, 1, dtype=torch.long), 3, lq=7, sink=0, window=1,
+                          q_block=8, kv_block=4)
+    assert blocks.band_len == 8
+    assert blocks.slot_pos[0, 0, 8:].tolist() == [1, -1, -1, -1, 4, -1, -1, -1, 0, 2, 3, 5, 6, -1, -1, -1]
+
+
+def test_a_block_of_one_query_probes_its_own_top_clusters():
+    g = torch.Generator().manual_seed(0)
+    weight, bias, queries = torch.randn(3, 8, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(
+        2, 3, 5, 8, generator=g)
+    per_block = probe_blocks(weight, bias, queries, 2, q_block=1)
+    assert torch.equal(per_block, probe_clusters(weight, bias, queries, 2))
