@@ -8,10 +8,12 @@ few clusters (`probed`, from its query classifier). A query at position p reads 
 - or key j's cluster is one of the query's probed clusters.
 
 This file holds the op `fvcompile::saap_attention` (what the saap pass puts in place of an
-attention: keys assigned to their nearest centroid, clusters probed by each query's classifier,
-then the attention), its plain-PyTorch reference (the CPU implementation and the test oracle)
-and the helpers that say which keys a query reads; the Triton kernels (prefill and decode, keys
-laid out by cluster) join it, checked against `saap_attention_reference`.
+attention: keys assigned to their nearest centroid, clusters probed per block of queries, then
+attention over only the key blocks that hold read keys, `saap_layout`), its plain-PyTorch
+reference (the test oracle) and the helpers that say which keys a query reads. On CPU the op
+runs `sparse_attention`: FlexAttention compiled by Inductor, whose C++ template visits only the
+listed key blocks, or for one query block (decode) its listed blocks gathered; the Triton kernels
+(`saap_triton`) read the same layout on GPU.
 
 Shapes (GQA: Hq a multiple of Hkv; query head h reads key head h // (Hq // Hkv)):
     q: (B, Hq, Lq, D), k and v: (B, Hkv, Lk, D), Lq <= Lk: the queries are the last Lq positions
@@ -21,10 +23,14 @@ Shapes (GQA: Hq a multiple of Hkv; query head h reads key head h // (Hq // Hkv))
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from fvcompile.kernels.saap_layout import SAAPBlocks, build_blocks, probe_blocks, slot_mask_mod
 
 
 def saap_read_mask(key_cluster: Tensor, probed: Tensor, *, sink: int, window: int) -> Tensor:
@@ -99,19 +105,87 @@ def _tables(key: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.custom_op("fvcompile::saap_attention", mutates_args=())
 def saap_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, tables: str, probes: int,
-                   sink: int, window: int, scale: float) -> Tensor:
-    """Causal attention of q over the keys each query reads (module docstring): q, k, v as SDPA
-    takes them (after RoPE); q_pre, k_pre the same before RoPE; tables: the key of one layer's
-    part of a SAAP index (`register_tables`)."""
+                   sink: int, window: int, scale: float, query_block: int) -> Tensor:
+    """Causal attention of q over the keys each query reads (module docstring), the queries
+    probing in blocks of `query_block` (`saap_layout.probe_blocks`): q, k, v as SDPA takes them
+    (after RoPE); q_pre, k_pre the same before RoPE; tables: the key of one layer's part of a SAAP
+    index (`register_tables`). Reads only the listed key blocks (`sparse_attention`)."""
     centroids, weight, bias = _tables(tables, q.device)
     key_cluster = assign_keys(centroids, k_pre)
-    probed = probe_clusters(weight, bias, q_pre, probes)
-    return saap_attention_reference(q, k, v, key_cluster, probed, sink=sink, window=window, scale=scale)
+    probed = probe_blocks(weight, bias, q_pre, probes, query_block)
+    blocks = build_blocks(key_cluster, probed, centroids.shape[1], lq=q.shape[2], sink=sink, window=window,
+                          q_block=query_block, kv_block=KV_BLOCK)
+    return sparse_attention(q, k, v, blocks, sink=sink, window=window, scale=scale)
 
 
 @saap_attention.register_fake
-def _(q, k, v, q_pre, k_pre, *, tables, probes, sink, window, scale):
+def _(q, k, v, q_pre, k_pre, *, tables, probes, sink, window, scale, query_block):
     return q.new_empty(q.shape)
+
+
+# Keys per block of the cluster layout: each cluster is padded to whole blocks, so a smaller block
+# wastes fewer slots and a larger one runs the kernels' inner loops longer.
+KV_BLOCK = 64
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SAAPBlocks, *, sink: int, window: int,
+                     scale: float | None = None) -> Tensor:
+    """Attention over the slots that `blocks` lists and nothing else: one query block (decode)
+    gathers its listed key blocks; more run FlexAttention compiled by Inductor, whose CPU
+    template loops over the listed blocks only. Equals `saap_attention_reference` with each
+    query probing its block's clusters."""
+    lq, lk = q.shape[2], k.shape[2]
+    k_slots, v_slots = (_gather_slots(t, blocks.slot_pos) for t in (k, v))
+    if blocks.kv_num_blocks.shape[-1] == 1:
+        return _one_query_block(q, k_slots, v_slots, blocks, lk=lk, sink=sink, window=window, scale=scale)
+    group = q.shape[1] // k.shape[1]
+    block_mask = BlockMask.from_kv_blocks(
+        blocks.kv_num_blocks, blocks.kv_indices, blocks.full_num_blocks, blocks.full_indices,
+        BLOCK_SIZE=(blocks.q_block, blocks.kv_block), seq_lengths=(lq, k_slots.shape[2]), compute_q_blocks=False,
+        mask_mod=slot_mask_mod(blocks, lq=lq, lk=lk, sink=sink, window=window, group=group))
+    return _compiled_flex_attention()(q, k_slots, v_slots, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+def _gather_slots(t: Tensor, slot_pos: Tensor) -> Tensor:
+    """(B, Hkv, S, D): t's rows at each slot (padding slots hold row 0; the mask drops them)."""
+    index = slot_pos.clamp(min=0).long()[..., None].expand(-1, -1, -1, t.shape[-1])
+    return t.gather(2, index)
+
+
+def _one_query_block(q, k_slots, v_slots, blocks, *, lk, sink, window, scale):
+    """Decode: the listed key blocks of each query head gathered, then masked attention over them."""
+    b, hq, lq, d = q.shape
+    group = hq // k_slots.shape[1]
+    listed = torch.cat([blocks.full_indices[:, :, 0, :], blocks.kv_indices[:, :, 0, :]], -1)  # (B, Hq, 2 nKB)
+    is_listed = torch.cat([_first(blocks.full_num_blocks[:, :, 0], listed.shape[-1] // 2),
+                           _first(blocks.kv_num_blocks[:, :, 0], listed.shape[-1] // 2)], -1)
+    width = int(is_listed.sum(-1).max())
+    order = is_listed.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :width]
+    chosen = listed.gather(-1, order).long()  # (B, Hq, width) block indices, listed first
+    chosen_ok = is_listed.gather(-1, order)
+    slots = (chosen[..., None] * blocks.kv_block + torch.arange(blocks.kv_block, device=q.device)).flatten(-2)
+    kv_head = torch.arange(hq, device=q.device) // group
+    rows = slots + (torch.arange(b, device=q.device)[:, None, None] * k_slots.shape[1] + kv_head[:, None]) * k_slots.shape[2]
+    keys = k_slots.reshape(-1, d)[rows]  # (B, Hq, width * kv_block, D)
+    values = v_slots.reshape(-1, d)[rows]
+    mask_mod = slot_mask_mod(blocks, lq=lq, lk=lk, sink=sink, window=window, group=group)
+    bi, hi = torch.arange(b, device=q.device)[:, None, None, None], torch.arange(hq, device=q.device)[None, :, None, None]
+    qi = torch.arange(lq, device=q.device)[None, None, :, None]
+    read = mask_mod(bi, hi, qi, slots[:, :, None, :]) & chosen_ok.repeat_interleave(blocks.kv_block, -1)[:, :, None, :]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    return (scores.masked_fill(~read, float("-inf")).softmax(-1) @ values.float()).to(q.dtype)
+
+
+def _first(count: Tensor, width: int) -> Tensor:
+    return torch.arange(width, device=count.device) < count[..., None]
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Uncompiled, flex_attention computes every block; compiled, Inductor's template (C++ on CPU,
+    # Triton on GPU) visits the listed blocks only. One compile per sequence length.
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def selectivity(mask: Tensor) -> float:

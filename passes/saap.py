@@ -4,12 +4,13 @@ At each attention of an inference graph (`saap_match`: SDPA's backend op, causal
 query and key before RoPE found) whose keys number at least `min_seq_len`, the pass puts
 `fvcompile::saap_attention` in the op's place: keys join their nearest centroid, each query's
 classifier picks `probes` clusters, and the query reads those clusters, the first `sink` keys and
-the last `window` keys up to itself. The layer of an attention is its order in the graph; the
-index (`saap_calibration.calibrate`) holds one set of centroids and classifiers per layer, and
-an index whose layers, heads or head size differ from the graph's is an error that names them.
-Shorter sequences, masked or non-causal attention and attention without a found RoPE stay
-dense, each reported with its reason. Approximate: it runs only when named,
-`fvcompile.optimize(model, passes=[SAAP(index=...)])`.
+the last `window` keys up to itself. Queries probe in blocks of `query_block` (the mean of their
+classifier probabilities), the unit in which the kernels load keys. The layer of an attention is
+its order in the graph; the index (`saap_calibration.calibrate`) holds one set of centroids and
+classifiers per layer, and an index whose layers, heads or head size differ from the graph's
+is an error that names them. Shorter sequences, masked or non-causal attention and attention
+without a found RoPE stay dense, each reported with its reason. Approximate: it runs only when
+named, `fvcompile.optimize(model, passes=[SAAP(index=...)])`.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ SAAP_OP = torch.ops.fvcompile.saap_attention.default
 
 
 class SAAP(GraphPass):
-    """index: a `SAAPIndex` or the path of one; probes: clusters each query reads (None: the
-    index's); min_seq_len: fewer keys stay dense; sink, window: keys always read."""
+    """index: a `SAAPIndex` or the path of one; probes: clusters each query block reads (None:
+    the index's); min_seq_len: fewer keys stay dense; sink, window: keys always read;
+    query_block: queries that probe as one (a kernel loads each key block once for all of them)."""
 
     name = "saap"
     hook = "post_grad"
@@ -40,16 +42,17 @@ class SAAP(GraphPass):
     helpers = (saap_index, saap_match, saap_attention)
 
     def __init__(self, index: SAAPIndex | str | Path, *, probes: int | None = None, min_seq_len: int = 1024,
-                 sink: int = 4, window: int = 64):
+                 sink: int = 4, window: int = 64, query_block: int = 64):
         self.index = index if isinstance(index, SAAPIndex) else SAAPIndex.load(index)
         clusters = self.index.shapes["clusters"]
         self.probes = self.index.meta.get("probes") if probes is None else probes
         if not isinstance(self.probes, int) or not 0 < self.probes <= clusters:
             raise ValueError(f"probes must be an int in 1..{clusters} (the index's clusters), got {self.probes!r}")
-        for option, value, least in (("min_seq_len", min_seq_len, 1), ("sink", sink, 0), ("window", window, 1)):
+        for option, value, least in (("min_seq_len", min_seq_len, 1), ("sink", sink, 0), ("window", window, 1),
+                                     ("query_block", query_block, 1)):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{option} must be an int >= {least}, got {value!r}")
-        self.min_seq_len, self.sink, self.window = min_seq_len, sink, window
+        self.min_seq_len, self.sink, self.window, self.query_block = min_seq_len, sink, window, query_block
         self.digest = self.index.digest()  # here: the pass runs under the graph's fake mode
         for layer in range(self.index.shapes["layers"]):  # the op finds its layer's tables by key
             register_tables(self._tables_key(layer), self.index.centroids[layer], self.index.weight[layer],
@@ -57,7 +60,7 @@ class SAAP(GraphPass):
 
     def options(self):
         return {"index": self.digest, "probes": self.probes, "min_seq_len": self.min_seq_len,
-                "sink": self.sink, "window": self.window}
+                "sink": self.sink, "window": self.window, "query_block": self.query_block}
 
     def applies_to(self, ctx: PassContext) -> bool:
         return ctx.is_inference  # prefill and decode: no backward through the selection
@@ -78,7 +81,8 @@ class SAAP(GraphPass):
             self._rewrite(gm, site)
             keys = site.k.meta["val"].shape[-2]
             result.rewritten.append(Site(site.node.name, kind="attention", ops={str(SAAP_OP): 1}, detail=(
-                f"layer {site.layer}: {self.probes} of {self.index.shapes['clusters']} key clusters per query, "
+                f"layer {site.layer}: {self.probes} of {self.index.shapes['clusters']} key clusters per block of "
+                f"{self.query_block} queries, "
                 f"plus {self.sink} sink and {self.window} window keys, over {keys} keys")))
         return result
 
@@ -99,7 +103,7 @@ class SAAP(GraphPass):
         graph = gm.graph
         scale = site.scale if site.scale is not None else site.q.meta["val"].shape[-1] ** -0.5
         kwargs = {"tables": self._tables_key(site.layer), "probes": self.probes, "sink": self.sink,
-                  "window": self.window, "scale": float(scale)}
+                  "window": self.window, "scale": float(scale), "query_block": self.query_block}
         with graph.inserting_before(site.node):
             new = graph.call_function(SAAP_OP, (site.q, site.k, site.v, site.pre_rope_query, site.pre_rope_key), kwargs)
         (out,) = site.node.users

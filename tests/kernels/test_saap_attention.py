@@ -1,12 +1,15 @@
 """SAAP attention's reference against dense causal SDPA (every cluster probed) and against a
-per-query loop that gathers the keys each query reads (any selection), forward and backward."""
+per-query loop that gathers the keys each query reads (any selection), forward and backward;
+the sparse CPU path (FlexAttention over the listed blocks; one query block: gathered blocks)
+against the reference."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fvcompile.kernels.saap_attention import saap_attention_reference, saap_read_mask, selectivity
+from fvcompile.kernels.saap_attention import saap_attention_reference, saap_read_mask, selectivity, sparse_attention
+from fvcompile.kernels.saap_layout import build_blocks, per_query
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
@@ -91,3 +94,22 @@ def test_bad_inputs_name_the_problem(change, error):
     args = dict(key_cluster=key_cluster, probed=probed, sink=0, window=1) | change
     with pytest.raises((ValueError, TypeError), match=error):
         saap_attention_reference(q, k, v, **args)
+
+
+# Several query blocks run FlexAttention (one compile per shape: one case here, prefill with
+# Lq == Lk in the pass's tests); one query block gathers its key blocks.
+SPARSE_CASES = {"flex_last_queries": (32, 48, torch.float32), "decode": (1, 48, torch.float32),
+                "decode_fp16": (1, 48, torch.float16)}
+
+
+@pytest.mark.parametrize("lq,lk,dtype", SPARSE_CASES.values(), ids=SPARSE_CASES.keys())
+def test_sparse_path_equals_the_reference(lq, lk, dtype):
+    clusters, probes, q_block = 6, 2, 16
+    q, k, v, key_cluster, _ = _inputs(b=1, hq=4, hkv=2, lq=lq, lk=lk, clusters=clusters, dtype=dtype, seed=lq)
+    g = torch.Generator().manual_seed(lk)
+    n_qb = -(-lq // q_block)
+    probed = torch.stack([torch.randperm(clusters, generator=g)[:probes] for _ in range(4 * n_qb)]).view(1, 4, n_qb, -1)
+    blocks = build_blocks(key_cluster, probed, clusters, lq=lq, sink=2, window=5, q_block=q_block, kv_block=16)
+    out = sparse_attention(q, k, v, blocks, sink=2, window=5, scale=0.3)
+    want = saap_attention_reference(q, k, v, key_cluster, per_query(probed, lq, q_block), sink=2, window=5, scale=0.3)
+    torch.testing.assert_close(out, want, **TOL[dtype])

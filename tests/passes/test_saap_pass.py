@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import fvcompile
 
-from fvcompile.kernels.saap_attention import assign_keys, probe_clusters, saap_attention_reference
+from fvcompile.kernels.saap_attention import assign_keys, saap_attention_reference
+from fvcompile.kernels.saap_layout import per_query, probe_blocks
 from fvcompile.models import get
 from fvcompile.models.llama import Llama, apply_rope
 from fvcompile.passes.saap import SAAP, SAAP_OP
@@ -37,7 +38,7 @@ def _compiled(model, saap, tokens):
     return out, backend
 
 
-def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch):
+def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch, query_block=64):
     """The model in eager mode with each attention computed as SAAP: its q and k rotated back to
     before RoPE (RoPE is a rotation: the inverse angle undoes it), the index's layer by call order."""
     cos, sin = model.rope_cos[:SEQ], model.rope_sin[:SEQ]
@@ -47,7 +48,7 @@ def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch):
         i = next(layer)
         q_pre, k_pre = apply_rope(q, cos, -sin), apply_rope(k, cos, -sin)
         key_cluster = assign_keys(index.centroids[i], k_pre)
-        probed = probe_clusters(index.weight[i], index.bias[i], q_pre, probes)
+        probed = per_query(probe_blocks(index.weight[i], index.bias[i], q_pre, probes, query_block), SEQ, query_block)
         return saap_attention_reference(q, k, v, key_cluster, probed, sink=sink, window=window)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     with torch.no_grad():
@@ -65,10 +66,12 @@ def test_every_cluster_probed_is_dense(model_and_index):
 
 
 def test_fewer_probes_equal_the_eager_saap_model(model_and_index, monkeypatch):
+    # Query blocks of 8: FlexAttention's path (its compile is paid in the kernel tests too).
     model, index, tokens = model_and_index
-    out, backend = _compiled(model, SAAP(index, probes=1, min_seq_len=16, sink=2, window=4), tokens)
+    out, backend = _compiled(model, SAAP(index, probes=1, min_seq_len=16, sink=2, window=4, query_block=8), tokens)
     assert backend.op_count(SAAP_OP) == 2
-    torch.testing.assert_close(out, _eager_saap(model, index, tokens, 1, 2, 4, monkeypatch), atol=1e-5, rtol=1e-5)
+    want = _eager_saap(model, index, tokens, 1, 2, 4, monkeypatch, query_block=8)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(out, model(tokens), atol=1e-3)  # it does read fewer keys
     detail = backend.sites("saap")[0].detail
