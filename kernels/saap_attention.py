@@ -135,9 +135,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SAAPBlocks, *, sin
     template loops over the listed blocks only. Equals `saap_attention_reference` with each
     query probing its block's clusters."""
     lq, lk = q.shape[2], k.shape[2]
-    k_slots, v_slots = (_gather_slots(t, blocks.slot_pos) for t in (k, v))
     if blocks.kv_num_blocks.shape[-1] == 1:
-        return _one_query_block(q, k_slots, v_slots, blocks, lk=lk, sink=sink, window=window, scale=scale)
+        return _one_query_block(q, k, v, blocks, lk=lk, sink=sink, window=window, scale=scale)
+    k_slots, v_slots = (_gather_slots(t, blocks.slot_pos) for t in (k, v))
     group = q.shape[1] // k.shape[1]
     block_mask = BlockMask.from_kv_blocks(
         blocks.kv_num_blocks, blocks.kv_indices, blocks.full_num_blocks, blocks.full_indices,
@@ -152,26 +152,27 @@ def _gather_slots(t: Tensor, slot_pos: Tensor) -> Tensor:
     return t.gather(2, index)
 
 
-def _one_query_block(q, k_slots, v_slots, blocks, *, lk, sink, window, scale):
-    """Decode: the listed key blocks of each query head gathered, then masked attention over them."""
+def _one_query_block(q, k, v, blocks, *, lk, sink, window, scale):
+    """Decode: the keys of each query head's listed blocks gathered from k and v, then masked
+    attention over them; the unlisted keys are never touched."""
     b, hq, lq, d = q.shape
-    group = hq // k_slots.shape[1]
-    listed = torch.cat([blocks.full_indices[:, :, 0, :], blocks.kv_indices[:, :, 0, :]], -1)  # (B, Hq, 2 nKB)
-    is_listed = torch.cat([_first(blocks.full_num_blocks[:, :, 0], listed.shape[-1] // 2),
-                           _first(blocks.kv_num_blocks[:, :, 0], listed.shape[-1] // 2)], -1)
+    group = hq // k.shape[1]
+    n_kb = blocks.kv_indices.shape[-1]
+    listed = torch.cat([blocks.full_indices[:, :, 0], blocks.kv_indices[:, :, 0]], -1)  # (B, Hq, 2 nKB)
+    is_listed = torch.cat([_first(blocks.full_num_blocks[:, :, 0], n_kb), _first(blocks.kv_num_blocks[:, :, 0], n_kb)], -1)
     width = int(is_listed.sum(-1).max())
     order = is_listed.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :width]
-    chosen = listed.gather(-1, order).long()  # (B, Hq, width) block indices, listed first
-    chosen_ok = is_listed.gather(-1, order)
+    chosen = listed.gather(-1, order).long()  # (B, Hq, width): the listed blocks first
     slots = (chosen[..., None] * blocks.kv_block + torch.arange(blocks.kv_block, device=q.device)).flatten(-2)
     kv_head = torch.arange(hq, device=q.device) // group
-    rows = slots + (torch.arange(b, device=q.device)[:, None, None] * k_slots.shape[1] + kv_head[:, None]) * k_slots.shape[2]
-    keys = k_slots.reshape(-1, d)[rows]  # (B, Hq, width * kv_block, D)
-    values = v_slots.reshape(-1, d)[rows]
-    mask_mod = slot_mask_mod(blocks, lq=lq, lk=lk, sink=sink, window=window, group=group)
-    bi, hi = torch.arange(b, device=q.device)[:, None, None, None], torch.arange(hq, device=q.device)[None, :, None, None]
-    qi = torch.arange(lq, device=q.device)[None, None, :, None]
-    read = mask_mod(bi, hi, qi, slots[:, :, None, :]) & chosen_ok.repeat_interleave(blocks.kv_block, -1)[:, :, None, :]
+    pos = blocks.slot_pos[torch.arange(b, device=q.device)[:, None, None], kv_head[:, None], slots].long()
+    pos = torch.where(is_listed.gather(-1, order).repeat_interleave(blocks.kv_block, -1), pos, -1)
+    rows = pos.clamp(min=0) + (torch.arange(b, device=q.device)[:, None, None] * k.shape[1] + kv_head[:, None]) * lk
+    keys, values = k.reshape(-1, d)[rows], v.reshape(-1, d)[rows]  # (B, Hq, width * kv_block, D)
+    q_pos = (lk - lq + torch.arange(lq, device=q.device))[:, None]
+    always = (pos[:, :, None, :] < sink) | (q_pos - pos[:, :, None, :] < window)
+    in_band = (slots < blocks.band_len)[:, :, None, :]
+    read = (pos[:, :, None, :] >= 0) & (pos[:, :, None, :] <= q_pos) & (always == in_band)
     scale = 1 / math.sqrt(d) if scale is None else scale
     scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
     return (scores.masked_fill(~read, float("-inf")).softmax(-1) @ values.float()).to(q.dtype)
