@@ -90,8 +90,9 @@ class SAAP(GraphPass):
         keys = site.k.meta["val"].shape[-2]
         if keys < self.min_seq_len:
             return "short", f"{keys} keys, below min_seq_len={self.min_seq_len}"
-        if not site.is_causal or site.has_mask:
-            return "not_causal", "SAAP serves causal attention without a mask"
+        if site.has_mask or not _reads_a_causal_prefix(site):
+            return "not_causal", ("SAAP serves causal attention without a mask: queries at the last positions "
+                                  "(is_causal with as many queries as keys, or one query reading every key)")
         if site.pre_rope_key is None or site.pre_rope_query is None:
             return "no_rope", site.reason or "no half-split RoPE found on the query"
         users = {u.args[1] for u in site.node.users if u.target is operator.getitem}
@@ -114,3 +115,11 @@ class SAAP(GraphPass):
 
     def _tables_key(self, layer: int) -> str:
         return f"{self.digest}/{layer}"
+
+
+def _reads_a_causal_prefix(site) -> bool:
+    """Each query reads the keys up to its own position, the queries being the last ones: SDPA's
+    is_causal aligns queries to the first keys, which is that only when there are as many; one
+    query without is_causal (decode) reads every key."""
+    queries, keys = site.q.meta["val"].shape[-2], site.k.meta["val"].shape[-2]
+    return queries == keys if site.is_causal else queries == 1

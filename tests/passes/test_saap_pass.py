@@ -12,9 +12,10 @@ import fvcompile
 from fvcompile.kernels.saap_attention import assign_keys, saap_attention_reference
 from fvcompile.kernels.saap_layout import per_query, probe_blocks
 from fvcompile.models import get
-from fvcompile.models.llama import Llama, apply_rope
+from fvcompile.models.llama import Llama, apply_rope, rope_tables
 from fvcompile.passes.saap import SAAP, SAAP_OP
 from fvcompile.passes.saap_calibration import calibrate
+from fvcompile.passes.saap_index import SAAPIndex
 from fvcompile.testing import PassTestBackend
 
 SEQ = 32
@@ -109,3 +110,51 @@ def test_inductor_code_generation_runs_the_rewritten_graph(model_and_index, monk
     with torch.no_grad():
         out = compiled(tokens)
     torch.testing.assert_close(out, _eager_saap(model, index, tokens, 1, 2, 4, monkeypatch), atol=1e-5, rtol=1e-5)
+
+
+class LastQueryAttention(torch.nn.Module):
+    """One attention whose only query is the last position (a decode step without a cache):
+    `is_causal=False` reads every key, as decode does; `is_causal=True` would read key 0 only
+    (SDPA aligns causal queries to the first keys)."""
+
+    def __init__(self, is_causal: bool, heads=4, kv_heads=2, head_dim=8, seq=40):
+        super().__init__()
+        self.is_causal, self.heads, self.kv_heads, self.head_dim = is_causal, heads, kv_heads, head_dim
+        self.q = torch.nn.Linear(16, heads * head_dim, bias=False)
+        self.kv = torch.nn.Linear(16, 2 * kv_heads * head_dim, bias=False)
+        self.cos, self.sin = rope_tables(head_dim, seq, 10000.0)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x[:, -1:]).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, self.cos[n - 1:n], self.sin[n - 1:n]), apply_rope(k, self.cos[:n], self.sin[:n])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, enable_gqa=True)
+
+
+def test_one_query_reading_every_key_is_decode_and_is_rewritten():
+    torch.manual_seed(0)
+    module, x = LastQueryAttention(is_causal=False).eval(), torch.randn(1, 40, 16)
+    index = SAAPIndex(torch.nn.functional.normalize(torch.randn(1, 2, 3, 8), dim=-1), torch.randn(1, 4, 8, 3),
+                      torch.zeros(1, 4, 3))
+    out, backend = _compiled(module, SAAP(index, probes=1, min_seq_len=16, sink=2, window=4), x)
+    assert backend.op_count(SAAP_OP) == 1
+    with torch.no_grad():
+        q = module.q(x[:, -1:]).view(1, 1, 4, 8).transpose(1, 2)
+        k, v = module.kv(x).view(1, 40, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        rope = lambda t, at: apply_rope(t, module.cos[at], module.sin[at])  # noqa: E731
+        probed = probe_blocks(index.weight[0], index.bias[0], q, 1, q_block=64)
+        want = saap_attention_reference(rope(q, slice(39, 40)), rope(k, slice(0, 40)), v, assign_keys(index.centroids[0], k),
+                                        per_query(probed, 1, 64), sink=2, window=4)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_with_fewer_queries_than_keys_stays_dense():
+    torch.manual_seed(0)
+    module, x = LastQueryAttention(is_causal=True).eval(), torch.randn(1, 40, 16)
+    index = SAAPIndex(torch.randn(1, 2, 3, 8), torch.randn(1, 4, 8, 3), torch.zeros(1, 4, 3))
+    out, backend = _compiled(module, SAAP(index, probes=1, min_seq_len=16), x)
+    assert backend.op_count(SAAP_OP) == 0
+    assert [s.reason for s in backend.sites("saap", rewritten=False)] == ["not_causal"]
+    with torch.no_grad():
+        torch.testing.assert_close(out, module(x))
