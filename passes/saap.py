@@ -79,11 +79,11 @@ class SAAP(GraphPass):
                                            kind="attention", reason=why[0]))
                 continue
             self._rewrite(gm, site)
-            keys = site.k.meta["val"].shape[-2]
+            keys, clusters = site.k.meta["val"].shape[-2], self.index.shapes["clusters"]
             result.rewritten.append(Site(site.node.name, kind="attention", ops={str(SAAP_OP): 1}, detail=(
-                f"layer {site.layer}: {self.probes} of {self.index.shapes['clusters']} key clusters per block of "
-                f"{self.query_block} queries, "
-                f"plus {self.sink} sink and {self.window} window keys, over {keys} keys")))
+                f"layer {site.layer}: {self.probes} of {clusters} key clusters per block of {self.query_block} "
+                f"queries, plus {self.sink} sink and {self.window} window keys, over {keys} keys: "
+                f"~{self._expected_read(site):.0%} of the causal keys read if clusters are even")))
         return result
 
     def _dense_reason(self, site) -> tuple[str, str] | None:
@@ -99,6 +99,15 @@ class SAAP(GraphPass):
         if users - {0} or len(users) != len(site.node.users):
             return "uses_more_outputs", "the graph reads more of the attention op than its output"
         return None
+
+    def _expected_read(self, site) -> float:
+        """The fraction of causal keys a query reads on average with clusters of equal size (the
+        measured fraction depends on the data: bench/saap_eval.py)."""
+        queries, keys = site.q.meta["val"].shape[-2], site.k.meta["val"].shape[-2]
+        share = self.probes / self.index.shapes["clusters"]
+        causal = [keys - queries + 1 + i for i in range(queries)]
+        read = [min(n, self.sink + self.window + share * max(n - self.sink - self.window, 0)) for n in causal]
+        return sum(read) / sum(causal)
 
     def _rewrite(self, gm: fx.GraphModule, site) -> None:
         graph = gm.graph

@@ -77,6 +77,9 @@ def test_fewer_probes_equal_the_eager_saap_model(model_and_index, monkeypatch):
         assert not torch.allclose(out, model(tokens), atol=1e-3)  # it does read fewer keys
     detail = backend.sites("saap")[0].detail
     assert "1 of 4 key clusters" in detail and "2 sink and 4 window keys" in detail
+    # Even clusters: query p reads min(p + 1, 6 + (p + 1 - 6) / 4) keys of its p + 1.
+    expected = sum(min(n, 6 + max(n - 6, 0) / 4) for n in range(1, SEQ + 1)) / sum(range(1, SEQ + 1))
+    assert f"~{expected:.0%} of the causal keys read" in detail
 
 
 def test_short_sequences_stay_dense_and_say_why(model_and_index):
