@@ -3,10 +3,10 @@ on CUDA, check fvcompile end to end on CUDA, then time the GPU benchmarks. Print
 table last and writes JSON into --out after every step.
 
 The steps run in the order their results matter (the FFN at the first token count, the parts
-and their bounds, the end-to-end checks, the kernel tests on CUDA, FP8 "all" at the fewest
-tokens with and without CUDA graphs, then the other token counts) within --budget-s seconds: a
-lent GPU has 15 minutes, its start included, and a step that would start with too little time
-left is skipped and listed as such.
+and their bounds, the end-to-end checks, the kernel tests on CUDA, SAAP attention against flash,
+FP8 "all" at the fewest tokens with and without CUDA graphs, then the other token counts) within
+--budget-s seconds: a lent GPU has 15 minutes, its start included, and a step that would start
+with too little time left is skipped and listed as such.
 
     python bench/gpu_check.py --out $OUT    (imports the checkout; no install needed)
     TRITON_INTERPRET=1 python bench/gpu_check.py --out /tmp/gc --tokens 256,128   (CPU dry run)
@@ -243,12 +243,154 @@ def ffn_bench(out: Path, tokens: str, timeout: float, graphs_of: str = "") -> di
     return result
 
 
+# SAAP at Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128), the paper's
+# 1024 clusters with 32 probed, key blocks of 64, a sink of 4 and a window of 64; the CPU dry run
+# takes a tiny version through the interpreter.
+SAAP_LLAMA = dict(hq=32, hkv=8, d=128, clusters=1024, probes=32, kv_block=64, sink=4, window=64)
+SAAP_TINY = dict(hq=4, hkv=2, d=16, clusters=8, probes=2, kv_block=16, sink=4, window=16)
+
+
+def saap_keys(cfg: dict, length: int, dtype: torch.dtype, seed: int = 0):
+    """Synthetic keys with cluster structure: each KV head's keys drawn around its random
+    centroids (a key's cluster: the centroid it was drawn around), and random values.
+    (k, v (1, Hkv, L, D), key_cluster (1, Hkv, L))."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    hkv, d, clusters = cfg["hkv"], cfg["d"], cfg["clusters"]
+    centroids = torch.nn.functional.normalize(torch.randn(hkv, clusters, d, device=DEVICE, generator=g), dim=-1)
+    key_cluster = torch.randint(0, clusters, (1, hkv, length), device=DEVICE, generator=g)
+    k = 4 * centroids[torch.arange(hkv, device=DEVICE)[:, None], key_cluster[0]][None]
+    k = (k + torch.randn(k.shape, device=DEVICE, generator=g)).to(dtype)
+    return k, torch.randn(k.shape, device=DEVICE, generator=g).to(dtype), key_cluster
+
+
+def saap_queries(cfg: dict, key_cluster, lq: int, q_block: int, dtype: torch.dtype, seed: int = 0):
+    """Random queries at the last `lq` positions, each query block probing random clusters, and
+    the block lists. (q (1, Hq, Lq, D), probed (1, Hq, nQB, P), blocks)."""
+    from fvcompile.kernels.saap_layout import build_blocks
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(1, cfg["hq"], lq, cfg["d"], device=DEVICE, generator=g).to(dtype)
+    scores = torch.rand(1, cfg["hq"], -(-lq // q_block), cfg["clusters"], device=DEVICE, generator=g)
+    probed = scores.topk(cfg["probes"], -1).indices
+    blocks = build_blocks(key_cluster, probed, cfg["clusters"], lq=lq, sink=cfg["sink"], window=cfg["window"],
+                          q_block=q_block, kv_block=cfg["kv_block"])
+    return q, probed, blocks
+
+
+def _ms(fn) -> float:
+    """Milliseconds per call: triton's do_bench on CUDA, one call on CPU (the dry run)."""
+    if DEVICE == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def saap_bench(timeout: float, lengths: list[int]) -> dict:
+    """SAAP's Triton kernels (kernels/saap_triton.py): first checked against the reference at a
+    small size, then timed at each length (prefill with the keys in slots and by position, decode
+    of one token) against SDPA's flash backend, causal, with the time spent building the block
+    lists beside them. Lengths (and query block sizes) that would start too late are skipped."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fvcompile.kernels import saap_triton as st
+    from fvcompile.kernels.saap_attention import saap_attention_reference
+    from fvcompile.kernels.saap_layout import build_blocks, per_query
+
+    end = time.monotonic() + timeout
+    cuda = DEVICE == "cuda"
+    cfg, dtype = (SAAP_LLAMA, torch.bfloat16) if cuda else (SAAP_TINY, torch.float16)  # interpreter: no bf16 dot
+    opts = dict(sink=cfg["sink"], window=cfg["window"])
+    q_blocks = (128, 64) if cuda else (16,)
+    result: dict = {"config": {**cfg, "dtype": str(dtype), "q_blocks": q_blocks}, "rows": [], "skipped": []}
+
+    # Correctness at a small size (queries over every position, then one decoded token).
+    small = 1024 if cuda else 64
+    errors = {}
+    k, v, key_cluster = saap_keys(cfg, small, dtype, seed=1)
+    for lq in (small, 1):
+        q, probed, blocks = saap_queries(cfg, key_cluster, lq, q_blocks[-1], dtype, seed=lq)
+        want = saap_attention_reference(q, k, v, key_cluster, per_query(probed, lq, q_blocks[-1]), **opts).float()
+        runs = {"by position": lambda: st.saap_attention_triton(q, k, v, blocks, lq=lq, lk=small, **opts)}
+        if lq > 1:
+            slots = st.gather_slots(k, v, blocks.slot_pos)
+            runs["slots"] = lambda: st.saap_prefill(q, *slots, blocks, lq=lq, lk=small, **opts)
+        for name, run in runs.items():
+            error = (run().float() - want).abs().max().item()
+            errors[f"{'prefill' if lq > 1 else 'decode'} ({name}) max abs error"] = error
+            assert error < (3e-2 if dtype == torch.bfloat16 else 3e-3), (lq, name, error)
+    result["check"] = errors
+
+    def dense(q, k, v, causal):  # SDPA flash, GQA natively where it takes it, else k and v expanded
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            try:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+                return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                                enable_gqa=True), "native"
+            except RuntimeError:
+                group = q.shape[1] // k.shape[1]
+                kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+                return lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=causal), "expanded"
+
+    def timed_dense(fn):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return _ms(fn)
+
+    for length in lengths:
+        k, v, key_cluster = saap_keys(cfg, length, dtype)
+        for q_block in q_blocks:
+            if time.monotonic() > end - (30 if cuda else 5):
+                result["skipped"].append(f"{length} tokens, q_block {q_block}")
+                continue
+            q, probed, blocks = saap_queries(cfg, key_cluster, length, q_block, dtype)
+            start = time.perf_counter()  # the block lists, as the op builds them on each call
+            build_blocks(key_cluster, probed, cfg["clusters"], lq=length, q_block=q_block, kv_block=cfg["kv_block"],
+                         **opts)
+            if cuda:
+                torch.cuda.synchronize()
+            build_ms = (time.perf_counter() - start) * 1e3
+            slots = st.gather_slots(k, v, blocks.slot_pos)
+            dense_fn, gqa = dense(q, k, v, True)
+            row = {"tokens": length, "q_block": q_block,
+                   "pairs computed / causal pairs": blocks.slots_read(length) / (cfg["hq"] * length * (length + 1) / 2),
+                   "dense flash ms": timed_dense(dense_fn), "dense gqa": gqa,
+                   "saap prefill ms (slots)": _ms(lambda: st.saap_prefill(q, *slots, blocks, lq=length, lk=length,
+                                                                         **opts)),
+                   "saap prefill ms (by position)": _ms(lambda: st.saap_prefill(
+                       q, k, v, blocks, lq=length, lk=length, by_position=True, **opts)),
+                   "gather slots ms": _ms(lambda: st.gather_slots(k, v, blocks.slot_pos)),
+                   "build blocks ms (one call)": build_ms}
+            del slots, blocks
+            if q_block == q_blocks[0]:  # decode of the last token: one query over every key
+                q1, _, blocks1 = saap_queries(cfg, key_cluster, 1, q_block, dtype, seed=1)
+                dense1, _ = dense(q1, k, v, False)
+                row["dense flash decode ms"] = timed_dense(dense1)
+                row["saap decode ms (by position)"] = _ms(lambda: st.saap_attention_triton(
+                    q1, k, v, blocks1, lq=1, lk=length, **opts))
+                row["decode keys read / all keys"] = blocks1.slots_read(1) / (cfg["hq"] * length)
+            row["prefill time saved vs flash"] = 1 - row["saap prefill ms (by position)"] / row["dense flash ms"]
+            if "saap decode ms (by position)" in row:
+                saved = 1 - row["saap decode ms (by position)"] / row["dense flash decode ms"]
+                row["decode time saved vs flash"] = saved
+            result["rows"].append(row)
+            print(row, flush=True)
+            del q, probed, dense_fn
+        del k, v, key_cluster
+        if cuda:
+            torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--tokens", default="8192,4096,16384",
                         help="token counts for the FFN benchmark (the first also for the parts)")
+    parser.add_argument("--saap-tokens", default=None,
+                        help="sequence lengths for SAAP attention (default: 32768,65536,131072 on CUDA, 128 on CPU)")
     parser.add_argument("--budget-s", type=float, default=500,
                         help="seconds this script may take: later steps get what is left, or are skipped")
     args = parser.parse_args()
@@ -299,6 +441,8 @@ def main() -> None:
                       # every failure reported (no -x); the compile test needs no GPU: make test runs it
                       [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider",
                        "-k", "not compiles_for_sm80_and_sm90", str(ROOT / "tests" / "kernels")], int(t)))]
+    saap_tokens = [int(n) for n in (args.saap_tokens or ("32768,65536,131072" if cuda else "128")).split(",")]
+    steps += [("saap attention", 180, lambda t: saap_bench(t, saap_tokens))]
     # FP8 "all" at the smallest token count is host-bound (four cuSPARSELt plans set up per step on
     # the host; bench/README.md): timed with and without CUDA graphs, with the baselines.
     fewest = min(tokens, key=int)
@@ -338,6 +482,12 @@ def main() -> None:
               f"fwd+bwd {r['speedup fwd+bwd vs swiglu dense']:.2f}x vs SwiGLU dense; "
               + "; ".join(f"{k[len('speedup fwd+bwd of '):]} {v:.2f}x" for k, v in r.items()
                           if k.startswith("speedup fwd+bwd of")))
+    for r in bench.get("saap attention", {}).get("rows", []):
+        decode = (f"; decode {r['saap decode ms (by position)']:.3f} ms vs flash {r['dense flash decode ms']:.3f} ms"
+                  if "dense flash decode ms" in r else "")
+        print(f"saap {r['tokens']} tokens, q_block {r['q_block']}: {r['pairs computed / causal pairs']:.1%} of the "
+              f"causal pairs computed, prefill {r['saap prefill ms (by position)']:.2f} ms (slots "
+              f"{r['saap prefill ms (slots)']:.2f}) vs flash {r['dense flash ms']:.2f} ms{decode}")
     for name in [n for n in bench if isinstance(bench[n], dict) and "ffn in progress" in bench[n]]:
         r = bench[name]["ffn in progress"]  # a run cut short: what it timed before it stopped (unchecked)
         print(f"{name}, cut short at {r['tokens']} tokens (unchecked): "
