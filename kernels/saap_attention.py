@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from fvcompile.kernels import saap_triton
 from fvcompile.kernels.saap_layout import SAAPBlocks, build_blocks, probe_blocks, slot_mask_mod
 
 
@@ -130,26 +131,22 @@ KV_BLOCK = 64
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SAAPBlocks, *, sink: int, window: int,
                      scale: float | None = None) -> Tensor:
-    """Attention over the slots that `blocks` lists and nothing else: one query block (decode)
-    gathers its listed key blocks; more run FlexAttention compiled by Inductor, whose CPU
-    template loops over the listed blocks only. Equals `saap_attention_reference` with each
-    query probing its block's clusters."""
+    """Attention over the slots that `blocks` lists and nothing else. On GPU: the Triton kernels
+    (`saap_triton`). On CPU: one query block (decode) gathers its listed key blocks; more run
+    FlexAttention compiled by Inductor, whose C++ template visits the listed blocks only. Equals
+    `saap_attention_reference` with each query probing its block's clusters."""
     lq, lk = q.shape[2], k.shape[2]
+    if q.is_cuda:
+        return saap_triton.saap_attention_triton(q, k, v, blocks, lq=lq, lk=lk, sink=sink, window=window, scale=scale)
     if blocks.kv_num_blocks.shape[-1] == 1:
         return _one_query_block(q, k, v, blocks, lk=lk, sink=sink, window=window, scale=scale)
-    k_slots, v_slots = (_gather_slots(t, blocks.slot_pos) for t in (k, v))
+    k_slots, v_slots = saap_triton.gather_slots(k, v, blocks.slot_pos)
     group = q.shape[1] // k.shape[1]
     block_mask = BlockMask.from_kv_blocks(
         blocks.kv_num_blocks, blocks.kv_indices, blocks.full_num_blocks, blocks.full_indices,
         BLOCK_SIZE=(blocks.q_block, blocks.kv_block), seq_lengths=(lq, k_slots.shape[2]), compute_q_blocks=False,
         mask_mod=slot_mask_mod(blocks, lq=lq, lk=lk, sink=sink, window=window, group=group))
     return _compiled_flex_attention()(q, k_slots, v_slots, block_mask=block_mask, scale=scale, enable_gqa=True)
-
-
-def _gather_slots(t: Tensor, slot_pos: Tensor) -> Tensor:
-    """(B, Hkv, S, D): t's rows at each slot (padding slots hold row 0; the mask drops them)."""
-    index = slot_pos.clamp(min=0).long()[..., None].expand(-1, -1, -1, t.shape[-1])
-    return t.gather(2, index)
 
 
 def _one_query_block(q, k, v, blocks, *, lk, sink, window, scale):

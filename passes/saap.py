@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from fvcompile.kernels import saap_attention
+from fvcompile.kernels import saap_attention, saap_layout, saap_triton
 from fvcompile.kernels.saap_attention import register_tables
 from fvcompile.passes import saap_index, saap_match
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
@@ -39,7 +39,7 @@ class SAAP(GraphPass):
     name = "saap"
     hook = "post_grad"
     exact = False
-    helpers = (saap_index, saap_match, saap_attention)
+    helpers = (saap_index, saap_match, saap_attention, saap_layout, saap_triton)
 
     def __init__(self, index: SAAPIndex | str | Path, *, probes: int | None = None, min_seq_len: int = 1024,
                  sink: int = 4, window: int = 64, query_block: int = 64):
@@ -95,6 +95,11 @@ class SAAP(GraphPass):
                                   "(is_causal with as many queries as keys, or one query reading every key)")
         if site.pre_rope_key is None or site.pre_rope_query is None:
             return "no_rope", site.reason or "no half-split RoPE found on the query"
+        q = site.q.meta["val"]
+        if q.is_cuda and (q.shape[-1] < saap_triton.DOT_MIN or not _power_of_two(self.query_block, saap_triton.DOT_MIN)):
+            return "kernel_shape", (f"the Triton kernels need a head dim >= {saap_triton.DOT_MIN} and query_block a "
+                                    f"power of 2 >= {saap_triton.DOT_MIN}: head dim {q.shape[-1]}, query_block "
+                                    f"{self.query_block}")
         users = {u.args[1] for u in site.node.users if u.target is operator.getitem}
         if users - {0} or len(users) != len(site.node.users):
             return "uses_more_outputs", "the graph reads more of the attention op than its output"
@@ -132,3 +137,7 @@ def _reads_a_causal_prefix(site) -> bool:
     query without is_causal (decode) reads every key."""
     queries, keys = site.q.meta["val"].shape[-2], site.k.meta["val"].shape[-2]
     return queries == keys if site.is_causal else queries == 1
+
+
+def _power_of_two(n: int, least: int) -> bool:
+    return n >= least and n & (n - 1) == 0
