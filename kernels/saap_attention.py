@@ -143,8 +143,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SAAPBlocks, *, sin
     k_slots, v_slots = saap_triton.gather_slots(k, v, blocks.slot_pos)
     group = q.shape[1] // k.shape[1]
     block_mask = BlockMask.from_kv_blocks(
-        blocks.kv_num_blocks, blocks.kv_indices, blocks.full_num_blocks, blocks.full_indices,
-        BLOCK_SIZE=(blocks.q_block, blocks.kv_block), seq_lengths=(lq, k_slots.shape[2]), compute_q_blocks=False,
+        *blocks.dense_lists(), BLOCK_SIZE=(blocks.q_block, blocks.kv_block), seq_lengths=(lq, k_slots.shape[2]), compute_q_blocks=False,
         mask_mod=slot_mask_mod(blocks, lq=lq, lk=lk, sink=sink, window=window, group=group))
     return _compiled_flex_attention()(q, k_slots, v_slots, block_mask=block_mask, scale=scale, enable_gqa=True)
 

@@ -17,8 +17,8 @@ Queries are taken in blocks of `q_block` (in sequence order); a query block prob
 one (`probe_blocks`: the mean of its queries' classifier probabilities, top `probes`), so that
 every key block a kernel loads is useful to every query of the block. The block lists say,
 per (batch, query head, query block), which key blocks hold any read key (`kv_*`) and which of
-those hold only read keys (`full_*`: the kernel skips the mask there), in FlexAttention's
-`BlockMask.from_kv_blocks` form: counts, then block indices with the listed blocks first.
+those hold only read keys (`full_*`: the kernel skips the mask there): counts, then rows of block
+indices as wide as the longest list (`dense_lists` widens them to FlexAttention's form).
 """
 from __future__ import annotations
 
@@ -35,11 +35,24 @@ class SAAPBlocks:
     slot_pos: Tensor  # (B, Hkv, S) int32
     band_len: int  # slots [0, band_len) are the band part
     kv_num_blocks: Tensor  # (B, Hq, nQB) int32: partially read key blocks
-    kv_indices: Tensor  # (B, Hq, nQB, S // kv_block) int32
+    kv_indices: Tensor  # (B, Hq, nQB, W) int32: the first kv_num_blocks of each row are listed
     full_num_blocks: Tensor  # (B, Hq, nQB) int32: wholly read key blocks
-    full_indices: Tensor  # (B, Hq, nQB, S // kv_block) int32
+    full_indices: Tensor  # (B, Hq, nQB, W) int32
     q_block: int
     kv_block: int
+
+    def dense_lists(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The lists as FlexAttention's `BlockMask.from_kv_blocks` takes them: each row one entry
+        per key block of the slots, the listed ones first (counts, indices, full counts, indices)."""
+        n_kb = self.slot_pos.shape[-1] // self.kv_block
+        out = []
+        for num, idx in ((self.kv_num_blocks, self.kv_indices), (self.full_num_blocks, self.full_indices)):
+            listed = torch.zeros(*idx.shape[:-1], n_kb + 1, dtype=torch.bool, device=idx.device)
+            in_row = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+            listed.scatter_(-1, torch.where(in_row, idx.long(), n_kb), True)  # padding into the spare column
+            order = (~listed[..., :n_kb]).to(torch.int8).argsort(dim=-1, stable=True)
+            out += [num, order.to(torch.int32)]
+        return tuple(out)
 
     def slots_read(self, lq: int) -> int:
         """Query-slot pairs the kernel computes (padding, masked keys and union waste included)."""
@@ -69,7 +82,9 @@ def per_query(probed_blocks: Tensor, lq: int, q_block: int) -> Tensor:
 def build_blocks(key_cluster: Tensor, probed_blocks: Tensor, clusters: int, *, lq: int, sink: int, window: int,
                  q_block: int, kv_block: int) -> SAAPBlocks:
     """The slots and block lists for keys `key_cluster` (B, Hkv, Lk) and query blocks probing
-    `probed_blocks` (B, Hq, nQB, P); the queries are the last `lq` positions."""
+    `probed_blocks` (B, Hq, nQB, P); the queries are the last `lq` positions. Each query block's
+    candidates are few (its sink and window blocks, its probed clusters' blocks), so the lists
+    are built from them, never from every (query block, key block) pair."""
     b, hkv, lk = key_cluster.shape
     hq, n_qb = probed_blocks.shape[1], probed_blocks.shape[2]
     if n_qb != -(-lq // q_block):
@@ -79,57 +94,76 @@ def build_blocks(key_cluster: Tensor, probed_blocks: Tensor, clusters: int, *, l
     band_len = -(-lk // kv_block) * kv_block
     band_pos = torch.arange(band_len, device=device)
     band_pos = torch.where(band_pos < lk, band_pos, -1).expand(b, hkv, band_len)
-    cluster_pos, block_cluster = _cluster_slots(key_cluster, clusters, kv_block)
+    cluster_pos, cluster_first_block, cluster_blocks = _cluster_slots(key_cluster, clusters, kv_block)
     slot_pos = torch.cat([band_pos, cluster_pos], dim=-1).to(torch.int32)
-
-    blocks = slot_pos.view(b, hkv, -1, kv_block)
-    valid = blocks >= 0
-    first = torch.where(valid, blocks, lk).amin(-1)  # (B, Hkv, nKB): a block's first and last key
-    last = blocks.amax(-1)
-    padded = ~valid.all(-1)
     n_band = band_len // kv_block
-    is_band = torch.arange(first.shape[-1], device=device) < n_band
-    block_cluster = torch.cat([torch.full((b, hkv, n_band), clusters, device=device), block_cluster], -1)
 
-    group = hq // hkv
-    first, last, padded, block_cluster = (t.repeat_interleave(group, dim=1)[:, :, None, :]
-                                          for t in (first, last, padded, block_cluster))
     q_start = (lk - lq) + torch.arange(n_qb, device=device) * q_block  # positions of each block's queries
     q_end = torch.clamp(q_start + q_block, max=lk) - 1
-    q_start, q_end = q_start[:, None], q_end[:, None]
+    group = hq // hkv
+    band = _band_candidates(q_start, q_end, n_band, sink=sink, window=window, q_block=q_block, kv_block=kv_block)
+    cluster = _cluster_candidates(probed_blocks, (cluster_first_block + n_band).repeat_interleave(group, dim=1),
+                                  cluster_blocks.repeat_interleave(group, dim=1))
+    candidate = torch.cat([band.expand(b, hq, -1, -1), cluster], -1)  # (B, Hq, nQB, W): key blocks, -1: none
 
+    # Each candidate's first and last key and whether it holds padding (B, Hq, nQB, W).
+    blocks = slot_pos.view(b, hkv, -1, kv_block)
+    valid = blocks >= 0
+    per_block = (torch.where(valid, blocks, lk).amin(-1), blocks.amax(-1), ~valid.all(-1))
+    first, last, padded = (t.repeat_interleave(group, dim=1).gather(-1, candidate.clamp(min=0).flatten(2))
+                           .view(candidate.shape) for t in per_block)
+    q_start, q_end = q_start[:, None], q_end[:, None]
     # Band blocks: some key of the block is the sink or in some query's window, and causal.
     band_read = (first <= q_end) & ((first < sink) | (last > q_start - window))
     band_full = ~padded & (last <= q_start) & ((last < sink) | (q_end - first < window))
-    # Cluster blocks: the block's cluster is probed and some key is causal; wholly read when every
-    # key is causal for every query and none is a sink or window key of any query.
-    probed = torch.zeros(b, hq, n_qb, clusters + 1, dtype=torch.bool, device=device)
-    probed.scatter_(-1, probed_blocks.long(), True)
-    probed[..., clusters] = False
-    in_probed = probed.gather(-1, block_cluster.expand(b, hq, n_qb, -1).long())
-    cluster_read = in_probed & (first <= q_end)
-    cluster_full = cluster_read & ~padded & (first >= sink) & (last <= q_start - window)
-
-    read = torch.where(is_band, band_read, cluster_read)
+    # Cluster blocks (of probed clusters): some key is causal; wholly read when every key is causal
+    # for every query and none is a sink or window key of any query.
+    cluster_read = first <= q_end
+    cluster_full = ~padded & (first >= sink) & (last <= q_start - window)
+    is_band = candidate < n_band
+    read = (candidate >= 0) & torch.where(is_band, band_read, cluster_read)
     full = read & torch.where(is_band, band_full, cluster_full)
-    partial = read & ~full
-    kv_num, kv_idx = _listed_first(partial)
-    full_num, full_idx = _listed_first(full)
+    kv_num, kv_idx = _listed_first(read & ~full, candidate)
+    full_num, full_idx = _listed_first(full, candidate)
+    width = max(kv_idx.shape[-1], full_idx.shape[-1])
+    kv_idx, full_idx = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (kv_idx, full_idx))
     return SAAPBlocks(slot_pos, band_len, kv_num, kv_idx, full_num, full_idx, q_block, kv_block)
 
 
-def _cluster_slots(key_cluster: Tensor, clusters: int, kv_block: int) -> tuple[Tensor, Tensor]:
-    """The cluster part: (B, Hkv, S2) the position in each slot (-1: padding) and (B, Hkv, S2 //
-    kv_block) each block's cluster (`clusters`: a block past the last cluster). S2 is the
+def _band_candidates(q_start: Tensor, q_end: Tensor, n_band: int, *, sink: int, window: int, q_block: int,
+                     kv_block: int) -> Tensor:
+    """(nQB, W) the band blocks a query block may read: the sink's, then those from its first
+    query's window start to its last query (-1: none)."""
+    sink_ids = torch.arange(-(-sink // kv_block), device=q_start.device).expand(q_start.shape[0], -1)
+    window_start = torch.clamp(q_start - window + 1, min=0) // kv_block
+    window_ids = window_start[:, None] + torch.arange(-(-(q_block + window - 1) // kv_block) + 1, device=q_start.device)
+    window_ids = torch.where((window_ids >= sink_ids.shape[1]) & (window_ids <= q_end[:, None] // kv_block),
+                             window_ids, -1)
+    return torch.cat([torch.where(sink_ids < n_band, sink_ids, -1), window_ids], -1)
+
+
+def _cluster_candidates(probed_blocks: Tensor, first_block: Tensor, n_blocks: Tensor) -> Tensor:
+    """(B, Hq, nQB, P * most blocks of a cluster): every key block of each probed cluster (-1:
+    none); first_block and n_blocks (B, Hq, C) say where each cluster's blocks are."""
+    b, hq, n_qb, probes = probed_blocks.shape
+    flat = probed_blocks.long().flatten(2)
+    start, count = first_block.gather(-1, flat), n_blocks.gather(-1, flat)  # (B, Hq, nQB * P)
+    step = torch.arange(max(int(n_blocks.max()), 1), device=flat.device)
+    ids = torch.where(step < count[..., None], start[..., None] + step, -1)
+    return ids.view(b, hq, n_qb, -1)
+
+
+def _cluster_slots(key_cluster: Tensor, clusters: int, kv_block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The cluster part: (B, Hkv, S2) the position in each slot (-1: padding), and (B, Hkv, C)
+    each cluster's first block (counted from the part's start) and number of blocks. S2 is the
     longest head's padded length."""
     b, hkv, lk = key_cluster.shape
     key_cluster = key_cluster.long()
     counts = torch.zeros(b, hkv, clusters, dtype=torch.long, device=key_cluster.device)
     counts.scatter_add_(-1, key_cluster, torch.ones_like(key_cluster))
     padded = -(-counts // kv_block) * kv_block
-    ends = padded.cumsum(-1)
-    starts = ends - padded
-    length = max(int(ends[..., -1].max()), kv_block)
+    starts = padded.cumsum(-1) - padded
+    length = max(int(padded.sum(-1).max()), kv_block)
 
     order = key_cluster.argsort(dim=-1, stable=True)  # positions grouped by cluster, in order within
     sorted_cluster = key_cluster.gather(-1, order)
@@ -138,16 +172,16 @@ def _cluster_slots(key_cluster: Tensor, clusters: int, kv_block: int) -> tuple[T
     slot = starts.gather(-1, sorted_cluster) + rank
     pos = torch.full((b, hkv, length), -1, dtype=torch.long, device=key_cluster.device)
     pos.scatter_(-1, slot, order)
-
-    block_start = torch.arange(0, length, kv_block, device=key_cluster.device).expand(b, hkv, -1).contiguous()
-    block_cluster = torch.searchsorted(ends, block_start, right=True)  # == clusters past the last one
-    return pos, block_cluster
+    return pos, starts // kv_block, padded // kv_block
 
 
-def _listed_first(listed: Tensor) -> tuple[Tensor, Tensor]:
-    """(count, indices with the listed blocks first, in order) of a (..., nKB) bool."""
+def _listed_first(listed: Tensor, candidate: Tensor) -> tuple[Tensor, Tensor]:
+    """(count, the listed candidates first, as narrow as the longest list) of (..., W) flags
+    over (..., W) candidate blocks; entries past a row's count are padding."""
     order = (~listed).to(torch.int8).argsort(dim=-1, stable=True)
-    return listed.sum(-1).to(torch.int32), order.to(torch.int32)
+    count = listed.sum(-1)
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    return count.to(torch.int32), candidate.gather(-1, order[..., :width]).clamp(min=0).to(torch.int32)
 
 
 def slot_mask_mod(blocks: SAAPBlocks, *, lq: int, lk: int, sink: int, window: int, group: int):
@@ -169,10 +203,11 @@ def read_mask(blocks: SAAPBlocks, *, lq: int, lk: int, sink: int, window: int) -
     (for tests: it must equal `saap_read_mask` with each query probing its block's clusters)."""
     b, hkv, slots = blocks.slot_pos.shape
     hq, n_qb = blocks.kv_num_blocks.shape[1:]
-    listed = torch.zeros(b, hq, n_qb, slots // blocks.kv_block, dtype=torch.bool, device=blocks.slot_pos.device)
-    for num, idx in ((blocks.kv_num_blocks, blocks.kv_indices), (blocks.full_num_blocks, blocks.full_indices)):
-        first_n = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
-        listed |= torch.zeros_like(listed).scatter_(-1, idx.long(), first_n)
+    kv_num, kv_idx, full_num, full_idx = blocks.dense_lists()
+    first_n = torch.arange(kv_idx.shape[-1])
+    listed = torch.zeros(b, hq, n_qb, slots // blocks.kv_block, dtype=torch.bool)
+    for num, idx in ((kv_num, kv_idx), (full_num, full_idx)):
+        listed |= torch.zeros_like(listed).scatter_(-1, idx.long(), first_n < num[..., None])
     per_slot = per_query(listed.repeat_interleave(blocks.kv_block, dim=-1), lq, blocks.q_block)  # (B, Hq, Lq, S)
     mask_mod = slot_mask_mod(blocks, lq=lq, lk=lk, sink=sink, window=window, group=hq // hkv)
     bi, hi, qi, si = torch.meshgrid(*(torch.arange(n) for n in per_slot.shape), indexing="ij")

@@ -45,3 +45,13 @@ def test_a_block_of_one_query_probes_its_own_top_clusters():
         2, 3, 5, 8, generator=g)
     per_block = probe_blocks(weight, bias, queries, 2, q_block=1)
     assert torch.equal(per_block, probe_clusters(weight, bias, queries, 2))
+
+
+def test_lists_are_as_wide_as_the_candidates_not_the_sequence():
+    g = torch.Generator().manual_seed(1)
+    key_cluster = torch.randint(0, 32, (1, 1, 2048), generator=g)
+    probed = torch.randint(0, 32, (1, 1, 128, 1), generator=g)
+    blocks = build_blocks(key_cluster, probed, 32, lq=2048, sink=4, window=16, q_block=16, kv_block=16)
+    most_in_a_cluster = int(torch.bincount(key_cluster.flatten()).max())
+    assert blocks.kv_indices.shape[-1] <= 1 + 3 + -(-most_in_a_cluster // 16)  # sink, window, one cluster
+    assert blocks.slot_pos.shape[-1] // 16 > 10 * blocks.kv_indices.shape[-1]
