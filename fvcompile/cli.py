@@ -110,26 +110,73 @@ def _device_arg(text: str) -> str:
     return text
 
 
-def _json_path_arg(text: str) -> Path:
+def _writable_file(text: str, example: str) -> Path:
     """A file we will be able to write once the run ends: a run of many minutes must not end
     with its results unwritten. Probed with a temporary file in its folder (permissions, ACLs,
     read-only mounts, root: the kernel answers all of them)."""
     path = Path(text)
     folder = path.parent
-    way_out = "give a file path in an existing folder you can write, e.g. --json bench.json"
+    way_out = f"give a file path in an existing folder you can write, e.g. {example}"
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder, not a file: {way_out}")
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"folder {folder} does not exist: create it first, or {way_out}")
+    _probe_folder(folder, way_out)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} exists and cannot be overwritten: {way_out}")
+    return path
+
+
+def _probe_folder(folder: Path, way_out: str) -> None:
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".fvcompile-probe-"):
             pass
     except OSError as e:
         raise argparse.ArgumentTypeError(
             f"cannot write into folder {folder} ({e.strerror}): {way_out}") from None
-    if path.exists() and not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text} exists and cannot be overwritten: {way_out}")
+
+
+def _json_path_arg(text: str) -> Path:
+    return _writable_file(text, "--json bench.json")
+
+
+def _csv_path_arg(text: str) -> Path:
+    return _writable_file(text, "--csv bench.csv")
+
+
+def _markdown_path_arg(text: str) -> Path:
+    return _writable_file(text, "--markdown bench.md")
+
+
+def _folder_arg(text: str) -> Path:
+    """A folder we can write into at the end of the run: an existing one, or one whose parent
+    exists (it is created then)."""
+    path = Path(text)
+    way_out = "give a folder you can write, or a new one in an existing folder"
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: {way_out}")
+    probe = path if path.is_dir() else path.parent
+    if not probe.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {probe} does not exist: create it first, or {way_out}")
+    _probe_folder(probe, way_out)
     return path
+
+
+def _record_arg(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file: give two `fvcompile bench --json` records")
+    return path
+
+
+def _fraction_arg(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.05 or 5%, got {text!r}")
+    return value
 
 
 def cmd_models(args) -> None:
@@ -148,29 +195,81 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import torch
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    if args.compare:
+        _compare_runs(args)
+        return
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fvcompile.bench import bench_model, device_description, results_table, to_json
+    from fvcompile import bench
+    from fvcompile.bench.cold import prime_compiler
+    from fvcompile.bench.grid import default_models
+    from fvcompile.bench.outputs import print_record, run_record
 
     console = _console()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    desc = device_description(device)
-    results = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+    settings = _bench_settings(args)
+    models = args.models.split(",") if args.models else default_models(args.size)
+    tasks = args.task.split(",")
+    cells = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        job = progress.add_task("benchmarking", total=None)
-        for name in args.models.split(","):
-            for task in args.task.split(","):
-                results += bench_model(name, task, args.modes.split(","), args.passes, args.iters,
-                                       args.warmup, args.batch_size, args.device, dtype,
-                                       on_progress=lambda text: progress.update(
-                                           job, description=f"{text} (compiles take tens of seconds)"))
-    console.print(results_table(results, f"fvcompile bench on {desc}, {args.dtype}"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(to_json(results, desc), indent=2))
-        console.print(f"wrote {args.json}")
+        job = progress.add_task("benchmarking", total=len(models) * len(tasks))
+        if set(settings.modes) - {"eager"}:
+            progress.update(job, description="a first compile, so that the first variant is not charged for it")
+            prime_compiler(settings.device)
+        for name in models:
+            for task in tasks:
+                cells += bench.bench_model(name, task, settings, on_progress=lambda text: progress.update(
+                    job, description=escape(text)))
+                progress.advance(job)
+    record = run_record(cells, settings)
+    print_record(console, record)
+    for path in _write_outputs(record, args):
+        console.print(f"wrote {escape(str(path))}", soft_wrap=True)
+
+
+def _bench_settings(args):
+    """The run's Settings: --quick's or the full run's, with every flag given on top."""
+    from fvcompile.bench.grid import Settings
+
+    given = {key: getattr(args, key) for key in ("rounds", "iters", "warmup", "cold")
+             if getattr(args, key) is not None}
+    given.update(modes=tuple(args.modes.split(",")), batch_size=args.batch_size, device=args.device,
+                 dtype=args.dtype, ablation=not args.no_ablation,
+                 pass_sets=tuple(p if p == "auto" else tuple(p) for p in (args.passes or ["auto"])))
+    return Settings.quick(**given) if args.quick else Settings(**given)
+
+
+def _write_outputs(record: dict, args) -> list[Path]:
+    from fvcompile.bench import outputs
+
+    written = []
+    if args.out:
+        written += outputs.write_all(record, args.out, outputs.default_stem(record))
+    for flag, write in (("json", outputs.write_json), ("csv", outputs.write_csv),
+                        ("markdown", outputs.write_markdown)):
+        path = getattr(args, flag)
+        if path:
+            write(record, path)
+            written.append(path)
+    if args.plots:
+        from fvcompile.bench.plots import write_plots
+
+        written += write_plots(record, args.plots)
+    return written
+
+
+def _compare_runs(args) -> None:
+    from rich.markup import escape
+
+    from fvcompile.bench.compare import compare_records
+    from fvcompile.bench.outputs import load_record
+
+    old, new = (load_record(path) for path in args.compare)
+    comparison = compare_records(old, new, force=args.force, speedup_noise=args.noise)
+    console = _console()
+    for line in comparison.lines():
+        console.print(escape(line), soft_wrap=True)
 
 
 def cmd_calibrate(args) -> None:
@@ -316,19 +415,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models with parameter counts")
     p.set_defaults(fn=cmd_models)
 
-    p = sub.add_parser("bench", help="time eager vs inductor vs fvcompile on registry models")
-    p.add_argument("--models", type=_models_arg, default="llama-tiny",
-                   help="comma-separated registry names (default llama-tiny)")
+    p = sub.add_parser("bench", help="the benchmark suite: eager vs Inductor vs fvcompile on registry models",
+                       description="Every model (--models, or all of --size) x task x variant (eager, inductor, "
+                                   "fvcompile with each --passes set): pass rate, speedup vs eager and vs Inductor "
+                                   "(interleaved rounds), cold and warm compile time, peak memory, graph breaks, "
+                                   "recompilations, per-pass attribution; --compare OLD NEW compares two runs.")
+    p.add_argument("--models", type=_models_arg, default=None,
+                   help="comma-separated registry names (default: every model of --size)")
+    p.add_argument("--size", choices=["tiny", "paper"], default="tiny",
+                   help="the models run when --models is not given: tiny (test configs, default) or paper")
     p.add_argument("--task", type=_tasks_arg, default="infer,train", help="infer, train or both (default both)")
     p.add_argument("--modes", type=_modes_arg, default="eager,inductor,fvcompile")
-    p.add_argument("--passes", type=_passes_arg, default="auto", help="'auto' or comma-separated pass names")
-    p.add_argument("--iters", type=_positive_int, default=20, help="timed steps per mode, >= 1 (default 20)")
-    p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps, >= 0 (default 3)")
+    p.add_argument("--passes", type=_passes_arg, action="append", metavar="SET",
+                   help="a pass set for the fvcompile variant: 'auto' or comma-separated pass names; repeat "
+                        "for more variants (--passes auto --passes sparse24); default auto")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run for a laptop: 3 rounds of 3 steps, cold compiles in this process")
+    p.add_argument("--rounds", type=_positive_int, help="interleaved timing rounds, >= 1 (default 5; --quick 3)")
+    p.add_argument("--iters", type=_positive_int,
+                   help="timed steps per variant and round, >= 1 (default 10; --quick 3)")
+    p.add_argument("--warmup", type=_non_negative_int,
+                   help="untimed steps after the first, >= 0 (default 3; --quick 1)")
     p.add_argument("--batch-size", type=_positive_int, default=2, help=">= 1 (default 2)")
     p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cold", choices=["process", "in-process"], default=None,
+                   help="where each variant's cold compile runs, in a fresh Inductor cache: a fresh "
+                        "interpreter (default) or this process (--quick)")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip the per-pass attribution (each rewriting pass left out of its set)")
     p.add_argument("--json", type=_json_path_arg,
                    help="also write the results to this JSON file (its folder is checked before the run)")
+    p.add_argument("--csv", type=_csv_path_arg, help="also write every cell to this CSV file")
+    p.add_argument("--markdown", type=_markdown_path_arg, help="also write the tables as markdown")
+    p.add_argument("--plots", type=_folder_arg, metavar="DIR", help="also write the PNG plots into DIR")
+    p.add_argument("--out", type=_folder_arg, metavar="DIR",
+                   help="write JSON, CSV, markdown and plots into DIR, named bench_<device>_<date>")
+    p.add_argument("--compare", type=_record_arg, nargs=2, metavar=("OLD.json", "NEW.json"),
+                   help="print the regressions and improvements beyond noise between two runs (runs nothing)")
+    p.add_argument("--force", action="store_true", help="with --compare: compare runs of different devices")
+    p.add_argument("--noise", type=_fraction_arg, default=0.05,
+                   help="with --compare: the smallest speedup change reported (default 0.05, i.e. 5%%)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("inspect", help="dump every graph before/after each pass and Inductor's code, "

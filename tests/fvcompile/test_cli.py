@@ -22,8 +22,8 @@ def test_models_lists_parameter_counts(capsys):
 
 def test_bench_eager_writes_json(tmp_path, capsys):
     out_file = tmp_path / "bench.json"
-    assert main(["bench", "--models", "llama-tiny", "--modes", "eager", "--iters", "2", "--warmup", "0",
-                 "--json", str(out_file)]) == 0
+    assert main(["bench", "--models", "llama-tiny", "--modes", "eager", "--rounds", "1", "--iters", "2",
+                 "--warmup", "0", "--json", str(out_file)]) == 0
     data = json.loads(out_file.read_text())
     assert data["device"].startswith("CPU") and len(data["results"]) == 2
     assert "eager" in capsys.readouterr().out
