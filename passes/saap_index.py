@@ -52,22 +52,33 @@ def cluster_mass(attention: Tensor, key_cluster: Tensor, clusters: int) -> Tenso
     return torch.zeros(*attention.shape[:-1], clusters, dtype=attention.dtype).scatter_add_(-1, index, attention)
 
 
-def fit_classifier(queries: Tensor, mass: Tensor, *, steps: int = 200, lr: float = 0.05,
+def fit_classifier(queries: Tensor, mass: Tensor, *, steps: int = 200, lr: float = 0.05, batch: int = 4096,
                    seed: int = 0) -> tuple[Tensor, Tensor]:
-    """One head's query classifier: weight (D, C) and bias (C,) such that softmax(q @ w + b)
-    follows each query's cluster mass (queries (N, D), mass (N, C), rows summing to 1)."""
-    torch.manual_seed(seed)
-    d, c = queries.shape[-1], mass.shape[-1]
-    weight = torch.zeros(d, c, requires_grad=True)
-    bias = torch.zeros(c, requires_grad=True)
+    """Query classifiers, one per leading index (e.g. per head): weight (..., D, C) and bias
+    (..., C) such that softmax(q @ w + b) follows each query's cluster mass (queries (..., N, D),
+    mass (..., N, C), rows summing to 1). Adam on the cross-entropy against the mass, each step on
+    `batch` queries drawn at random (all of them when N <= batch): a step's cost stays the same
+    however many queries the calibration holds. The heads train together in one batched matmul;
+    Adam is elementwise and the loss a sum of per-head means, so each head's fit is its own."""
+    g = torch.Generator().manual_seed(seed)
+    *heads, n, d = queries.shape
+    c = mass.shape[-1]
+    weight = torch.zeros(*heads, d, c, requires_grad=True)
+    bias = torch.zeros(*heads, 1, c, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
     q, target = queries.float(), mass.float()
     for _ in range(steps):
-        loss = -(target * (q @ weight + bias).log_softmax(-1)).sum(-1).mean()
+        if n > batch:
+            rows = torch.randint(0, n, (batch,), generator=g)
+            q_step, target_step = q[..., rows, :], target[..., rows, :]
+        else:
+            q_step, target_step = q, target
+        logits = q_step @ weight + bias
+        loss = -(target_step * logits.log_softmax(-1)).sum(-1).mean(-1).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return weight.detach(), bias.detach()
+    return weight.detach(), bias.detach().squeeze(-2)
 
 
 @dataclass
@@ -82,24 +93,28 @@ class LayerFit:
 def fit_layer(sequences: list[tuple[Tensor, Tensor, Tensor]], clusters: int, *, iters: int = 25,
               classifier_steps: int = 200, seed: int = 0) -> LayerFit:
     """Fit one layer on calibration sequences, each (keys, queries, attention): keys (Hkv, L, D)
-    before RoPE; queries (Hq, L, D) as the classifier will see them; attention (Hq, L, L) the
-    true causal attention weights of those queries over those keys (rows summing to 1), or a
-    function that makes them (called once, when needed: long sequences' weights are large).
+    before RoPE; queries (Hq, L, D) as the classifier will see them; attention either the true
+    causal attention weights (Hq, L, L) of those queries over those keys (rows summing to 1), or
+    a function of the keys' clusters (Hq, L) and the number of clusters that returns each query's
+    cluster mass (Hq, L, clusters): long sequences' weights are too large to hold, the function
+    makes them a block of query rows at a time (`saap_calibration.cluster_mass_rows`).
     Query head h reads key head h // (Hq // Hkv)."""
     hkv, hq = sequences[0][0].shape[0], sequences[0][1].shape[0]
     group = hq // hkv
     keys = torch.cat([k for k, _, _ in sequences], dim=1)
     centroids = torch.stack([spherical_kmeans(keys[h], clusters, iters=iters, seed=seed + h) for h in range(hkv)])
+    del keys
     queries, masses = [], []
     for k, q, attention in sequences:
         key_cluster = assign_keys(centroids, k).repeat_interleave(group, dim=0)  # (Hq, L)
-        weights = attention() if callable(attention) else attention
-        masses.append(cluster_mass(weights.float(), key_cluster, clusters))
-        del weights
+        if callable(attention):
+            masses.append(attention(key_cluster, clusters).float())
+        else:
+            masses.append(cluster_mass(attention.float(), key_cluster, clusters))
         queries.append(q)
     queries, masses = torch.cat(queries, dim=1), torch.cat(masses, dim=1)
-    fits = [fit_classifier(queries[h], masses[h], steps=classifier_steps, seed=seed + h) for h in range(hq)]
-    return LayerFit(centroids, torch.stack([w for w, _ in fits]), torch.stack([b for _, b in fits]))
+    weight, bias = fit_classifier(queries, masses, steps=classifier_steps, seed=seed)
+    return LayerFit(centroids, weight, bias)
 
 
 @dataclass

@@ -25,9 +25,10 @@ def test_the_taps_are_the_models_own_keys_and_queries():
     for i, layer in enumerate(model.layers):
         layer.attention.wk.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("k", i), out))
         layer.attention.wq.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("q", i), out))
+    taps = tap_module(model, tokens)  # traced on fake tensors: the hooks see fakes, then the real run's
     with torch.no_grad():
         model(tokens)
-        layers = tap_module(model, tokens)(tokens)
+        layers = taps(tokens)
     assert len(layers) == cfg.n_layers
     cos, sin = model.rope_cos[:24], model.rope_sin[:24]
     for i, (q_pre, k_pre, q, k, _, _) in enumerate(layers):
@@ -95,3 +96,16 @@ def test_real_text_rows_are_consecutive_tokens_of_the_standard_library():
     assert torch.equal(first[1], rows[0])  # skip=1 starts one row later
     with pytest.raises(ValueError, match="fewer than the"):
         token_batches(SimpleNamespace(encode=lambda text: SimpleNamespace(ids=[1])), seq_len=10**9, sequences=1)
+
+
+def test_cluster_masses_made_a_block_of_rows_at_a_time_equal_the_whole_attentions():
+    from fvcompile.passes.saap_calibration import causal_attention, cluster_mass_rows, row_blocks
+    from fvcompile.passes.saap_index import cluster_mass
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
+    key_cluster = torch.randint(0, 5, (1, 4, 40))
+    small = 4 * 4 * 40 * 7  # seven rows a block: the last block is short
+    assert len(row_blocks(q, small)) == 6
+    whole = cluster_mass(causal_attention(q, k, None), key_cluster, 5)
+    torch.testing.assert_close(cluster_mass_rows(q, k, None, key_cluster, 5, max_bytes=small), whole)
