@@ -203,6 +203,7 @@ def cmd_bench(args) -> None:
 
     from fvcompile import bench
     from fvcompile.bench.cold import prime_compiler
+    from fvcompile.bench.env import environment
     from fvcompile.bench.grid import default_models
     from fvcompile.bench.outputs import print_record, run_record
 
@@ -210,6 +211,7 @@ def cmd_bench(args) -> None:
     settings = _bench_settings(args)
     models = args.models.split(",") if args.models else default_models(args.size)
     tasks = args.task.split(",")
+    env = environment(settings.device)  # the date and the machine's load as the run starts
     cells = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
@@ -222,7 +224,7 @@ def cmd_bench(args) -> None:
                 cells += bench.bench_model(name, task, settings, on_progress=lambda text: progress.update(
                     job, description=escape(text)))
                 progress.advance(job)
-    record = run_record(cells, settings)
+    record = run_record(cells, settings, env)
     print_record(console, record)
     for path in _write_outputs(record, args):
         console.print(f"wrote {escape(str(path))}", soft_wrap=True)

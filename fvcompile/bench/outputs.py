@@ -15,11 +15,11 @@ from fvcompile.bench.metrics import attribution_rows, summary_rows
 SCHEMA = 1
 
 
-def run_record(cells: list, settings) -> dict:
-    """The machine record of a run: where and when (environment), how (settings), every cell,
-    and the summary and attribution rows computed from the cells."""
+def run_record(cells: list, settings, env: dict | None = None) -> dict:
+    """The machine record of a run: where and when (`env`, taken as the run starts; now if not
+    given), how (settings), every cell, and the summary and attribution rows computed from them."""
     rows = [c if isinstance(c, dict) else c.to_dict() for c in cells]
-    env = environment(settings.device)
+    env = env or environment(settings.device)
     return {"schema": SCHEMA, "device": device_description(settings.device), "date": env["date"],
             "environment": env, "settings": settings.to_dict(), "results": rows,
             "summary": summary_rows(rows), "attribution": attribution_rows(rows)}

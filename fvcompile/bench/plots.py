@@ -41,20 +41,22 @@ def _panels(tasks: list[str], width_per_model: float, n_models: int):
     return fig, [a[0] for a in axes]
 
 
-def _grouped_bars(ax, models: list[str], series: dict[str, list], low=None, high=None) -> None:
+def _grouped_bars(ax, models: list[str], series: dict[str, list], low=None, high=None, base: float = 0.0) -> None:
     """One group of bars per model, one bar per series; None values leave a gap. low/high: the
-    spread per series (error bars from the bar's value)."""
+    spread per series (error bars from the bar's value). base: where bars start (1 for ratios, so
+    that a slowdown points down)."""
     import numpy as np
 
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(models))
     for i, (label, values) in enumerate(series.items()):
-        heights = [v if v is not None else float("nan") for v in values]  # nan: no bar
+        heights = [v - base if v is not None else float("nan") for v in values]  # nan: no bar
         err = None
         if low and high:
             err = [[_gap(h, l, below=True) for h, l in zip(values, low[label])],
                    [_gap(h, u, below=False) for h, u in zip(values, high[label])]]
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label, yerr=err, capsize=2)
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, bottom=base, label=label, yerr=err,
+               capsize=2)
     ax.set_xticks(x)
     ax.set_xticklabels(models, rotation=30, ha="right", fontsize=8)
 
@@ -90,16 +92,29 @@ def _variant_panels(cells, title: str, key: str, ylabel: str, skip_eager: bool, 
         low = high = None
         if spread:
             low, high = (_series(group, k, variants, models) for k in spread)
-        _grouped_bars(ax, models, _series(group, key, variants, models), low, high)
+        _grouped_bars(ax, models, _series(group, key, variants, models), low, high, base=ref_line or 0.0)
         if ref_line is not None:
             ax.axhline(ref_line, color="black", linewidth=0.8)
         if log:
-            ax.set_yscale("log")
+            _ratio_axis(ax)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{task}: {title}", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _ratio_axis(ax) -> None:
+    """A log axis labelled as ratios ("0.5x", "2x"): a 2x slowdown as far from 1 as a 2x speedup.
+    Called once the bars are drawn (it widens their range)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, 0.5), max(high, 2.0))  # at least 0.5x to 2x: ticks to read a bar against
 
 
 def _speedup(cells, _attribution, device: str):
