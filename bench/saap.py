@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -120,7 +121,9 @@ def markdown(record: dict) -> str:
     lines = [f"SAAP attention on {record['device']} ({record['threads']} threads), {record['date']}, torch "
              f"{record['torch']}: {Q_HEADS} query / {KV_HEADS} KV heads, head dim {HEAD_DIM}, fp32; clusters = tokens / "
              f"{a['keys_per_cluster']}, {a['probe_fraction']:.0%} probed per block of {a['query_block']} queries, sink "
-             f"{a['sink']}, window {a['window']}, key blocks of {KV_BLOCK}; median of {a['repeats']} interleaved runs",
+             f"{a['sink']}, window {a['window']}, key blocks of {KV_BLOCK}; median of {a['repeats']} interleaved runs; "
+             f"load average {record['load_average_1_5_15min']['before'][0]:.2f} before, "
+             f"{record['load_average_1_5_15min']['after'][0]:.2f} after",
              "", "| tokens | phase | clusters (probed) | slots computed | dense ms/head | SAAP kernel ms/head | speedup | "
              "SAAP op ms/head | speedup |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in record["results"]:
@@ -134,9 +137,11 @@ def markdown(record: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    load_before = os.getloadavg()  # other work on the machine skews CPU timings: recorded beside them
     results = [measure_length(int(n), args) for n in args.seq_lens.split(",")]
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
               "args": vars(args) | {"out": str(args.out)}, "results": results}
     table = markdown(record)
     print("\n" + table)
