@@ -67,7 +67,7 @@ def test_every_cluster_probed_is_dense(model_and_index):
 
 
 def test_fewer_probes_equal_the_eager_saap_model(model_and_index, monkeypatch):
-    # Query blocks of 8: FlexAttention's path (its compile is paid in the kernel tests too).
+    # Query blocks of 8: the op runs FlexAttention (the one test in make test that compiles it).
     model, index, tokens = model_and_index
     out, backend = _compiled(model, SAAP(index, probes=1, min_seq_len=16, sink=2, window=4, query_block=8), tokens)
     assert backend.op_count(SAAP_OP) == 2
