@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depths", default="0.1,0.5,0.9", help="pass-key depths, one evaluation row each")
     p.add_argument("--classifier-steps", type=int, default=200)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--saap-through", choices=("pass", "routed"), default="pass",
+                   help="SAAP's perplexity and pass key through the pass, or its selection routed like the baselines'")
     p.add_argument("--metrics-only", action="store_true", help="per-layer metrics only: no perplexity, no pass key")
     p.add_argument("--threads", type=int, help="torch threads (on a shared machine 1 can beat 2)")
     p.add_argument("--out", type=Path, help="write saap_eval_cpu_<stamp>.json and .md here")
@@ -589,7 +591,8 @@ def load_or_calibrate(model, tokenizer, args):
     rows of the longest evaluated length (then saved to `--index` if given). One index serves
     every length: its keys are taken before RoPE, so where they sit does not change them."""
     if args.index and args.index.exists():
-        return SAAPIndex.load(args.index), 0.0
+        index = SAAPIndex.load(args.index)
+        return index, index.meta.get("calibrate_s", 0.0)
     seq_len = max(int(s) for s in args.seq_lens.split(","))
     began = time.perf_counter()
     rows = token_batches(tokenizer, seq_len=seq_len, sequences=args.calibration_rows)
@@ -597,9 +600,10 @@ def load_or_calibrate(model, tokenizer, args):
                       classifier_steps=args.classifier_steps, model_name="smollm2-135m")
     index.meta["calibration_tokens"] = seq_len * args.calibration_rows
     index.meta["calibration_seq_len"] = seq_len
+    index.meta["calibrate_s"] = time.perf_counter() - began
     if args.index:
         index.save(args.index)
-    return index, time.perf_counter() - began
+    return index, index.meta["calibrate_s"]
 
 
 def evaluate_length(model, tokenizer, index, seq_len: int, args) -> dict:
@@ -619,25 +623,48 @@ def evaluate_length(model, tokenizer, index, seq_len: int, args) -> dict:
         key = "dense_and_metrics" if metrics else "dense"
         timings[key] = timings.get(key, 0) + time.perf_counter() - began
     print(f"  dense: {scores['dense'].summary()} {timings}", flush=True)
-    report = None
+    saap_through = None
     if not args.metrics_only:
-        saap_pass = SAAP(index, probes=args.probes, min_seq_len=min(seq_len, 1024), sink=args.sink,
-                         window=args.window, query_block=args.query_block)
-        torch._dynamo.reset()
-        compiled = fvcompile.optimize(model, passes=[saap_pass], codegen=False)
+        through_pass = saap_through_pass(model, index, seq_len, args) if args.saap_through == "pass" else None
         for name in names:
             began = time.perf_counter()
             for row in rows:
-                with torch.no_grad():
-                    logits = compiled(row.tokens) if name == "saap" else router(row.tokens, method_attend(index, name, opts))
+                logits = None
+                if name == "saap" and through_pass is not None:
+                    logits, saap_through = through_pass(row.tokens)
+                if logits is None:
+                    logits = router(row.tokens, method_attend(index, name, opts))
+                    saap_through = saap_through or "routed"
                 scores[name].add(score_row(logits, row))
             timings[name] = time.perf_counter() - began
             print(f"  {name}: {scores[name].summary()} in {timings[name]:.0f} s", flush=True)
-        report = compiled.fvcompile_report.rewritten("saap")
-    return summarize(seq_len, index, stats, scores, rows, timings, report)
+    return summarize(seq_len, index, stats, scores, rows, timings, saap_through)
 
 
-def summarize(seq_len, index, stats, scores, rows, timings, report) -> dict:
+def saap_through_pass(model, index, seq_len: int, args):
+    """A function of the tokens giving (logits of the model compiled with the saap pass, how),
+    or (None, why) once the pass failed (the caller then routes SAAP's selection instead)."""
+    saap_pass = SAAP(index, probes=args.probes, min_seq_len=min(seq_len, 1024), sink=args.sink, window=args.window,
+                     query_block=args.query_block)
+    torch._dynamo.reset()
+    compiled = fvcompile.optimize(model, passes=[saap_pass], codegen=False)
+    failed = []
+
+    def run(tokens):
+        if failed:
+            return None, failed[0]
+        try:
+            with torch.no_grad():
+                logits = compiled(tokens)
+        except Exception as e:  # noqa: BLE001  (recorded in the results, SAAP then routed)
+            failed.append(f"routed: the pass failed ({type(e).__name__}: {str(e).splitlines()[0]})")
+            print(f"  saap: {failed[0]}", flush=True)
+            return None, failed[0]
+        return logits, f"pass ({compiled.fvcompile_report.rewritten('saap')} sites rewritten)"
+    return run
+
+
+def summarize(seq_len, index, stats, scores, rows, timings, saap_through) -> dict:
     """The length's record: per method, the per-layer metrics (summed over rows) and their mean
     over layers, perplexity and pass-key accuracy."""
     methods = {}
@@ -661,7 +688,7 @@ def summarize(seq_len, index, stats, scores, rows, timings, report) -> dict:
             "dense_passkey_rows": dense["passkey_rows"], "methods": methods,
             "passkeys": [{"key": r.key, "depth": r.depth} for r in rows],
             "index_bytes": index_bytes, "index_of_key_cache": index_bytes / key_cache_bytes,
-            "timings_s": timings, "rewritten_layers": report}
+            "timings_s": timings, "saap_through": saap_through}
 
 
 def markdown(record: dict) -> str:
