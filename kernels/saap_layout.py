@@ -156,14 +156,16 @@ def _cluster_candidates(probed_blocks: Tensor, first_block: Tensor, n_blocks: Te
 def _cluster_slots(key_cluster: Tensor, clusters: int, kv_block: int) -> tuple[Tensor, Tensor, Tensor]:
     """The cluster part: (B, Hkv, S2) the position in each slot (-1: padding), and (B, Hkv, C)
     each cluster's first block (counted from the part's start) and number of blocks. S2 is the
-    longest head's padded length."""
+    longest any clustering can need, whole empty blocks at the end."""
     b, hkv, lk = key_cluster.shape
     key_cluster = key_cluster.long()
     counts = torch.zeros(b, hkv, clusters, dtype=torch.long, device=key_cluster.device)
     counts.scatter_add_(-1, key_cluster, torch.ones_like(key_cluster))
     padded = -(-counts // kv_block) * kv_block
     starts = padded.cumsum(-1) - padded
-    length = max(int(padded.sum(-1).max()), kv_block)
+    # One length for any clustering of lk keys (each cluster wastes under one block): the kernels'
+    # shapes then depend on lk alone, so a compiled kernel serves every layer and input.
+    length = -(-(lk + clusters * (kv_block - 1)) // kv_block) * kv_block
 
     order = key_cluster.argsort(dim=-1, stable=True)  # positions grouped by cluster, in order within
     sorted_cluster = key_cluster.gather(-1, order)

@@ -55,3 +55,12 @@ def test_lists_are_as_wide_as_the_candidates_not_the_sequence():
     most_in_a_cluster = int(torch.bincount(key_cluster.flatten()).max())
     assert blocks.kv_indices.shape[-1] <= 1 + 3 + -(-most_in_a_cluster // 16)  # sink, window, one cluster
     assert blocks.slot_pos.shape[-1] // 16 > 10 * blocks.kv_indices.shape[-1]
+
+
+def test_the_slots_length_depends_on_the_keys_alone():
+    # A compiled kernel is specialised to its shapes: every layer's clustering must give the same.
+    even = torch.arange(40).remainder(4).view(1, 1, 40)
+    skewed = torch.zeros(1, 1, 40, dtype=torch.long)
+    lengths = {build_blocks(kc, torch.zeros(1, 1, 3, 1, dtype=torch.long), 4, lq=40, sink=0, window=1, q_block=16,
+                            kv_block=8).slot_pos.shape[-1] for kc in (even, skewed)}
+    assert len(lengths) == 1
