@@ -41,10 +41,11 @@ def _forward_parity(spec, **optimize_kwargs):
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
+# Forward parity is the real-Inductor test below (one spec per family): this one checks that every
+# tiny config's training step goes through the pass pipeline, AOT only (no code generation).
 @pytest.mark.parametrize("spec", TINY, ids=lambda s: s.name)
-def test_tiny_codegen_false_matches_eager_and_trains(spec, tmp_path):
+def test_tiny_trains_through_the_pass_pipeline(spec, tmp_path):
     torch._dynamo.reset()
-    _forward_parity(spec, codegen=False)
     torch.manual_seed(0)
     model = spec.build()
     # The training step as `fvcompile inspect` runs it: with a dump of every graph.
