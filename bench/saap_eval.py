@@ -28,7 +28,11 @@ The methods (`METHODS`):
 - kmeans_rope: spherical k-means of each sequence's own RoPE'd keys (as many clusters), each
   query block routed to the centroids nearest its mean RoPE'd query (as many probes);
 - oracle: SAAP's clusters, each query block probing those holding the most dense attention
-  mass outside the sink and window (as many probes): the upper bound of SAAP's selection.
+  mass outside the sink and window (as many probes): the upper bound of SAAP's selection;
+- saap_query: SAAP's index with per-query probing, as the paper probes: each query reads its
+  classifier's top clusters (a kernel computes the union of its block's, `block_union`);
+- oracle_keys: each query's own highest-weight keys, as many as SAAP reads for it: the upper
+  bound of any selection at that budget.
 The baselines (and the dense reference) run the model's traced graph with each attention
 replaced by the method's attention (`Router`; with SAAP's selection it gives the pass's
 logits). Each query block gathers the keys any of its queries reads, and SDPA's CPU kernel
@@ -54,14 +58,14 @@ from torch import Tensor
 
 import fvcompile
 from fvcompile.kernels.saap_attention import KV_BLOCK, assign_keys
-from fvcompile.kernels.saap_layout import build_blocks, probe_blocks
+from fvcompile.kernels.saap_layout import block_union, build_blocks, probe_blocks, probe_queries
 from fvcompile.models.gguf_loader import load_smollm2
 from fvcompile.passes.saap import SAAP
 from fvcompile.passes.saap_calibration import ROW_BLOCK_BYTES, attention_graph, calibrate
 from fvcompile.passes.saap_index import SAAPIndex, cluster_mass, spherical_kmeans
 from fvcompile.text import token_batches
 
-METHODS = ("saap", "window", "quest", "kmeans_rope", "oracle")
+METHODS = ("saap", "saap_query", "window", "quest", "kmeans_rope", "oracle", "oracle_keys")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -356,6 +360,48 @@ def saap_selection(index, x: LayerInputs, opts: Options) -> ClusterSelection:
     return ClusterSelection(key_cluster, probed, x.q.shape[1], opts)
 
 
+class QuerySelection(ClusterSelection):
+    """SAAP with per-query probing (the paper's): each query reads its own classifier's top
+    clusters; a block-sparse kernel computes the union of its block's (`block_union`)."""
+
+    def __init__(self, index, x: LayerInputs, opts: Options):
+        probed = probe_queries(index.weight[x.layer], index.bias[x.layer], x.q_pre, opts.probes)  # (B, Hq, Lq, P)
+        union = block_union(probed, opts.clusters, opts.query_block)
+        super().__init__(assign_keys(index.centroids[x.layer], x.k_pre), union, x.q.shape[1], opts)
+        self.probed = probed
+
+    def reads(self, chunk: Chunk, x: LayerInputs, lse: Tensor | None, budget: Tensor | None) -> Reads:
+        o, end = self.opts, chunk.end
+        b, hq = self.probed.shape[:2]
+        table = torch.zeros(b, hq, end - chunk.start, o.clusters, dtype=torch.bool)
+        table.scatter_(-1, self.probed[:, :, chunk.start:end].long(), True)
+        in_probed = table.gather(-1, self.clusters[:, :, None, :end].expand(b, hq, end - chunk.start, end))
+        j, rows = torch.arange(end), chunk.positions()[..., None]
+        return Reads(None, (chunk.to_blocks(in_probed) | always(j, rows, o)) & (j <= rows), chunk)
+
+
+class OracleKeys:
+    """Each query's own keys of highest true attention weight, as many as its budget (SAAP's
+    count), plus the sink and window: the bound of any selection at that budget."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+
+    def reads(self, chunk: Chunk, x: LayerInputs, lse: Tensor, budget: Tensor) -> Reads:
+        o, start, end = self.opts, chunk.start, chunk.end
+        scores = (x.q[:, :, start:end].float() * x.scale) @ x.k_heads[:, :, :end].transpose(-1, -2)
+        i, j = torch.arange(start, end)[:, None], torch.arange(end)[None, :]
+        fixed = always(j, i, o)
+        scores.masked_fill_((j > i) | fixed, float("-inf"))
+        extra = (budget - fixed.sum(-1)).clamp(min=0)  # (B, Hq, rows)
+        top = scores.topk(max(int(extra.max()), 1), dim=-1).values
+        threshold = top.gather(-1, (extra - 1).clamp(min=0)[..., None])  # each query's extra-th best score
+        chosen = (scores >= threshold) & (extra[..., None] > 0) & (scores > float("-inf"))
+        rows = chunk.positions()[..., None]
+        return Reads(None, chunk.to_blocks(chosen) | (always(torch.arange(end), rows, o) & (torch.arange(end) <= rows)),
+                     chunk)
+
+
 def kmeans_rope_selection(x: LayerInputs, opts: Options, iters: int = 25) -> ClusterSelection:
     """The sequence's own RoPE'd keys clustered (spherical k-means per KV head), each query block
     probing the centroids nearest (highest inner product with) its mean RoPE'd query."""
@@ -482,6 +528,10 @@ def selection(name: str, index, x: LayerInputs, opts: Options):
         return kmeans_rope_selection(x, opts)
     if name == "oracle":
         return OracleSelection(index, x, opts)
+    if name == "saap_query":
+        return QuerySelection(index, x, opts)
+    if name == "oracle_keys":
+        return OracleKeys(opts)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
 
@@ -551,11 +601,11 @@ def method_attend(index, name: str, opts: Options):
     def attend(x: LayerInputs) -> Tensor:
         chosen = selection(name, index, x, opts)
         saap = chosen if name == "saap" else saap_selection(index, x, opts)
-        lse = dense_attention(x)[1] if name == "oracle" else None  # the oracle reads the true weights
+        lse = dense_attention(x)[1] if name.startswith("oracle") else None  # the oracles read the true weights
         out = torch.empty(x.q.shape, dtype=torch.float32)
         for chunk in x.chunks(opts.query_block):
             budget = None
-            if name in ("window", "quest"):
+            if name in ("window", "quest", "oracle_keys"):
                 budget = saap.reads(chunk, x, None, None).per_query()
             rows_lse = None if lse is None else lse[:, :, chunk.start:chunk.end]
             reads = chosen.reads(chunk, x, rows_lse, budget)

@@ -74,6 +74,24 @@ def probe_blocks(weight: Tensor, bias: Tensor, queries: Tensor, probes: int, q_b
     return padded.view(b, hq, blocks, q_block, -1).sum(3).topk(probes, dim=-1).indices
 
 
+def probe_queries(weight: Tensor, bias: Tensor, queries: Tensor, probes: int) -> Tensor:
+    """(B, Hq, Lq, probes): each query's own top classifier clusters (the paper's per-query probing)."""
+    return (queries.float() @ weight.float() + bias.float()[:, None, :]).topk(probes, dim=-1).indices
+
+
+def block_union(probed: Tensor, clusters: int, q_block: int) -> Tensor:
+    """(B, Hq, nQB, W): the clusters any query of each block of `q_block` probes (probed
+    (B, Hq, Lq, P)), as wide as the largest union, -1 past a block's own."""
+    b, hq, lq, _ = probed.shape
+    blocks = -(-lq // q_block)
+    table = torch.zeros(b, hq, blocks * q_block, clusters, dtype=torch.bool, device=probed.device)
+    table[:, :, :lq].scatter_(-1, probed.long(), True)
+    union = table.view(b, hq, blocks, q_block, clusters).any(3)
+    width = max(int(union.sum(-1).max()), 1)
+    order = (~union).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]
+    return torch.where(union.gather(-1, order), order, -1)
+
+
 def per_query(probed_blocks: Tensor, lq: int, q_block: int) -> Tensor:
     """(B, Hq, Lq, P): each query's probed clusters, its block's."""
     return probed_blocks.repeat_interleave(q_block, dim=2)[:, :, :lq]
@@ -82,7 +100,7 @@ def per_query(probed_blocks: Tensor, lq: int, q_block: int) -> Tensor:
 def build_blocks(key_cluster: Tensor, probed_blocks: Tensor, clusters: int, *, lq: int, sink: int, window: int,
                  q_block: int, kv_block: int) -> SAAPBlocks:
     """The slots and block lists for keys `key_cluster` (B, Hkv, Lk) and query blocks probing
-    `probed_blocks` (B, Hq, nQB, P); the queries are the last `lq` positions. Each query block's
+    `probed_blocks` (B, Hq, nQB, P; -1: none); the queries are the last `lq` positions. Each query block's
     candidates are few (its sink and window blocks, its probed clusters' blocks), so the lists
     are built from them, never from every (query block, key block) pair."""
     b, hkv, lk = key_cluster.shape
@@ -147,7 +165,8 @@ def _cluster_candidates(probed_blocks: Tensor, first_block: Tensor, n_blocks: Te
     none); first_block and n_blocks (B, Hq, C) say where each cluster's blocks are."""
     b, hq, n_qb, probes = probed_blocks.shape
     flat = probed_blocks.long().flatten(2)
-    start, count = first_block.gather(-1, flat), n_blocks.gather(-1, flat)  # (B, Hq, nQB * P)
+    start, count = first_block.gather(-1, flat.clamp(min=0)), n_blocks.gather(-1, flat.clamp(min=0))  # (B, Hq, nQB * P)
+    count = torch.where(flat >= 0, count, 0)
     step = torch.arange(max(int(n_blocks.max()), 1), device=flat.device)
     ids = torch.where(step < count[..., None], start[..., None] + step, -1)
     return ids.view(b, hq, n_qb, -1)

@@ -113,3 +113,39 @@ def test_the_oracle_probes_the_clusters_holding_most_of_each_blocks_mass():
     mass = cluster_mass(weights, oracle.clusters, 5).view(1, 4, 4, 4, 5).sum(3)  # (B, Hq, blocks, clusters)
     best = mass.topk(OPTS.probes, dim=-1).values.sum(-1)
     torch.testing.assert_close(mass.gather(-1, oracle.probed_blocks).sum(-1), best)
+
+
+def test_per_query_probing_reads_each_querys_own_clusters_and_the_kernel_their_union():
+    from saap_eval import QuerySelection
+
+    from fvcompile.kernels.saap_layout import block_union, build_blocks, read_mask
+
+    x = _inputs()
+    index = SimpleNamespace(centroids=torch.nn.functional.normalize(torch.randn(1, 2, 5, 8), dim=-1),
+                            weight=torch.randn(1, 4, 8, 5), bias=torch.zeros(1, 4, 5))
+    chosen = QuerySelection(index, x, OPTS)
+    reads = chosen.reads(Chunk(0, 24, OPTS.query_block), x, None, None).dense()
+    whole = saap_read_mask(chosen.key_cluster, chosen.probed, sink=OPTS.sink, window=OPTS.window)
+    assert torch.equal(reads, whole)
+    union = block_union(chosen.probed, 5, OPTS.query_block)  # (1, 4, 6, W), -1 past each block's own
+    for block in range(6):
+        rows = chosen.probed[0, 0, block * 4:block * 4 + 4].flatten().unique()
+        assert sorted(union[0, 0, block][union[0, 0, block] >= 0].tolist()) == rows.tolist()
+    blocks = build_blocks(chosen.key_cluster, union, 5, lq=24, sink=OPTS.sink, window=OPTS.window, q_block=4,
+                          kv_block=4)
+    kernel = read_mask(blocks, lq=24, lk=24, sink=OPTS.sink, window=OPTS.window)
+    assert (kernel >= whole).all()  # the union covers each query's own reads
+
+
+def test_the_key_oracle_reads_each_querys_best_keys_within_its_budget():
+    from saap_eval import OracleKeys, dense_attention
+
+    x = _inputs()
+    chunk = Chunk(16, 24, OPTS.query_block)
+    budget = torch.full((1, 4, 8), 9)
+    lse = dense_attention(x)[1][:, :, 16:24]
+    reads = OracleKeys(OPTS).reads(chunk, x, lse, budget)
+    assert torch.equal(reads.per_query(), budget)
+    recall = attend_reads(x, reads, lse)[1]
+    window = WindowSelection(OPTS).reads(chunk, x, None, budget)
+    assert (recall >= attend_reads(x, window, lse)[1] - 1e-6).all()  # no selection of 9 keys holds more mass
