@@ -8,10 +8,11 @@
 import fvcompile._subpackages  # noqa: F401
 from fvcompile.api import optimize
 from fvcompile.backend import fvcompile_backend, last_report, register_backend, reset
+from fvcompile.generate import Generation, generate  # the function takes the module's name here
 from fvcompile.passes.base import GraphPass, PassContext, PassResult, Site
 from fvcompile.report import OptimizeReport
 
 register_backend()
 
-__all__ = ["GraphPass", "OptimizeReport", "PassContext", "PassResult", "Site", "fvcompile_backend",
-           "last_report", "optimize", "reset"]
+__all__ = ["Generation", "GraphPass", "OptimizeReport", "PassContext", "PassResult", "Site", "fvcompile_backend",
+           "generate", "last_report", "optimize", "reset"]

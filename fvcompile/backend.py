@@ -38,9 +38,13 @@ def last_report() -> OptimizeReport:
 
 
 def reset() -> None:
-    """Forget compiled graphs (`torch._dynamo.reset()`) and start a fresh `last_report()`."""
+    """Forget compiled graphs (`torch._dynamo.reset()`, and `generate`'s kept steps) and start a
+    fresh `last_report()`."""
     global _torch_compile_report
+    from fvcompile.generate import forget_compiled_steps
+
     torch._dynamo.reset()
+    forget_compiled_steps()
     _torch_compile_report = OptimizeReport()
 
 

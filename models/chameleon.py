@@ -16,6 +16,10 @@ the end-image token `<eoss>` (8196) and the begin-image token `<racm3:break>` (8
 other special tokens take the other ids. Only "a contiguous reserved range" matters here.
 
 Not modelled: the 7B model's dropout (0.1) and the 34B model's Swin-style norm reordering.
+
+Decoding: `forward(tokens, cache, cache_pos, seq_start)` reads and writes a static KV cache
+(models/kv_cache.py, from `new_kv_cache`), as the Llama does; without a cache, forward is the
+plain causal model.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# A sibling model file, imported relatively: model files import nothing of fvcompile.
+from .kv_cache import KVCache, LayerKV, attention_mask, default_seq_start, rope_positions
 
 
 @dataclass
@@ -97,7 +104,7 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[Tensor, T
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)
+    # x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim) or (batch, 1, seq, head_dim)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
@@ -114,13 +121,18 @@ class Attention(nn.Module):
         self.q_norm = PerHeadLayerNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm_eps)
         self.k_norm = PerHeadLayerNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV | None = None,
+                cache_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         b, s, _ = x.shape
         q = self.q_norm(self.wq(x).view(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.wk(x).view(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if kv is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # attend over the whole cache; the mask hides the slots not (yet) this row's
+            k, v = kv.update(cache_pos, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -143,8 +155,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV | None = None,
+                cache_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv, cache_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -160,14 +173,34 @@ class Chameleon(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: (batch, seq) int64 mixed text/image ids -> logits (batch, seq, vocab)."""
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, cache_pos: Tensor | None = None,
+                seq_start: Tensor | None = None) -> Tensor:
+        """tokens: (batch, seq) int64 mixed text/image ids -> logits (batch, seq, vocab).
+
+        With a cache: the tokens fill slots cache_pos (seq,) of every row, and attend to the slots
+        of their row filled so far; row b's sequence starts at slot seq_start[b] (default 0)."""
+        if cache is None:
+            seq = tokens.shape[1]
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+            x = self.tok_embeddings(tokens)
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+            return self.output(self.norm(x))
+        seq_start = default_seq_start(tokens) if seq_start is None else seq_start
+        positions = rope_positions(cache_pos, seq_start)
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = attention_mask(cache_pos, seq_start, cache.length)
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for layer, kv in zip(self.layers, cache.layers):
+            x = layer(x, cos, sin, kv, cache_pos, mask)
         return self.output(self.norm(x))
+
+    def new_kv_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A zeroed static cache for `batch_size` rows of up to `length` tokens, on the model's device."""
+        cfg = self.cfg
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, length, cfg.head_dim, dtype,
+                       self.tok_embeddings.weight.device)
 
 
 # --- mixed sequences ---------------------------------------------------------------------

@@ -4,6 +4,9 @@ RMSNorm, real-valued rotary embeddings (half-split cos/sin, no complex tensors),
 grouped-query attention through `scaled_dot_product_attention`, and a SwiGLU FFN.
 `ffn="relu2"` swaps in a non-gated Squared-ReLU FFN, `W2 · relu(W1 x)²`, 1.5x wider so
 both FFNs hold the same number of parameters (two matrices instead of three).
+
+Decoding: `forward(tokens, cache, cache_pos, seq_start)` reads and writes a static KV cache
+(models/kv_cache.py, from `new_kv_cache`); without a cache, forward is the plain causal model.
 """
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# A sibling model file, imported relatively: model files import nothing of fvcompile.
+from .kv_cache import KVCache, LayerKV, attention_mask, default_seq_start, rope_positions
 
 
 @dataclass
@@ -53,7 +59,8 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[Tensor, T
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)
+    # x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), or (batch, 1, seq, head_dim)
+    # with a position per row (left-padded prompts)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
@@ -68,15 +75,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV | None = None,
+                cache_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        gqa = self.n_kv_heads != self.n_heads
+        if kv is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # attend over the whole cache; the mask hides the slots not (yet) this row's
+            k, v = kv.update(cache_pos, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -120,8 +131,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = make_ffn(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV | None = None,
+                cache_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv, cache_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -139,14 +151,34 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab)."""
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, cache_pos: Tensor | None = None,
+                seq_start: Tensor | None = None) -> Tensor:
+        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab).
+
+        With a cache: the tokens fill slots cache_pos (seq,) of every row, and attend to the slots
+        of their row filled so far; row b's sequence starts at slot seq_start[b] (default 0)."""
+        if cache is None:
+            seq = tokens.shape[1]
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+            x = self.tok_embeddings(tokens)
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+            return self.output(self.norm(x))
+        seq_start = default_seq_start(tokens) if seq_start is None else seq_start
+        positions = rope_positions(cache_pos, seq_start)
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = attention_mask(cache_pos, seq_start, cache.length)
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for layer, kv in zip(self.layers, cache.layers):
+            x = layer(x, cos, sin, kv, cache_pos, mask)
         return self.output(self.norm(x))
+
+    def new_kv_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A zeroed static cache for `batch_size` rows of up to `length` tokens, on the model's device."""
+        cfg = self.cfg
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, length, cfg.head_dim, dtype,
+                       self.tok_embeddings.weight.device)
 
 
 def next_token_loss(model: nn.Module, tokens: Tensor) -> Tensor:

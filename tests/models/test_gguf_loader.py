@@ -184,3 +184,15 @@ def test_greedy_generation_says_paris(smollm2):
     tokens = generate_greedy(model, torch.tensor([PROMPT_IDS]), max_new_tokens=3)
     continuation = tokenizer.decode(tokens[0, len(PROMPT_IDS):].tolist())
     assert continuation.startswith(" Paris"), continuation
+
+
+@needs_weights
+def test_generate_with_the_kv_cache_says_paris(smollm2):
+    """fvcompile.generate's cached decoding (uncompiled here: compiling 30 layers takes minutes) on the
+    real weights, text in and text out through the file's tokenizer."""
+    import fvcompile
+
+    model, tokenizer = smollm2
+    out = fvcompile.generate(model, PROMPT, tokenizer=tokenizer, max_new_tokens=3, compile=False)
+    assert out.prompts == [PROMPT_IDS]
+    assert out.text[0].startswith(" Paris"), out.text
