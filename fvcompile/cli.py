@@ -1,4 +1,4 @@
-"""The `fvcompile` command: `models`, `bench` and `inspect`."""
+"""The `fvcompile` command: `models`, `bench`, `inspect`, `calibrate` and `generate`."""
 from __future__ import annotations
 
 import argparse
@@ -401,6 +401,72 @@ def _print_files(console, folder: Path) -> None:
             console.print(f"  {escape(str(folder / f))}", soft_wrap=True)  # paths whole, to copy
 
 
+def _token_ids_arg(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids such as 504,3575,282, got {text!r}")
+    return ids
+
+
+def _temperature_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy), got {text!r}")
+    return value
+
+
+def cmd_generate(args) -> None:
+    import time
+
+    from rich.markup import escape
+
+    import fvcompile
+    from fvcompile.generation.checks import cache_length, model_context
+    from fvcompile.generation.loading import load_model
+    from fvcompile.generation.prompts import as_rows
+
+    if args.top_k is not None and args.temperature == 0:
+        args.usage_error(f"--top-k {args.top_k} samples among the k likeliest tokens, but --temperature 0 is greedy "
+                         "decoding: give --temperature > 0 (e.g. 0.8) to sample, or drop --top-k")
+    if args.prompt_lookup and args.temperature != 0:
+        args.usage_error("--prompt-lookup keeps greedy decoding's output and serves greedy decoding only: "
+                         "drop --temperature, or drop --prompt-lookup to sample")
+    console = _console()
+    with console.status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model, args.device)
+    if args.prompt is not None and tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (random weights): give the prompt as token ids, "
+                         "--prompt-ids 1,2,3, or use smollm2-135m for text")
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    settings = dict(temperature=args.temperature, top_k=args.top_k, passes=args.passes, compile=not args.no_compile,
+                    tokenizer=tokenizer, prompt_lookup=args.prompt_lookup)
+    longest = max(len(row) for row in as_rows(prompt, tokenizer)[0])
+    # One cache length for the warm-up and the run: the compiled decode step keeps its shapes.
+    cache_len = cache_length(longest + args.max_new_tokens + args.prompt_lookup, model_context(model))
+    if not args.no_compile:
+        with console.status(f"compiling {args.model}'s prefill and decode steps (tens of seconds on CPU)"):
+            start = time.perf_counter()
+            fvcompile.generate(model, prompt, max_new_tokens=min(2, args.max_new_tokens),
+                               cache_len=min(cache_len, model_context(model)), **settings)
+        console.print(f"compiled in {time.perf_counter() - start:.1f} s (a warm-up run of 2 tokens)")
+    out = fvcompile.generate(model, prompt, max_new_tokens=args.max_new_tokens, cache_len=cache_len, **settings)
+    if out.text is not None:
+        console.print(f"[dim]{escape(args.prompt)}[/dim]{escape(out.text[0])}", soft_wrap=True)
+    else:
+        console.print(f"new token ids: {out.rows()[0]}", soft_wrap=True)
+    how = "compiled" if not args.no_compile else "eager, static KV cache"
+    how += f", passes {args.passes}" if args.passes != "auto" else ""
+    how += f", prompt lookup {args.prompt_lookup}: {out.drafts_accepted} drafted tokens kept" if args.prompt_lookup else ""
+    console.print(f"{len(out.rows()[0])} new tokens in {out.forwards} forwards: time to first token "
+                  f"{out.time_to_first_token_s * 1e3:.1f} ms, then {out.tokens_per_s:.1f} tokens/s ({how})")
+
+
 def _rank_arg(text: str):
     if text == "all":
         return text
@@ -486,6 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=_positive_int, default=4, help="calibration sequences (default 4)")
     p.add_argument("--classifier-steps", type=_positive_int, default=200, help="Adam steps per query classifier")
     p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("generate", help="continue a prompt with a decoder: compiled prefill and decode steps, "
+                                        "a static KV cache",
+                       description="Greedy or sampled decoding through fvcompile.generate. smollm2-135m runs its "
+                                   "real weights and tokenizer; other registry decoders have random weights and no "
+                                   "tokenizer (give --prompt-ids).")
+    p.add_argument("model", help="registry name of a decoder (llama or chameleon family; see `fvcompile models`)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt as text (needs a model with a tokenizer)")
+    prompt.add_argument("--prompt-ids", type=_token_ids_arg, metavar="IDS", help="the prompt as comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help=">= 1 (default 32)")
+    p.add_argument("--temperature", type=_temperature_arg, default=0.0, help="0: greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--passes", type=_passes_arg, default="auto", help="'auto' or comma-separated pass names")
+    p.add_argument("--no-compile", action="store_true", help="run the cached decoding eagerly")
+    p.add_argument("--prompt-lookup", type=_non_negative_int, default=0, metavar="K",
+                   help="prompt-lookup decoding: check up to K drafted tokens per forward (greedy output kept)")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.set_defaults(fn=cmd_generate, usage_error=p.error)
     return parser
 
 

@@ -6,7 +6,8 @@ import pytest
 from fvcompile.cli import main
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["bench", "--help"], ["inspect", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["bench", "--help"], ["inspect", "--help"],
+                                  ["generate", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -120,3 +121,32 @@ def test_inspect_infer_shows_the_eval_mode_graph(tmp_path, monkeypatch):
     inference = next(tmp_path.rglob("*inference_at_post_grad_hook.py")).read_text()
     assert "linear" in inference or "addmm" in inference
     assert "rand" not in inference and "bernoulli" not in inference
+
+
+def test_generate_prints_the_new_tokens_and_their_rate(capsys):
+    import torch
+
+    from fvcompile.generation.loading import load_model
+    from fvcompile.models.llama import generate_greedy
+
+    assert main(["generate", "llama-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    model, _ = load_model("llama-tiny")  # the same seeded weights
+    expected = generate_greedy(model, torch.tensor([[1, 2, 3]]), 4)[0, 3:].tolist()
+    assert f"new token ids: {expected}" in out
+    assert "4 new tokens in 4 forwards: time to first token" in out and "tokens/s (eager, static KV cache)" in out
+
+
+def test_generate_text_on_a_model_without_tokenizer_says_use_ids(capsys):
+    assert main(["generate", "llama-tiny", "--prompt", "hello", "--no-compile"]) == 1
+    err = capsys.readouterr().err
+    assert "llama-tiny has no tokenizer" in err and "--prompt-ids" in err
+
+
+def test_generate_refuses_top_k_when_greedy_before_loading(capsys, monkeypatch):
+    import fvcompile.generation.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "llama-tiny", "--prompt-ids", "1", "--top-k", "5"])
+    assert e.value.code == 2 and "give --temperature > 0" in capsys.readouterr().err
