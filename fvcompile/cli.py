@@ -148,6 +148,10 @@ def _markdown_path_arg(text: str) -> Path:
     return _writable_file(text, "--markdown bench.md")
 
 
+def _plot_path_arg(text: str) -> Path:
+    return _writable_file(text, "--plot decode.png")
+
+
 def _folder_arg(text: str) -> Path:
     """A folder we can write into at the end of the run: an existing one, or one whose parent
     exists (it is created then)."""
@@ -465,6 +469,21 @@ def cmd_generate(args) -> None:
     how += f", prompt lookup {args.prompt_lookup}: {out.drafts_accepted} drafted tokens kept" if args.prompt_lookup else ""
     console.print(f"{len(out.rows()[0])} new tokens in {out.forwards} forwards: time to first token "
                   f"{out.time_to_first_token_s * 1e3:.1f} ms, then {out.tokens_per_s:.1f} tokens/s ({how})")
+    if args.profile or args.plot:
+        _profile_decode(console, model, longest, args)
+
+
+def _profile_decode(console, model, prompt_len: int, args) -> None:
+    from rich.markup import escape
+
+    from fvcompile.generation.profile import profile_variants, table, write_plot
+
+    with console.status("profiling the decode step (a compiled step with kernel profiling compiles anew)"):
+        profiles = profile_variants(model, prompt_len=prompt_len, passes=args.passes, compiled=not args.no_compile)
+    console.print(table(profiles))
+    if args.plot:
+        write_plot(profiles, args.plot, title=f"{args.model}: decode step after {prompt_len} prompt tokens")
+        console.print(f"wrote {escape(str(args.plot))}", soft_wrap=True)
 
 
 def _rank_arg(text: str):
@@ -570,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lookup", type=_non_negative_int, default=0, metavar="K",
                    help="prompt-lookup decoding: check up to K drafted tokens per forward (greedy output kept)")
     p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--profile", action="store_true",
+                   help="then split a decode step's time (torch.profiler), eager and compiled: kernels per op class "
+                        "(attention, FFN linears, other linears, other), launch overhead, host")
+    p.add_argument("--plot", type=_plot_path_arg, metavar="FILE.png", help="write the profile as a plot (implies --profile)")
     p.set_defaults(fn=cmd_generate, usage_error=p.error)
     return parser
 

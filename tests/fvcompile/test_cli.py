@@ -150,3 +150,12 @@ def test_generate_refuses_top_k_when_greedy_before_loading(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["generate", "llama-tiny", "--prompt-ids", "1", "--top-k", "5"])
     assert e.value.code == 2 and "give --temperature > 0" in capsys.readouterr().err
+
+
+def test_generate_profile_prints_the_breakdown_and_writes_the_plot(tmp_path, capsys):
+    plot = tmp_path / "decode.png"
+    assert main(["generate", "llama-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--no-compile",
+                 "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert all(part in out for part in ("attention", "FFN linears", "other linears", "host", "step without profiler"))
+    assert plot.stat().st_size > 0
