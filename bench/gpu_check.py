@@ -243,6 +243,18 @@ def ffn_bench(out: Path, tokens: str, timeout: float, graphs_of: str = "") -> di
     return result
 
 
+def suite_bench(out: Path, timeout: float) -> dict:
+    """The benchmark suite's GPU part (`fvcompile bench`, issue #19): its quick grid on the Llama
+    models with the passes that can pay on a GPU, in a process of its own; the record, tables and
+    plots land in out/suite (the same files as a CPU run's)."""
+    suite = out / "suite"
+    run = run_in_subprocess([sys.executable, "-m", "fvcompile.cli", "bench", "--device", DEVICE, "--quick",
+                             "--models", "llama-tiny,llama-tiny-relu2", "--passes", "auto", "--passes", "sparse24",
+                             "--out", str(suite)], int(timeout))
+    written = sorted(suite.glob("*.md"))
+    return {**run, "tables": written[-1].read_text() if written else None}
+
+
 # SAAP at Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128), the paper's
 # 1024 clusters with 32 probed, key blocks of 64, a sink of 4 and a window of 64; the CPU dry run
 # takes a tiny version through the interpreter.
@@ -443,6 +455,7 @@ def main() -> None:
                        "-k", "not compiles_for_sm80_and_sm90", str(ROOT / "tests" / "kernels")], int(t)))]
     saap_tokens = [int(n) for n in (args.saap_tokens or ("32768,65536,131072" if cuda else "128")).split(",")]
     steps += [("saap attention", 180, lambda t: saap_bench(t, saap_tokens))]
+    steps += [("benchmark suite", 150, lambda t: suite_bench(out, t))]
     # FP8 "all" at the smallest token count is host-bound (four cuSPARSELt plans set up per step on
     # the host; bench/README.md): timed with and without CUDA graphs, with the baselines.
     fewest = min(tokens, key=int)
