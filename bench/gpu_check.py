@@ -277,14 +277,14 @@ def saap_keys(cfg: dict, length: int, dtype: torch.dtype, seed: int = 0):
 
 def saap_queries(cfg: dict, key_cluster, lq: int, q_block: int, dtype: torch.dtype, seed: int = 0):
     """Random queries at the last `lq` positions, each query block probing random clusters, and
-    the block lists. (q (1, Hq, Lq, D), probed (1, Hq, nQB, P), blocks)."""
-    from fvcompile.kernels.saap_layout import build_blocks
+    the block lists. (q (1, Hq, Lq, D), probed (1, Hq, Lq, P), blocks)."""
+    from fvcompile.kernels.saap_layout import build_blocks, per_query
 
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     q = torch.randn(1, cfg["hq"], lq, cfg["d"], device=DEVICE, generator=g).to(dtype)
     scores = torch.rand(1, cfg["hq"], -(-lq // q_block), cfg["clusters"], device=DEVICE, generator=g)
-    probed = scores.topk(cfg["probes"], -1).indices
-    blocks = build_blocks(key_cluster, probed, cfg["clusters"], lq=lq, sink=cfg["sink"], window=cfg["window"],
+    probed = per_query(scores.topk(cfg["probes"], -1).indices, lq, q_block)
+    blocks = build_blocks(key_cluster, probed, cfg["clusters"], sink=cfg["sink"], window=cfg["window"],
                           q_block=q_block, kv_block=cfg["kv_block"])
     return q, probed, blocks
 
@@ -309,7 +309,7 @@ def saap_bench(timeout: float, lengths: list[int]) -> dict:
 
     from fvcompile.kernels import saap_triton as st
     from fvcompile.kernels.saap_attention import saap_attention_reference
-    from fvcompile.kernels.saap_layout import build_blocks, per_query
+    from fvcompile.kernels.saap_layout import build_blocks
 
     end = time.monotonic() + timeout
     cuda = DEVICE == "cuda"
@@ -324,7 +324,7 @@ def saap_bench(timeout: float, lengths: list[int]) -> dict:
     k, v, key_cluster = saap_keys(cfg, small, dtype, seed=1)
     for lq in (small, 1):
         q, probed, blocks = saap_queries(cfg, key_cluster, lq, q_blocks[-1], dtype, seed=lq)
-        want = saap_attention_reference(q, k, v, key_cluster, per_query(probed, lq, q_blocks[-1]), **opts).float()
+        want = saap_attention_reference(q, k, v, key_cluster, probed, **opts).float()
         runs = {"by position": lambda: st.saap_attention_triton(q, k, v, blocks, lq=lq, lk=small, **opts)}
         if lq > 1:
             slots = st.gather_slots(k, v, blocks.slot_pos)
@@ -358,8 +358,7 @@ def saap_bench(timeout: float, lengths: list[int]) -> dict:
                 continue
             q, probed, blocks = saap_queries(cfg, key_cluster, length, q_block, dtype)
             start = time.perf_counter()  # the block lists, as the op builds them on each call
-            build_blocks(key_cluster, probed, cfg["clusters"], lq=length, q_block=q_block, kv_block=cfg["kv_block"],
-                         **opts)
+            build_blocks(key_cluster, probed, cfg["clusters"], q_block=q_block, kv_block=cfg["kv_block"], **opts)
             if cuda:
                 torch.cuda.synchronize()
             build_ms = (time.perf_counter() - start) * 1e3

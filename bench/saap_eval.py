@@ -58,7 +58,7 @@ from torch import Tensor
 
 import fvcompile
 from fvcompile.kernels.saap_attention import KV_BLOCK, assign_keys
-from fvcompile.kernels.saap_layout import block_union, build_blocks, probe_blocks, probe_queries
+from fvcompile.kernels.saap_layout import build_blocks, per_query, probe_blocks, probe_queries
 from fvcompile.models.gguf_loader import load_smollm2
 from fvcompile.passes.saap import SAAP
 from fvcompile.passes.saap_calibration import ROW_BLOCK_BYTES, attention_graph, calibrate
@@ -343,10 +343,14 @@ class ClusterSelection:
             return (pos[..., None, :] <= rows) & (always(pos[..., None, :], rows, o) | in_probed.gather(-1, pos)[..., None, :])
         return gather_reads(chunk, candidates, rule)
 
+    def probed_rows(self, lq: int) -> Tensor:
+        """(B, Hq, Lq, P) each query's probed clusters: its block's."""
+        return per_query(self.probed_blocks, lq, self.opts.query_block)
+
     def slots_read(self, lq: int) -> int:
         """Query-key pairs a block-sparse kernel computes (`build_blocks`: padding included)."""
         o = self.opts
-        blocks = build_blocks(self.key_cluster, self.probed_blocks, o.clusters, lq=lq, sink=o.sink, window=o.window,
+        blocks = build_blocks(self.key_cluster, self.probed_rows(lq), o.clusters, sink=o.sink, window=o.window,
                               q_block=o.query_block, kv_block=KV_BLOCK)
         return blocks.slots_read(lq)
 
@@ -365,10 +369,11 @@ class QuerySelection(ClusterSelection):
     clusters; a block-sparse kernel computes the union of its block's (`block_union`)."""
 
     def __init__(self, index, x: LayerInputs, opts: Options):
-        probed = probe_queries(index.weight[x.layer], index.bias[x.layer], x.q_pre, opts.probes)  # (B, Hq, Lq, P)
-        union = block_union(probed, opts.clusters, opts.query_block)
-        super().__init__(assign_keys(index.centroids[x.layer], x.k_pre), union, x.q.shape[1], opts)
-        self.probed = probed
+        super().__init__(assign_keys(index.centroids[x.layer], x.k_pre), None, x.q.shape[1], opts)
+        self.probed = probe_queries(index.weight[x.layer], index.bias[x.layer], x.q_pre, opts.probes)  # (B, Hq, Lq, P)
+
+    def probed_rows(self, lq: int) -> Tensor:
+        return self.probed
 
     def reads(self, chunk: Chunk, x: LayerInputs, lse: Tensor | None, budget: Tensor | None) -> Reads:
         o, end = self.opts, chunk.end

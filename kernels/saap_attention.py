@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fvcompile.kernels import saap_triton
-from fvcompile.kernels.saap_layout import SAAPBlocks, build_blocks, probe_blocks, slot_mask_mod
+from fvcompile.kernels.saap_layout import SAAPBlocks, build_blocks, per_query, probe_blocks, slot_mask_mod
 
 
 def saap_read_mask(key_cluster: Tensor, probed: Tensor, *, sink: int, window: int) -> Tensor:
@@ -113,9 +113,9 @@ def saap_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor
     index (`register_tables`). Reads only the listed key blocks (`sparse_attention`)."""
     centroids, weight, bias = _tables(tables, q.device)
     key_cluster = assign_keys(centroids, k_pre)
-    probed = probe_blocks(weight, bias, q_pre, probes, query_block)
-    blocks = build_blocks(key_cluster, probed, centroids.shape[1], lq=q.shape[2], sink=sink, window=window,
-                          q_block=query_block, kv_block=KV_BLOCK)
+    probed = per_query(probe_blocks(weight, bias, q_pre, probes, query_block), q.shape[2], query_block)
+    blocks = build_blocks(key_cluster, probed, centroids.shape[1], sink=sink, window=window, q_block=query_block,
+                          kv_block=KV_BLOCK)
     return sparse_attention(q, k, v, blocks, sink=sink, window=window, scale=scale)
 
 
@@ -134,7 +134,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SAAPBlocks, *, sin
     """Attention over the slots that `blocks` lists and nothing else. On GPU: the Triton kernels
     (`saap_triton`). On CPU: one query block (decode) gathers its listed key blocks; more run
     FlexAttention compiled by Inductor, whose C++ template visits the listed blocks only. Equals
-    `saap_attention_reference` with each query probing its block's clusters."""
+    `saap_attention_reference` with the probes the blocks were built from."""
     lq, lk = q.shape[2], k.shape[2]
     if q.is_cuda:
         return saap_triton.saap_attention_triton(q, k, v, blocks, lq=lq, lk=lk, sink=sink, window=window, scale=scale)
@@ -161,14 +161,19 @@ def _one_query_block(q, k, v, blocks, *, lk, sink, window, scale):
     chosen = listed.gather(-1, order).long()  # (B, Hq, width): the listed blocks first
     slots = (chosen[..., None] * blocks.kv_block + torch.arange(blocks.kv_block, device=q.device)).flatten(-2)
     kv_head = torch.arange(hq, device=q.device) // group
-    pos = blocks.slot_pos[torch.arange(b, device=q.device)[:, None, None], kv_head[:, None], slots].long()
+    batch = torch.arange(b, device=q.device)[:, None, None]
+    pos = blocks.slot_pos[batch, kv_head[:, None], slots].long()
     pos = torch.where(is_listed.gather(-1, order).repeat_interleave(blocks.kv_block, -1), pos, -1)
+    cluster = blocks.block_cluster[batch, kv_head[:, None], chosen].clamp(min=0).repeat_interleave(blocks.kv_block, -1)
+    words = blocks.probe_bits[batch[..., None], torch.arange(hq, device=q.device)[:, None, None],
+                              torch.arange(lq, device=q.device)[:, None], (cluster // 32)[:, :, None, :]]
+    probes = ((words >> (cluster % 32)[:, :, None, :]) & 1) == 1  # (B, Hq, Lq, slots): the query probes it
     rows = pos.clamp(min=0) + (torch.arange(b, device=q.device)[:, None, None] * k.shape[1] + kv_head[:, None]) * lk
     keys, values = k.reshape(-1, d)[rows], v.reshape(-1, d)[rows]  # (B, Hq, width * kv_block, D)
     q_pos = (lk - lq + torch.arange(lq, device=q.device))[:, None]
     always = (pos[:, :, None, :] < sink) | (q_pos - pos[:, :, None, :] < window)
     in_band = (slots < blocks.band_len)[:, :, None, :]
-    read = (pos[:, :, None, :] >= 0) & (pos[:, :, None, :] <= q_pos) & (always == in_band)
+    read = (pos[:, :, None, :] >= 0) & (pos[:, :, None, :] <= q_pos) & (always == in_band) & (in_band | probes)
     scale = 1 / math.sqrt(d) if scale is None else scale
     scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
     return (scores.masked_fill(~read, float("-inf")).softmax(-1) @ values.float()).to(q.dtype)

@@ -51,10 +51,11 @@ LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
-    def _attend(acc, m_i, l_i, q, q_pos, blk, k_base, v_base, pos_base, stride_kn, stride_kd, stride_vn,
-                stride_vd, offs_n, offs_d, d_ok, band_len, sink, window, qk_scale, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, BY_POSITION: tl.constexpr, PRECISION: tl.constexpr):
-        """Key block `blk` folded into the running output `acc`, max `m_i` and sum `l_i` of q."""
+    def _attend(acc, m_i, l_i, q, q_pos, blk, k_base, v_base, pos_base, bits_rows, q_in, cluster_base, stride_kn,
+                stride_kd, stride_vn, stride_vd, offs_n, offs_d, d_ok, band_len, sink, window, qk_scale,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, BY_POSITION: tl.constexpr, PRECISION: tl.constexpr):
+        """Key block `blk` folded into the running output `acc`, max `m_i` and sum `l_i` of q
+        (bits_rows: the pointers to each query's first probe word, q_in: which rows are queries)."""
         slots = blk * BLOCK_N + offs_n
         if MASKED or BY_POSITION:
             k_pos = tl.load(pos_base + slots)
@@ -64,11 +65,15 @@ if triton is not None:
             rows = slots
         k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:  # slot_mask_mod: causal, not padding, and read in the band part xor the cluster part
+        if MASKED:  # slot_mask_mod: causal, not padding, read in the band part xor the cluster part,
+            # there only by the queries that probe the block's cluster
+            cluster = tl.maximum(tl.load(cluster_base + blk), 0)
+            word = tl.load(bits_rows + cluster // 32, mask=q_in, other=0)
+            probes = ((word >> (cluster % 32)) & 1) == 1
             k_pos = k_pos[None, :]
             always = (k_pos < sink) | (q_pos[:, None] - k_pos < window)
             in_band = (slots < band_len)[None, :]
-            read = (k_pos >= 0) & (k_pos <= q_pos[:, None]) & (always == in_band)
+            read = (k_pos >= 0) & (k_pos <= q_pos[:, None]) & (always == in_band) & (in_band | probes[:, None])
             s = tl.where(read, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has read nothing yet
@@ -81,9 +86,9 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
-                        sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                        so_b, so_h, so_m, so_d, hq, hkv, lq, offset, slots, n_qb, n_kb, band_len, sink, window,
-                        qk_scale, head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        bits_ptr, cluster_ptr, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                        so_b, so_h, so_m, so_d, hq, hkv, lq, offset, slots, n_qb, n_kb, n_words, band_len, sink,
+                        window, qk_scale, head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BY_POSITION: tl.constexpr, PRECISION: tl.constexpr):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -98,6 +103,9 @@ if triton is not None:
         k_base = k_ptr + b * sk_b + hk * sk_h
         v_base = v_ptr + b * sv_b + hk * sv_h
         pos_base = pos_ptr + (b * hkv + hk) * slots
+        cluster_base = cluster_ptr + (b * hkv + hk) * (slots // BLOCK_N)
+        q_in = offs_m < lq
+        bits_rows = bits_ptr + ((b * hq + h) * lq + offs_m) * n_words
         q_pos = offs_m + offset
         row = bh * n_qb + qb  # this query block's row of the (B, Hq, nQB) block lists
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -105,12 +113,14 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for i in range(tl.load(full_num_ptr + row)):
             blk = tl.load(full_idx_ptr + row * n_kb + i)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, blk, k_base, v_base, pos_base, sk_n, sk_d, sv_n, sv_d,
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, blk, k_base, v_base, pos_base, bits_rows, q_in,
+                                    cluster_base, sk_n, sk_d, sv_n, sv_d,
                                     offs_n, offs_d, d_ok, band_len, sink, window, qk_scale, BLOCK_N, False,
                                     BY_POSITION, PRECISION)
         for i in range(tl.load(kv_num_ptr + row)):
             blk = tl.load(kv_idx_ptr + row * n_kb + i)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, blk, k_base, v_base, pos_base, sk_n, sk_d, sv_n, sv_d,
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, blk, k_base, v_base, pos_base, bits_rows, q_in,
+                                    cluster_base, sk_n, sk_d, sv_n, sv_d,
                                     offs_n, offs_d, d_ok, band_len, sink, window, qk_scale, BLOCK_N, True,
                                     BY_POSITION, PRECISION)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -119,8 +129,9 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
-                       m_ptr, l_ptr, acc_ptr, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                       hq, hkv, lq, offset, slots, n_qb, n_kb, band_len, sink, window, qk_scale, head_dim,
+                       bits_ptr, cluster_ptr, m_ptr, l_ptr, acc_ptr, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d,
+                       sv_b, sv_h, sv_n, sv_d, hq, hkv, lq, offset, slots, n_qb, n_kb, n_words, band_len, sink,
+                       window, qk_scale, head_dim,
                        SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BY_POSITION: tl.constexpr, PRECISION: tl.constexpr):
         bh = tl.program_id(0)
@@ -136,6 +147,9 @@ if triton is not None:
         k_base = k_ptr + b * sk_b + hk * sk_h
         v_base = v_ptr + b * sv_b + hk * sv_h
         pos_base = pos_ptr + (b * hkv + hk) * slots
+        cluster_base = cluster_ptr + (b * hkv + hk) * (slots // BLOCK_N)
+        q_in = offs_m < lq
+        bits_rows = bits_ptr + ((b * hq + h) * lq + offs_m) * n_words
         q_pos = offs_m + offset
         row = bh * n_qb  # the one query block
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -149,7 +163,8 @@ if triton is not None:
         for j in range(split * chunk, tl.minimum(split * chunk + chunk, total)):
             blk = (tl.load(full_idx_ptr + row * n_kb + j, mask=j < n_full, other=0)
                    + tl.load(kv_idx_ptr + row * n_kb + j - n_full, mask=j >= n_full, other=0))
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, blk, k_base, v_base, pos_base, sk_n, sk_d, sv_n, sv_d,
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, blk, k_base, v_base, pos_base, bits_rows, q_in,
+                                    cluster_base, sk_n, sk_d, sv_n, sv_d,
                                     offs_n, offs_d, d_ok, band_len, sink, window, qk_scale, BLOCK_N, True,
                                     BY_POSITION, PRECISION)
         part = (bh * SPLITS + split) * BLOCK_M + offs_m  # partials (B * Hq, SPLITS, BLOCK_M[, BLOCK_D])
@@ -183,8 +198,8 @@ def saap_prefill(q: Tensor, k: Tensor, v: Tensor, blocks: SAAPBlocks, *, lq: int
     out = torch.empty_like(q)
     _prefill_kernel[(n_qb, b * hq)](
         q, k, v, out, *_lists(blocks), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        hq, hkv, lq, lk - lq, slots, n_qb, n_kb, blocks.band_len, sink, window, qk_scale, d,
-        BLOCK_M=blocks.q_block, BLOCK_N=blocks.kv_block, BLOCK_D=block_d, BY_POSITION=by_position,
+        hq, hkv, lq, lk - lq, slots, n_qb, n_kb, blocks.probe_bits.shape[-1], blocks.band_len, sink, window,
+        qk_scale, d, BLOCK_M=blocks.q_block, BLOCK_N=blocks.kv_block, BLOCK_D=block_d, BY_POSITION=by_position,
         PRECISION=precision, num_warps=8 if blocks.q_block >= 128 else 4)
     return out
 
@@ -211,8 +226,8 @@ def saap_decode(q: Tensor, k: Tensor, v: Tensor, blocks: SAAPBlocks, *, lq: int,
     acc = q.new_empty((b * hq, splits, block_m, block_d), dtype=torch.float32)
     _decode_kernel[(b * hq, splits)](
         q, k, v, *_lists(blocks), m, l, acc, *q.stride(), *k.stride(), *v.stride(),
-        hq, hkv, lq, lk - lq, slots, n_qb, n_kb, blocks.band_len, sink, window, qk_scale, d,
-        SPLITS=splits, BLOCK_M=block_m, BLOCK_N=blocks.kv_block, BLOCK_D=block_d, BY_POSITION=by_position,
+        hq, hkv, lq, lk - lq, slots, n_qb, n_kb, blocks.probe_bits.shape[-1], blocks.band_len, sink, window,
+        qk_scale, d, SPLITS=splits, BLOCK_M=block_m, BLOCK_N=blocks.kv_block, BLOCK_D=block_d, BY_POSITION=by_position,
         PRECISION=precision)
     out = combine_splits(m, l, acc)
     return out.view(b, hq, block_m, block_d)[:, :, :lq, :d].to(q.dtype)
@@ -240,9 +255,11 @@ def saap_attention_triton(q: Tensor, k: Tensor, v: Tensor, blocks: SAAPBlocks, *
 
 
 def _lists(blocks: SAAPBlocks) -> tuple[Tensor, ...]:
-    """slot_pos and the block lists, contiguous int32 as the kernels index them."""
+    """slot_pos, the block lists, the probe bits and the blocks' clusters, contiguous int32 as the
+    kernels index them."""
     return tuple(t.to(torch.int32).contiguous() for t in (blocks.slot_pos, blocks.kv_num_blocks, blocks.kv_indices,
-                                                          blocks.full_num_blocks, blocks.full_indices))
+                                                          blocks.full_num_blocks, blocks.full_indices,
+                                                          blocks.probe_bits, blocks.block_cluster))
 
 
 def _splits(device: torch.device, programs: int, n_kb: int) -> int:

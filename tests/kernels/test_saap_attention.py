@@ -107,9 +107,9 @@ def test_sparse_path_equals_the_reference(lq, lk, dtype):
     clusters, probes, q_block = 6, 2, 16
     q, k, v, key_cluster, _ = _inputs(b=1, hq=4, hkv=2, lq=lq, lk=lk, clusters=clusters, dtype=dtype, seed=lq)
     g = torch.Generator().manual_seed(lk)
-    n_qb = -(-lq // q_block)
-    probed = torch.stack([torch.randperm(clusters, generator=g)[:probes] for _ in range(4 * n_qb)]).view(1, 4, n_qb, -1)
-    blocks = build_blocks(key_cluster, probed, clusters, lq=lq, sink=2, window=5, q_block=q_block, kv_block=16)
+    # Each query its own probes: the one query block's union is read, each query masked to its own.
+    probed = torch.stack([torch.randperm(clusters, generator=g)[:probes] for _ in range(4 * lq)]).view(1, 4, lq, -1)
+    blocks = build_blocks(key_cluster, probed, clusters, sink=2, window=5, q_block=q_block, kv_block=16)
     out = sparse_attention(q, k, v, blocks, sink=2, window=5, scale=0.3)
-    want = saap_attention_reference(q, k, v, key_cluster, per_query(probed, lq, q_block), sink=2, window=5, scale=0.3)
+    want = saap_attention_reference(q, k, v, key_cluster, probed, sink=2, window=5, scale=0.3)
     torch.testing.assert_close(out, want, **TOL[dtype])

@@ -23,18 +23,19 @@ SINK, WINDOW = 3, 20
 
 
 def _case(b, hq, hkv, lq, lk, *, clusters=5, probes=2, d=16, dtype=torch.float32, seed=0, q_block=16, kv_block=16,
-          sink=SINK, window=WINDOW):
-    """Random q, k, v, key clusters and per-block probes; the blocks; the reference output."""
+          sink=SINK, window=WINDOW, each_query=False):
+    """Random q, k, v, key clusters and probes, alike in each query block or each query its own;
+    the blocks; the reference output."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype).to(DEVICE)
                for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
     key_cluster = torch.randint(0, clusters, (b, hkv, lk), generator=g).to(DEVICE)
-    n_qb = -(-lq // q_block)
-    probed = torch.stack([torch.randperm(clusters, generator=g)[:probes] for _ in range(b * hq * n_qb)])
-    probed = probed.view(b, hq, n_qb, probes).to(DEVICE)
-    blocks = build_blocks(key_cluster, probed, clusters, lq=lq, sink=sink, window=window, q_block=q_block,
-                          kv_block=kv_block)
-    want = saap_attention_reference(q, k, v, key_cluster, per_query(probed, lq, q_block), sink=sink, window=window)
+    rows = lq if each_query else -(-lq // q_block)
+    probed = torch.stack([torch.randperm(clusters, generator=g)[:probes] for _ in range(b * hq * rows)])
+    probed = probed.view(b, hq, rows, probes).to(DEVICE)
+    probed = probed if each_query else per_query(probed, lq, q_block)
+    blocks = build_blocks(key_cluster, probed, clusters, sink=sink, window=window, q_block=q_block, kv_block=kv_block)
+    want = saap_attention_reference(q, k, v, key_cluster, probed, sink=sink, window=window)
     return q, k, v, blocks, want
 
 
@@ -42,19 +43,20 @@ def _keys(k, v, blocks, by_position):
     return (k, v) if by_position else gather_slots(k, v, blocks.slot_pos)
 
 
-PREFILL = {  # b, hq, hkv, lq, lk, keys by position (else in slots)
-    "gqa": (2, 2, 1, 40, 40, False),
-    "mha": (1, 2, 2, 48, 48, True),
-    "last_queries": (1, 2, 1, 24, 56, True),
+PREFILL = {  # b, hq, hkv, lq, lk, keys by position (else in slots), each query its own probes
+    "gqa": (2, 2, 1, 40, 40, False, False),
+    "mha": (1, 2, 2, 48, 48, True, False),
+    "last_queries": (1, 2, 1, 24, 56, True, False),
+    "each_query": (1, 2, 1, 40, 40, True, True),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", PREFILL.values(), ids=PREFILL.keys())
 def test_prefill_matches_the_reference(case, dtype):
-    *shape, by_position = case
+    *shape, by_position, each_query = case
     lq, lk = shape[3:]
-    q, k, v, blocks, want = _case(*shape, dtype=dtype, seed=lq + lk)
+    q, k, v, blocks, want = _case(*shape, dtype=dtype, seed=lq + lk, each_query=each_query)
     out = saap_prefill(q, *_keys(k, v, blocks, by_position), blocks, lq=lq, lk=lk, sink=SINK, window=WINDOW,
                        scale=None, by_position=by_position)
     assert out.dtype == dtype and out.shape == q.shape
@@ -72,7 +74,7 @@ DECODE = {  # queries, splits, keys by position; "idle": more splits than listed
 @pytest.mark.parametrize("case", DECODE.values(), ids=DECODE.keys())
 def test_decode_matches_the_reference(case, dtype):
     lq, splits, by_position = case
-    q, k, v, blocks, want = _case(2, 2, 1, lq, 60, dtype=dtype, seed=lq + splits)
+    q, k, v, blocks, want = _case(2, 2, 1, lq, 60, dtype=dtype, seed=lq + splits, each_query=True)
     assert int((blocks.kv_num_blocks + blocks.full_num_blocks).max()) < 12  # "idle" has idle programs
     out = saap_decode(q, *_keys(k, v, blocks, by_position), blocks, lq=lq, lk=60, sink=SINK, window=WINDOW,
                       by_position=by_position, splits=splits)
