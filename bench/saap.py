@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fvcompile.kernels.saap_attention import KV_BLOCK, assign_keys, register_tables, saap_attention, sparse_attention
-from fvcompile.kernels.saap_layout import build_blocks, per_query, probe_blocks
+from fvcompile.kernels.saap_layout import build_blocks
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -68,8 +68,7 @@ def synthetic_inputs(seq_len: int, clusters: int, seed: int = 0) -> dict:
 def build(inputs: dict, lq: int, probes: int, args) -> object:
     """The layout and block lists the op would build for the last `lq` queries."""
     key_cluster = assign_keys(inputs["centroids"], inputs["k"])
-    probed = per_query(probe_blocks(inputs["weight"], inputs["bias"], inputs["q"][:, :, -lq:], probes, args.query_block),
-                       lq, args.query_block)
+    probed = probe_clusters(inputs["weight"], inputs["bias"], inputs["q"][:, :, -lq:], probes)
     return build_blocks(key_cluster, probed, inputs["centroids"].shape[1], sink=args.sink, window=args.window,
                         q_block=args.query_block, kv_block=KV_BLOCK)
 

@@ -19,18 +19,17 @@ reads, per layer, some of the keys; all are measured the same way:
 
 The methods (`METHODS`):
 - saap: the pass itself, through `fvcompile.optimize`; the per-layer metrics use the pass's
-  selection (`probe_blocks` over `query_block` queries);
+  selection (each query its classifier's top `probes` clusters; a kernel computes, per block of
+  `query_block` queries, the union of their clusters' key blocks);
 - window: the sink and a local window widened so that each query reads as many keys as SAAP
   reads for it (same layer, head and query);
 - quest: Quest's page bounds (pages of `page` keys, per-page elementwise min and max of the
   RoPE'd keys, each query's bound sum_d max(q_d min_d, q_d max_d)), the best pages up to SAAP's
   count for that query, plus the sink and window;
 - kmeans_rope: spherical k-means of each sequence's own RoPE'd keys (as many clusters), each
-  query block routed to the centroids nearest its mean RoPE'd query (as many probes);
-- oracle: SAAP's clusters, each query block probing those holding the most dense attention
-  mass outside the sink and window (as many probes): the upper bound of SAAP's selection;
-- saap_query: SAAP's index with per-query probing, as the paper probes: each query reads its
-  classifier's top clusters (a kernel computes the union of its block's, `block_union`);
+  query routed to the centroids nearest its RoPE'd query (as many probes);
+- oracle: SAAP's clusters, each query probing those holding the most of its dense attention mass
+  outside the sink and window (as many probes): the upper bound of SAAP's selection;
 - oracle_keys: each query's own highest-weight keys, as many as SAAP reads for it: the upper
   bound of any selection at that budget.
 The baselines (and the dense reference) run the model's traced graph with each attention
@@ -57,15 +56,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fvcompile
-from fvcompile.kernels.saap_attention import KV_BLOCK, assign_keys
-from fvcompile.kernels.saap_layout import build_blocks, per_query, probe_blocks, probe_queries
+from fvcompile.kernels.saap_attention import KV_BLOCK, assign_keys, probe_clusters
+from fvcompile.kernels.saap_layout import build_blocks
 from fvcompile.models.gguf_loader import load_smollm2
 from fvcompile.passes.saap import SAAP
 from fvcompile.passes.saap_calibration import ROW_BLOCK_BYTES, attention_graph, calibrate
 from fvcompile.passes.saap_index import SAAPIndex, cluster_mass, spherical_kmeans
 from fvcompile.text import token_batches
 
-METHODS = ("saap", "saap_query", "window", "quest", "kmeans_rope", "oracle", "oracle_keys")
+METHODS = ("saap", "window", "quest", "kmeans_rope", "oracle", "oracle_keys")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -319,70 +318,70 @@ def block_always(chunk: Chunk, end: int, opts: Options) -> Tensor:
 
 
 class ClusterSelection:
-    """Keys in clusters (key_cluster (B, Hkv, L)); each query reads the clusters its block
-    probes (probed_blocks (B, Hq, nQB, P)), the sink and the window."""
+    """Keys in clusters (key_cluster (B, Hkv, L)); each query reads the clusters it probes
+    (probed (B, Hq, L, P)), the sink and the window."""
 
-    def __init__(self, key_cluster: Tensor, probed_blocks: Tensor | None, q_heads: int, opts: Options):
-        self.opts, self.key_cluster, self.probed_blocks = opts, key_cluster, probed_blocks
+    def __init__(self, key_cluster: Tensor, probed: Tensor | None, q_heads: int, opts: Options):
+        self.opts, self.key_cluster, self.probed = opts, key_cluster, probed
         self.clusters = key_cluster.repeat_interleave(q_heads // key_cluster.shape[1], dim=1)  # (B, Hq, L)
 
     def reads(self, chunk: Chunk, x: LayerInputs, lse: Tensor | None, budget: Tensor | None) -> Reads:
-        first_block = chunk.start // chunk.q_block
-        return self._reads(chunk, self.probed_blocks[:, :, first_block:first_block + chunk.blocks])
+        return self._reads(chunk, self.probed[:, :, chunk.start:chunk.end])
 
     def _reads(self, chunk: Chunk, probed: Tensor) -> Reads:
-        b, hq, nb, _ = probed.shape
+        """Each query's reads, as a mask over every key (its probes differ from its neighbours')."""
         o, end = self.opts, chunk.end
-        table = torch.zeros(b, hq, nb, o.clusters, dtype=torch.bool).scatter_(-1, probed.long(), True)
-        in_probed = table.gather(-1, self.clusters[:, :, None, :end].expand(b, hq, nb, end))
-        _, last = chunk.block_ends()
-        candidates = (in_probed & (torch.arange(end) <= last[:, None])) | block_always(chunk, end, o)
-        rows = chunk.positions()[..., None]
-
-        def rule(pos):
-            return (pos[..., None, :] <= rows) & (always(pos[..., None, :], rows, o) | in_probed.gather(-1, pos)[..., None, :])
-        return gather_reads(chunk, candidates, rule)
-
-    def probed_rows(self, lq: int) -> Tensor:
-        """(B, Hq, Lq, P) each query's probed clusters: its block's."""
-        return per_query(self.probed_blocks, lq, self.opts.query_block)
+        table = torch.zeros(*probed.shape[:3], o.clusters, dtype=torch.bool).scatter_(-1, probed.long(), True)
+        in_probed = table.gather(-1, self.clusters[:, :, None, :end].expand(*probed.shape[:3], end))
+        j, rows = torch.arange(end), chunk.positions()[..., None]
+        return Reads(None, (chunk.to_blocks(in_probed) | always(j, rows, o)) & (j <= rows), chunk)
 
     def slots_read(self, lq: int) -> int:
-        """Query-key pairs a block-sparse kernel computes (`build_blocks`: padding included)."""
+        """Query-key pairs a block-sparse kernel computes (`build_blocks`: each block of
+        `query_block` queries reads its union's clusters, padding included)."""
         o = self.opts
-        blocks = build_blocks(self.key_cluster, self.probed_rows(lq), o.clusters, sink=o.sink, window=o.window,
+        blocks = build_blocks(self.key_cluster, self.probed, o.clusters, sink=o.sink, window=o.window,
                               q_block=o.query_block, kv_block=KV_BLOCK)
         return blocks.slots_read(lq)
 
 
 def saap_selection(index, x: LayerInputs, opts: Options) -> ClusterSelection:
-    """What the pass selects: keys to their nearest centroid, query blocks probing their mean
-    classifier probability's top clusters."""
+    """What the pass selects: keys to their nearest centroid, each query probing its classifier's
+    top clusters."""
     layer = x.layer
-    key_cluster = assign_keys(index.centroids[layer], x.k_pre)
-    probed = probe_blocks(index.weight[layer], index.bias[layer], x.q_pre, opts.probes, opts.query_block)
-    return ClusterSelection(key_cluster, probed, x.q.shape[1], opts)
+    probed = probe_clusters(index.weight[layer], index.bias[layer], x.q_pre, opts.probes)
+    return ClusterSelection(assign_keys(index.centroids[layer], x.k_pre), probed, x.q.shape[1], opts)
 
 
-class QuerySelection(ClusterSelection):
-    """SAAP with per-query probing (the paper's): each query reads its own classifier's top
-    clusters; a block-sparse kernel computes the union of its block's (`block_union`)."""
+def kmeans_rope_selection(x: LayerInputs, opts: Options, iters: int = 25) -> ClusterSelection:
+    """The sequence's own RoPE'd keys clustered (spherical k-means per KV head), each query
+    probing the centroids nearest (highest inner product with) its RoPE'd query."""
+    if x.k.shape[0] != 1:
+        raise ValueError("kmeans_rope clusters one sequence's keys: batch 1")
+    hq, hkv = x.q.shape[1], x.k.shape[1]
+    centroids = torch.stack([spherical_kmeans(x.k[0, h], opts.clusters, iters=iters, seed=h) for h in range(hkv)])
+    scores = x.q.float() @ centroids.repeat_interleave(hq // hkv, dim=0).transpose(-1, -2)[None]
+    return ClusterSelection(assign_keys(centroids, x.k), scores.topk(opts.probes, dim=-1).indices, hq, opts)
+
+
+class OracleSelection(ClusterSelection):
+    """SAAP's clusters, each query probing those with the most of its true attention mass outside
+    the sink and window: known only from the true weights, so found a chunk at a time."""
 
     def __init__(self, index, x: LayerInputs, opts: Options):
         super().__init__(assign_keys(index.centroids[x.layer], x.k_pre), None, x.q.shape[1], opts)
-        self.probed = probe_queries(index.weight[x.layer], index.bias[x.layer], x.q_pre, opts.probes)  # (B, Hq, Lq, P)
+        self.found: list[Tensor] = []
 
-    def probed_rows(self, lq: int) -> Tensor:
-        return self.probed
-
-    def reads(self, chunk: Chunk, x: LayerInputs, lse: Tensor | None, budget: Tensor | None) -> Reads:
-        o, end = self.opts, chunk.end
-        b, hq = self.probed.shape[:2]
-        table = torch.zeros(b, hq, end - chunk.start, o.clusters, dtype=torch.bool)
-        table.scatter_(-1, self.probed[:, :, chunk.start:end].long(), True)
-        in_probed = table.gather(-1, self.clusters[:, :, None, :end].expand(b, hq, end - chunk.start, end))
-        j, rows = torch.arange(end), chunk.positions()[..., None]
-        return Reads(None, (chunk.to_blocks(in_probed) | always(j, rows, o)) & (j <= rows), chunk)
+    def reads(self, chunk: Chunk, x: LayerInputs, lse: Tensor, budget: Tensor | None) -> Reads:
+        o, start, end = self.opts, chunk.start, chunk.end
+        scores = (x.q[:, :, start:end].float() * x.scale) @ x.k_heads[:, :, :end].transpose(-1, -2)
+        weights = scores.sub_(lse[..., None]).exp_()  # the dense weights (B, Hq, rows, end)
+        i, j = torch.arange(start, end)[:, None], torch.arange(end)[None, :]
+        weights.masked_fill_((j > i) | always(j, i, o), 0.0)  # the mass the probes can add
+        probed = cluster_mass(weights, self.clusters[:, :, :end], o.clusters).topk(o.probes, dim=-1).indices
+        self.found.append(probed)
+        self.probed = torch.cat(self.found, dim=2)
+        return self._reads(chunk, probed)
 
 
 class OracleKeys:
@@ -405,50 +404,6 @@ class OracleKeys:
         rows = chunk.positions()[..., None]
         return Reads(None, chunk.to_blocks(chosen) | (always(torch.arange(end), rows, o) & (torch.arange(end) <= rows)),
                      chunk)
-
-
-def kmeans_rope_selection(x: LayerInputs, opts: Options, iters: int = 25) -> ClusterSelection:
-    """The sequence's own RoPE'd keys clustered (spherical k-means per KV head), each query block
-    probing the centroids nearest (highest inner product with) its mean RoPE'd query."""
-    if x.k.shape[0] != 1:
-        raise ValueError("kmeans_rope clusters one sequence's keys: batch 1")
-    hq, hkv = x.q.shape[1], x.k.shape[1]
-    centroids = torch.stack([spherical_kmeans(x.k[0, h], opts.clusters, iters=iters, seed=h) for h in range(hkv)])
-    key_cluster = assign_keys(centroids, x.k)
-    sums = block_sums(x.q.float(), opts.query_block)  # a sum ranks as the mean does
-    scores = sums @ centroids.repeat_interleave(hq // hkv, dim=0).transpose(-1, -2)[None]
-    return ClusterSelection(key_cluster, scores.topk(opts.probes, dim=-1).indices, hq, opts)
-
-
-def block_sums(t: Tensor, q_block: int) -> Tensor:
-    """(B, H, nQB, ...) the sums of t (B, H, L, ...) over each block of q_block rows."""
-    b, h, n = t.shape[:3]
-    blocks = -(-n // q_block)
-    padded = t.new_zeros(b, h, blocks * q_block, *t.shape[3:])
-    padded[:, :, :n] = t
-    return padded.view(b, h, blocks, q_block, *t.shape[3:]).sum(3)
-
-
-class OracleSelection(ClusterSelection):
-    """SAAP's clusters, each query block probing the clusters with the most true attention mass
-    (summed over its queries) outside the sink and window: known only from the true weights, so
-    found a chunk at a time."""
-
-    def __init__(self, index, x: LayerInputs, opts: Options):
-        super().__init__(assign_keys(index.centroids[x.layer], x.k_pre), None, x.q.shape[1], opts)
-        self.found: list[Tensor] = []
-
-    def reads(self, chunk: Chunk, x: LayerInputs, lse: Tensor, budget: Tensor | None) -> Reads:
-        o, start, end = self.opts, chunk.start, chunk.end
-        scores = (x.q[:, :, start:end].float() * x.scale) @ x.k_heads[:, :, :end].transpose(-1, -2)
-        weights = scores.sub_(lse[..., None]).exp_()  # the dense weights (B, Hq, rows, end)
-        i, j = torch.arange(start, end)[:, None], torch.arange(end)[None, :]
-        weights.masked_fill_((j > i) | always(j, i, o), 0.0)  # the mass the probes can add
-        per_block = chunk.to_blocks(weights).sum(3)  # (B, Hq, nb, end)
-        probed = cluster_mass(per_block, self.clusters[:, :, :end], o.clusters).topk(o.probes, dim=-1).indices
-        self.found.append(probed)
-        self.probed_blocks = torch.cat(self.found, dim=2)
-        return self._reads(chunk, probed)
 
 
 class WindowSelection:
@@ -533,8 +488,6 @@ def selection(name: str, index, x: LayerInputs, opts: Options):
         return kmeans_rope_selection(x, opts)
     if name == "oracle":
         return OracleSelection(index, x, opts)
-    if name == "saap_query":
-        return QuerySelection(index, x, opts)
     if name == "oracle_keys":
         return OracleKeys(opts)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")

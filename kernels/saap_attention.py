@@ -8,7 +8,7 @@ few clusters (`probed`, from its query classifier). A query at position p reads 
 - or key j's cluster is one of the query's probed clusters.
 
 This file holds the op `fvcompile::saap_attention` (what the saap pass puts in place of an
-attention: keys assigned to their nearest centroid, clusters probed per block of queries, then
+attention: keys assigned to their nearest centroid, each query probing its own clusters, then
 attention over only the key blocks that hold read keys, `saap_layout`), its plain-PyTorch
 reference (the test oracle) and the helpers that say which keys a query reads. On CPU the op
 runs `sparse_attention`: FlexAttention compiled by Inductor, whose C++ template visits only the
@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fvcompile.kernels import saap_triton
-from fvcompile.kernels.saap_layout import SAAPBlocks, build_blocks, per_query, probe_blocks, slot_mask_mod
+from fvcompile.kernels.saap_layout import SAAPBlocks, build_blocks, slot_mask_mod
 
 
 def saap_read_mask(key_cluster: Tensor, probed: Tensor, *, sink: int, window: int) -> Tensor:
@@ -107,13 +107,13 @@ def _tables(key: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 @torch.library.custom_op("fvcompile::saap_attention", mutates_args=())
 def saap_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, tables: str, probes: int,
                    sink: int, window: int, scale: float, query_block: int) -> Tensor:
-    """Causal attention of q over the keys each query reads (module docstring), the queries
-    probing in blocks of `query_block` (`saap_layout.probe_blocks`): q, k, v as SDPA takes them
-    (after RoPE); q_pre, k_pre the same before RoPE; tables: the key of one layer's part of a SAAP
-    index (`register_tables`). Reads only the listed key blocks (`sparse_attention`)."""
+    """Causal attention of q over the keys each query reads (module docstring), each query probing
+    its classifier's top `probes` clusters: q, k, v as SDPA takes them (after RoPE); q_pre, k_pre
+    the same before RoPE; tables: the key of one layer's part of a SAAP index (`register_tables`).
+    Reads only the key blocks listed for each block of `query_block` queries (`sparse_attention`)."""
     centroids, weight, bias = _tables(tables, q.device)
     key_cluster = assign_keys(centroids, k_pre)
-    probed = per_query(probe_blocks(weight, bias, q_pre, probes, query_block), q.shape[2], query_block)
+    probed = probe_clusters(weight, bias, q_pre, probes)
     blocks = build_blocks(key_cluster, probed, centroids.shape[1], sink=sink, window=window, q_block=query_block,
                           kv_block=KV_BLOCK)
     return sparse_attention(q, k, v, blocks, sink=sink, window=window, scale=scale)

@@ -16,10 +16,8 @@ A query at position p reads slot s (position j = slot_pos[s]) when j >= 0, j <= 
 Each query probes its own clusters (`probed` (B, Hq, Lq, P)); a query reads a cluster slot when
 its cluster is one it probes (`probe_bits`: one bit per cluster; `block_cluster`: the cluster of
 each key block). Queries are taken in blocks of `q_block` (in sequence order): a kernel loads the
-key blocks of the clusters any query of the block probes (the block's union). `probe_blocks`
-makes a block's queries probe alike (the top of their mean classifier probability), so that every
-key block loaded serves every query of the block; `probe_queries` lets each query probe its own
-(the paper's), the union then costing more key blocks. The block lists say, per (batch, query
+key blocks of the clusters any query of the block probes (the block's union, `block_union`) once
+for all of them, and masks each query to its own. The block lists say, per (batch, query
 head, query block), which key blocks hold any read key (`kv_*`) and which of those hold only read
 keys for every query of the block (`full_*`: the kernel skips the mask there): counts, then rows
 of block indices as wide as the longest list (`dense_lists` widens them to FlexAttention's form).
@@ -67,23 +65,6 @@ class SAAPBlocks:
         queries = torch.full((per_block.shape[-1],), self.q_block, device=per_block.device)
         queries[-1] = lq - self.q_block * (per_block.shape[-1] - 1)
         return int((per_block * queries).sum())
-
-
-def probe_blocks(weight: Tensor, bias: Tensor, queries: Tensor, probes: int, q_block: int) -> Tensor:
-    """(B, Hq, nQB, probes): the clusters each block of `q_block` queries probes: the top
-    `probes` of its queries' mean classifier probability (queries (B, Hq, Lq, D) before RoPE,
-    weight (Hq, D, C), bias (Hq, C)). A block of one query probes its classifier's top clusters."""
-    b, hq, lq, _ = queries.shape
-    probs = (queries.float() @ weight.float() + bias.float()[:, None, :]).softmax(-1)
-    blocks = -(-lq // q_block)
-    padded = probs.new_zeros(b, hq, blocks * q_block, probs.shape[-1])
-    padded[:, :, :lq] = probs  # zero rows add nothing to the last block's sum
-    return padded.view(b, hq, blocks, q_block, -1).sum(3).topk(probes, dim=-1).indices
-
-
-def probe_queries(weight: Tensor, bias: Tensor, queries: Tensor, probes: int) -> Tensor:
-    """(B, Hq, Lq, probes): each query's own top classifier clusters (the paper's per-query probing)."""
-    return (queries.float() @ weight.float() + bias.float()[:, None, :]).topk(probes, dim=-1).indices
 
 
 def probe_table(probed: Tensor, clusters: int) -> Tensor:

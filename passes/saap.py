@@ -4,8 +4,10 @@ At each attention of an inference graph (`saap_match`: SDPA's backend op, causal
 query and key before RoPE found) whose keys number at least `min_seq_len`, the pass puts
 `fvcompile::saap_attention` in the op's place: keys join their nearest centroid, each query's
 classifier picks `probes` clusters, and the query reads those clusters, the first `sink` keys and
-the last `window` keys up to itself. Queries probe in blocks of `query_block` (the mean of their
-classifier probabilities), the unit in which the kernels load keys. The layer of an attention is
+the last `window` keys up to itself. The kernels take queries in blocks of `query_block`: each
+block loads the key blocks of the clusters any of its queries probes, and each query reads its own
+(per-query probing, the paper's: probing per block of queries alike cost +70% perplexity on
+SmolLM2 at 8k tokens against +12% per query, bench/README.md). The layer of an attention is
 its order in the graph; the index (`saap_calibration.calibrate`) holds one set of centroids and
 classifiers per layer, and an index whose layers, heads or head size differ from the graph's
 is an error that names them. Shorter sequences, masked or non-causal attention and attention
@@ -32,9 +34,9 @@ SAAP_OP = torch.ops.fvcompile.saap_attention.default
 
 
 class SAAP(GraphPass):
-    """index: a `SAAPIndex` or the path of one; probes: clusters each query block reads (None:
-    the index's); min_seq_len: fewer keys stay dense; sink, window: keys always read;
-    query_block: queries that probe as one (a kernel loads each key block once for all of them)."""
+    """index: a `SAAPIndex` or the path of one; probes: clusters each query reads (None: the
+    index's); min_seq_len: fewer keys stay dense; sink, window: keys always read; query_block:
+    the queries a kernel takes together (it loads each key block once for all of them)."""
 
     name = "saap"
     hook = "post_grad"
@@ -81,8 +83,8 @@ class SAAP(GraphPass):
             self._rewrite(gm, site)
             keys, clusters = site.k.meta["val"].shape[-2], self.index.shapes["clusters"]
             result.rewritten.append(Site(site.node.name, kind="attention", ops={str(SAAP_OP): 1}, detail=(
-                f"layer {site.layer}: {self.probes} of {clusters} key clusters per block of {self.query_block} "
-                f"queries, plus {self.sink} sink and {self.window} window keys, over {keys} keys: "
+                f"layer {site.layer}: {self.probes} of {clusters} key clusters per query (in blocks of "
+                f"{self.query_block}), plus {self.sink} sink and {self.window} window keys, over {keys} keys: "
                 f"~{self._expected_read(site):.0%} of the causal keys read if clusters are even")))
         return result
 

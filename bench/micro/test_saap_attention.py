@@ -1,6 +1,6 @@
 """`fvcompile::saap_attention` (kernels/saap_attention.py) against its reference and the dense
 causal attention it replaces (`scaled_dot_product_attention`), with random SAAP tables: the keys'
-clusters and each query block's probed clusters are computed inside every call, as the op does.
+clusters and each query's probed clusters are computed inside every call, as the op does.
 The op has no backward (the saap pass rewrites inference graphs): forward only for it."""
 import math
 

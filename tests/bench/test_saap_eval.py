@@ -13,7 +13,6 @@ from saap_eval import (Chunk, ClusterSelection, LayerInputs, Options, QuestSelec
                        WindowSelection, attend_reads, metric_attend, page_bounds, passkey_row, pick_pages)
 
 from fvcompile.kernels.saap_attention import saap_attention_reference, saap_read_mask
-from fvcompile.kernels.saap_layout import per_query
 from fvcompile.models import get
 from fvcompile.models.llama import Llama
 
@@ -59,11 +58,10 @@ def _inputs(seed=0, lq=24):
 
 def test_cluster_reads_are_the_kernels_read_mask_and_attention():
     x = _inputs()
-    key_cluster, probed_blocks = torch.randint(0, 5, (1, 2, 24)), torch.randint(0, 5, (1, 4, 6, 2))
-    probed = per_query(probed_blocks, 24, OPTS.query_block)
+    key_cluster, probed = torch.randint(0, 5, (1, 2, 24)), torch.randint(0, 5, (1, 4, 24, 2))
     whole = saap_read_mask(key_cluster, probed, sink=OPTS.sink, window=OPTS.window)
     chunk = Chunk(8, 22, OPTS.query_block)  # the last block short
-    reads = ClusterSelection(key_cluster, probed_blocks, 4, OPTS).reads(chunk, x, None, None)
+    reads = ClusterSelection(key_cluster, probed, 4, OPTS).reads(chunk, x, None, None)
     assert torch.equal(reads.dense(), whole[:, :, 8:22, :22])
     expected = saap_attention_reference(x.q, x.k, x.v, key_cluster, probed, sink=OPTS.sink, window=OPTS.window)
     torch.testing.assert_close(attend_reads(x, reads)[0], expected[:, :, 8:22])
@@ -96,7 +94,7 @@ def test_the_routed_graph_with_dense_attention_is_the_model():
     assert sorted(stats["saap"]) == [0, 1] and stats["window"][0][0].read == stats["saap"][0][0].read
 
 
-def test_the_oracle_probes_the_clusters_holding_most_of_each_blocks_mass():
+def test_the_oracle_probes_the_clusters_holding_most_of_each_querys_mass():
     from saap_eval import OracleSelection, dense_attention
 
     from fvcompile.passes.saap_calibration import causal_attention
@@ -110,30 +108,20 @@ def test_the_oracle_probes_the_clusters_holding_most_of_each_blocks_mass():
     weights = causal_attention(x.q, x.k, None)
     i, j = torch.arange(16)[:, None], torch.arange(16)[None, :]
     weights = weights.masked_fill((j < OPTS.sink) | (i - j < OPTS.window), 0.0)  # outside sink and window
-    mass = cluster_mass(weights, oracle.clusters, 5).view(1, 4, 4, 4, 5).sum(3)  # (B, Hq, blocks, clusters)
+    mass = cluster_mass(weights, oracle.clusters, 5)  # (B, Hq, queries, clusters)
     best = mass.topk(OPTS.probes, dim=-1).values.sum(-1)
-    torch.testing.assert_close(mass.gather(-1, oracle.probed_blocks).sum(-1), best)
+    torch.testing.assert_close(mass.gather(-1, oracle.probed).sum(-1), best)
 
 
-def test_per_query_probing_reads_each_querys_own_clusters_and_so_do_the_kernels_lists():
-    from saap_eval import QuerySelection
-
-    from fvcompile.kernels.saap_layout import block_union, build_blocks, read_mask
+def test_saap_reads_each_querys_own_clusters():
+    from saap_eval import saap_selection
 
     x = _inputs()
     index = SimpleNamespace(centroids=torch.nn.functional.normalize(torch.randn(1, 2, 5, 8), dim=-1),
                             weight=torch.randn(1, 4, 8, 5), bias=torch.zeros(1, 4, 5))
-    chosen = QuerySelection(index, x, OPTS)
+    chosen = saap_selection(index, x, OPTS)
     reads = chosen.reads(Chunk(0, 24, OPTS.query_block), x, None, None).dense()
-    whole = saap_read_mask(chosen.key_cluster, chosen.probed, sink=OPTS.sink, window=OPTS.window)
-    assert torch.equal(reads, whole)
-    union = block_union(chosen.probed, 5, OPTS.query_block)  # (1, 4, 6, W), -1 past each block's own
-    for block in range(6):
-        rows = chosen.probed[0, 0, block * 4:block * 4 + 4].flatten().unique()
-        assert sorted(union[0, 0, block][union[0, 0, block] >= 0].tolist()) == rows.tolist()
-    blocks = build_blocks(chosen.key_cluster, chosen.probed, 5, sink=OPTS.sink, window=OPTS.window, q_block=4,
-                          kv_block=4)
-    assert torch.equal(read_mask(blocks, lq=24, lk=24, sink=OPTS.sink, window=OPTS.window), whole)
+    assert torch.equal(reads, saap_read_mask(chosen.key_cluster, chosen.probed, sink=OPTS.sink, window=OPTS.window))
 
 
 def test_the_key_oracle_reads_each_querys_best_keys_within_its_budget():

@@ -1,11 +1,11 @@
 """SAAP's slots and block lists read exactly the keys of the reference's rule, each key once,
 as the kernels read them (full blocks whole, partial ones through the mask), whether a block's
-queries probe alike or each its own clusters; block probing of one query is its own top-k."""
+queries probe alike or each its own clusters."""
 import pytest
 import torch
 
-from fvcompile.kernels.saap_attention import probe_clusters, saap_read_mask
-from fvcompile.kernels.saap_layout import build_blocks, pack_bits, per_query, probe_blocks, read_mask
+from fvcompile.kernels.saap_attention import saap_read_mask
+from fvcompile.kernels.saap_layout import block_union, build_blocks, pack_bits, per_query, read_mask
 
 CASES = {  # b, hq, hkv, lq, lk, clusters, probes, sink, window, q_block, kv_block
     "prefill_gqa": (2, 4, 2, 37, 37, 5, 2, 3, 4, 8, 4),
@@ -67,14 +67,6 @@ def test_cluster_part_pads_each_cluster_to_whole_blocks():
     assert blocks.slot_pos[0, 0, 8:].tolist() == [1, -1, -1, -1, 4, -1, -1, -1, 0, 2, 3, 5, 6, -1, -1, -1]
 
 
-def test_a_block_of_one_query_probes_its_own_top_clusters():
-    g = torch.Generator().manual_seed(0)
-    weight, bias, queries = torch.randn(3, 8, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(
-        2, 3, 5, 8, generator=g)
-    per_block = probe_blocks(weight, bias, queries, 2, q_block=1)
-    assert torch.equal(per_block, probe_clusters(weight, bias, queries, 2))
-
-
 def test_lists_are_as_wide_as_the_candidates_not_the_sequence():
     g = torch.Generator().manual_seed(1)
     key_cluster = torch.randint(0, 32, (1, 1, 2048), generator=g)
@@ -92,3 +84,9 @@ def test_the_slots_length_depends_on_the_keys_alone():
     lengths = {build_blocks(kc, torch.zeros(1, 1, 40, 1, dtype=torch.long), 4, sink=0, window=1, q_block=16,
                             kv_block=8).slot_pos.shape[-1] for kc in (even, skewed)}
     assert len(lengths) == 1
+
+
+def test_a_blocks_union_holds_the_clusters_its_queries_probe():
+    probed = torch.tensor([[[[0, 1], [1, 2], [3, 0], [3, 3], [4, 4]]]])  # 5 queries, blocks of 2
+    union = block_union(probed, 6, q_block=2)
+    assert [sorted(u for u in row if u >= 0) for row in union[0, 0].tolist()] == [[0, 1, 2], [0, 3], [4]]

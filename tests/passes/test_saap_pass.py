@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 import fvcompile
 
-from fvcompile.kernels.saap_attention import assign_keys, saap_attention_reference
-from fvcompile.kernels.saap_layout import per_query, probe_blocks
+from fvcompile.kernels.saap_attention import assign_keys, probe_clusters, saap_attention_reference
 from fvcompile.models import get
 from fvcompile.models.llama import Llama, apply_rope, rope_tables
 from fvcompile.passes.saap import SAAP, SAAP_OP
@@ -39,7 +38,7 @@ def _compiled(model, saap, tokens):
     return out, backend
 
 
-def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch, query_block=64):
+def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch):
     """The model in eager mode with each attention computed as SAAP: its q and k rotated back to
     before RoPE (RoPE is a rotation: the inverse angle undoes it), the index's layer by call order."""
     cos, sin = model.rope_cos[:SEQ], model.rope_sin[:SEQ]
@@ -49,7 +48,7 @@ def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch, query_b
         i = next(layer)
         q_pre, k_pre = apply_rope(q, cos, -sin), apply_rope(k, cos, -sin)
         key_cluster = assign_keys(index.centroids[i], k_pre)
-        probed = per_query(probe_blocks(index.weight[i], index.bias[i], q_pre, probes, query_block), SEQ, query_block)
+        probed = probe_clusters(index.weight[i], index.bias[i], q_pre, probes)  # each query its own
         return saap_attention_reference(q, k, v, key_cluster, probed, sink=sink, window=window)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     with torch.no_grad():
@@ -71,7 +70,7 @@ def test_fewer_probes_equal_the_eager_saap_model(model_and_index, monkeypatch):
     model, index, tokens = model_and_index
     out, backend = _compiled(model, SAAP(index, probes=1, min_seq_len=16, sink=2, window=4, query_block=8), tokens)
     assert backend.op_count(SAAP_OP) == 2
-    want = _eager_saap(model, index, tokens, 1, 2, 4, monkeypatch, query_block=8)
+    want = _eager_saap(model, index, tokens, 1, 2, 4, monkeypatch)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(out, model(tokens), atol=1e-3)  # it does read fewer keys
@@ -146,9 +145,9 @@ def test_one_query_reading_every_key_is_decode_and_is_rewritten():
         q = module.q(x[:, -1:]).view(1, 1, 4, 8).transpose(1, 2)
         k, v = module.kv(x).view(1, 40, 2, 2, 8).permute(2, 0, 3, 1, 4)
         rope = lambda t, at: apply_rope(t, module.cos[at], module.sin[at])  # noqa: E731
-        probed = probe_blocks(index.weight[0], index.bias[0], q, 1, q_block=64)
+        probed = probe_clusters(index.weight[0], index.bias[0], q, 1)
         want = saap_attention_reference(rope(q, slice(39, 40)), rope(k, slice(0, 40)), v, assign_keys(index.centroids[0], k),
-                                        per_query(probed, 1, 64), sink=2, window=4)
+                                        probed, sink=2, window=4)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
