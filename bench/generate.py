@@ -22,7 +22,7 @@ model without sparse24). Peak memory is measured in a run of its own: what the l
 beyond the weights, its static KV cache included.
 
 Rounds are interleaved (every lever once per round) and the median round is reported; compiles
-happen in a warm-up before the first round. The characterization profiles the decode step eager and
+happen in a warm-up before the first round (for the cached levers a whole untimed run). The characterization profiles the decode step eager and
 compiled (fvcompile/generation/profile.py) and plots it.
 """
 from __future__ import annotations
@@ -41,7 +41,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fvcompile
 from fvcompile.bench.env import environment
-from fvcompile.bench.measure import peak_step_bytes
 from fvcompile.generation.loading import load_model
 from fvcompile.generation.prompts import prompt_batch
 
@@ -134,12 +133,37 @@ def run_lever(run, model, batches, n, device) -> Run:
     return Run(tokens, counted, decode_s, ttft)
 
 
+def peak_bytes(step, device: torch.device) -> int:
+    """The most memory `step()` held at once beyond what was allocated before it. CUDA: the
+    caching allocator's peak. CPU: the profiler's allocation records in time order, each op's own
+    (`self_cpu_memory_usage`: an op's total also holds its callees', which would count them
+    twice) and those made outside any op (`[memory]` events: frees of Python-held tensors)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                     for e in prof.events())
+    held = peak = 0
+    for _, change in changes:
+        held += change
+        peak = max(peak, held)
+    return peak
+
+
 def peak_mib(run, model, batches, n, device) -> float:
-    """Peak memory of one lever on every prompt, in a run of its own (on CPU the profiler records
-    the allocations), plus the static KV cache it keeps between calls (allocated before)."""
+    """Peak memory of one lever on every prompt, in a run of its own, plus the static KV cache it
+    keeps between calls (allocated before)."""
     from fvcompile.generate import _caches
 
-    peak = peak_step_bytes(lambda: run_lever(run, model, batches, n, device), device)
+    peak = peak_bytes(lambda: run_lever(run, model, batches, n, device), device)
     cache = _caches.get(model) if getattr(run, "uses_cache", False) else None
     held = sum(b.numel() * b.element_size() for b in cache.buffers()) if cache is not None else 0
     return (peak + held) / 2**20
@@ -176,7 +200,10 @@ def measure(model, batches, named: dict, args, device) -> list[dict]:
     for name, run in runnable.items():
         print(f"warm-up: {name}", flush=True)
         start = time.perf_counter()
-        run_lever(run, model, batches[:1], min(args.max_new_tokens, 4), device)
+        if getattr(run, "uses_cache", False):  # a whole run: prompt lookup compiles its verify step at a draft
+            run_lever(run, model, batches, args.max_new_tokens, device)
+        else:  # the first call compiles (the length is dynamic from there); a whole run would take minutes
+            run_lever(run, model, batches[:1], min(args.max_new_tokens, 4), device)
         rows[name]["warmup_s"] = time.perf_counter() - start
     runs = {name: [] for name in runnable}
     for r in range(args.rounds):
@@ -244,7 +271,7 @@ def table_markdown(rows: list[dict]) -> str:
         same = "yes" if row["same_tokens_as_first_row"] else (
             f"no (prompt {row['first_difference']['prompt']}, token {row['first_difference']['token']})")
         lines.append(f"| {row['lever']} | {row['tokens_per_s']:.1f} | {row['time_to_first_token_ms']:.1f} ms | "
-                     f"{row['peak_mib']:.1f} MiB | {row['warmup_s']:.1f} s | {same} |")
+                     f"{row['peak_mib']:.3g} MiB | {row['warmup_s']:.1f} s | {same} |")
     return "\n".join(lines)
 
 
