@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import random
 import statistics
 import sys
@@ -743,6 +744,7 @@ def main(argv=None) -> dict:
     index, calibrate_s = load_or_calibrate(model, tokenizer, args)
     print(f"index: {index.meta} ({calibrate_s:.0f} s)", flush=True)
     results = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M")
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
         print(f"--- {seq_len} tokens", flush=True)
         results.append(evaluate_length(model, tokenizer, index, seq_len, args))
@@ -752,17 +754,16 @@ def main(argv=None) -> dict:
             print(f"  {name}: keys read {m['selectivity']:.1%} (kernel {m['kernel_selectivity']:.1%}), recall "
                   f"{m['recall']:.3f}, rel. L2 {m['rel_l2']:.3f}, ppl {_num(m['ppl'])}, pass key "
                   f"{_frac(m['passkey_rows'])}", flush=True)
-    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": "cpu", "torch": torch.__version__,
-              "args": vars(args) | {"out": str(args.out), "index": str(args.index)},
-              "index": index.meta | {"shapes": index.shapes}, "calibrate_s": calibrate_s, "results": results}
-    table = markdown(record)
+        record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "device": "cpu", "torch": torch.__version__, "load_average": os.getloadavg(),
+                  "args": vars(args) | {"out": str(args.out), "index": str(args.index)},
+                  "index": index.meta | {"shapes": index.shapes}, "calibrate_s": calibrate_s, "results": results}
+        table = markdown(record)
+        if args.out:  # after each length: a run cut short keeps the lengths it finished
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"saap_eval_cpu_{stamp}.json").write_text(json.dumps(record, indent=1))
+            (args.out / f"saap_eval_cpu_{stamp}.md").write_text(table)
     print("\n" + table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M")
-        (args.out / f"saap_eval_cpu_{stamp}.json").write_text(json.dumps(record, indent=1))
-        (args.out / f"saap_eval_cpu_{stamp}.md").write_text(table)
     return record
 
 
