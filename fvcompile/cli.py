@@ -456,8 +456,8 @@ def cmd_generate(args) -> None:
     if not args.no_compile:
         with console.status(f"compiling {args.model}'s prefill and decode steps (tens of seconds on CPU)"):
             start = time.perf_counter()
-            fvcompile.generate(model, prompt, max_new_tokens=min(2, args.max_new_tokens),
-                               cache_len=min(cache_len, model_context(model)), **settings)
+            fvcompile.generate(model, prompt, max_new_tokens=min(2, args.max_new_tokens), cache_len=cache_len,
+                               **settings)
         console.print(f"compiled in {time.perf_counter() - start:.1f} s (a warm-up run of 2 tokens)")
     out = fvcompile.generate(model, prompt, max_new_tokens=args.max_new_tokens, cache_len=cache_len, **settings)
     if out.text is not None:
