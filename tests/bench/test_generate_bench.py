@@ -3,6 +3,7 @@ tested in tests/fvcompile/test_generate.py): each lever decodes the eager row's 
 and table say what did not run."""
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,9 @@ def test_the_lever_table_on_a_tiny_llama(tmp_path, capsys):
     fvcompile.reset()
     bench = load_script()
     assert bench.main(["--model", "llama-tiny", "--max-new-tokens", "4", "--rounds", "2", "--levers", "eager,sdpa,cache",
-                       "--no-profile", "--no-sparse24", "--out", str(tmp_path)]) == 0
+                       "--no-profile", "--no-sparse24", "--warm-cache", "--out", str(tmp_path)]) == 0
     fvcompile.reset()
+    assert "fvcompile-generate-bench-" not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")  # --warm-cache: ours kept
     [record_file] = tmp_path.glob("generate_cpu_*_llama-tiny.json")
     rows = {row["lever"]: row for row in json.loads(record_file.read_text())["rows"]}
     measured = [row for row in rows.values() if "skipped" not in row]
