@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fvcompile
 from fvcompile.bench.env import environment
+from fvcompile.bench.measure import peak_step_bytes, sync
 from fvcompile.generation.loading import load_model
 from fvcompile.generation.prompts import prompt_batch
 
@@ -88,11 +89,6 @@ class Run:
     ttft_s: list  # per prompt
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def no_cache_decode(forward, tokens: torch.Tensor, max_new_tokens: int):
     """Greedy decoding that runs the whole sequence at every token: (new tokens, ttft, decode_s)."""
     device = tokens.device
@@ -105,9 +101,9 @@ def no_cache_decode(forward, tokens: torch.Tensor, max_new_tokens: int):
             tokens = torch.cat([tokens, token], dim=1)
             new.append(token)
             if i == 0:
-                _sync(device)
+                sync(device)
                 first = time.perf_counter() - start
-    _sync(device)
+    sync(device)
     return torch.cat(new, dim=1), first, time.perf_counter() - start - first
 
 
@@ -139,37 +135,12 @@ def run_lever(run, model, batches, n, device) -> Run:
     return Run(tokens, counted, decode_s, ttft)
 
 
-def peak_bytes(step, device: torch.device) -> int:
-    """The most memory `step()` held at once beyond what was allocated before it. CUDA: the
-    caching allocator's peak. CPU: the profiler's allocation records in time order, each op's own
-    (`self_cpu_memory_usage`: an op's total also holds its callees', which would count them
-    twice) and those made outside any op (`[memory]` events: frees of Python-held tensors)."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                     for e in prof.events())
-    held = peak = 0
-    for _, change in changes:
-        held += change
-        peak = max(peak, held)
-    return peak
-
-
 def peak_mib(run, model, batches, n, device) -> float:
     """Peak memory of one lever on every prompt, in a run of its own, plus the static KV cache it
     keeps between calls (allocated before)."""
     from fvcompile.generate import _caches
 
-    peak = peak_bytes(lambda: run_lever(run, model, batches, n, device), device)
+    peak = peak_step_bytes(lambda: run_lever(run, model, batches, n, device), device)
     cache = _caches.get(model) if getattr(run, "uses_cache", False) else None
     held = sum(b.numel() * b.element_size() for b in cache.buffers()) if cache is not None else 0
     return (peak + held) / 2**20

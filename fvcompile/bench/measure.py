@@ -68,7 +68,9 @@ def peak_step_bytes(step, device: torch.device) -> int:
     """The most memory one call of `step` held at once beyond what was allocated before it:
     activations, temporaries and gradients, the same for every variant of a model (the
     parameters are not counted: they are alike everywhere). CUDA: the caching allocator's peak;
-    CPU: the allocations the profiler saw, summed in time order."""
+    CPU: the profiler's allocation records in time order, each op's own (`self_cpu_memory_usage`:
+    an op's total also holds its callees', which would count them twice) and those made outside
+    any op (`[memory]` events: frees of Python-held tensors)."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -80,10 +82,11 @@ def peak_step_bytes(step, device: torch.device) -> int:
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                     for e in prof.events())
     held = peak = 0
-    for e in events:
-        held += e.cpu_memory_usage
+    for _, change in changes:
+        held += change
         peak = max(peak, held)
     return peak
 
