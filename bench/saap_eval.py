@@ -58,7 +58,7 @@ from torch import Tensor
 
 import fvcompile
 from fvcompile.kernels.saap_attention import KV_BLOCK, assign_keys, probe_clusters
-from fvcompile.kernels.saap_layout import build_blocks
+from fvcompile.kernels.saap_layout import build_blocks, probe_table
 from fvcompile.models.gguf_loader import load_smollm2
 from fvcompile.passes.saap import SAAP
 from fvcompile.passes.saap_calibration import ROW_BLOCK_BYTES, attention_graph, calibrate
@@ -332,8 +332,8 @@ class ClusterSelection:
     def _reads(self, chunk: Chunk, probed: Tensor) -> Reads:
         """Each query's reads, as a mask over every key (its probes differ from its neighbours')."""
         o, end = self.opts, chunk.end
-        table = torch.zeros(*probed.shape[:3], o.clusters, dtype=torch.bool).scatter_(-1, probed.long(), True)
-        in_probed = table.gather(-1, self.clusters[:, :, None, :end].expand(*probed.shape[:3], end))
+        key_clusters = self.clusters[:, :, None, :end].expand(*probed.shape[:3], end)
+        in_probed = probe_table(probed, o.clusters).gather(-1, key_clusters)
         j, rows = torch.arange(end), chunk.positions()[..., None]
         return Reads(None, (chunk.to_blocks(in_probed) | always(j, rows, o)) & (j <= rows), chunk)
 

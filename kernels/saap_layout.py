@@ -82,10 +82,10 @@ def _per_block(table: Tensor, q_block: int, fill: bool) -> Tensor:
     return padded.view(b, hq, blocks, q_block, c)
 
 
-def block_union(probed: Tensor, clusters: int, q_block: int) -> Tensor:
-    """(B, Hq, nQB, W): the clusters any query of each block of `q_block` probes (probed
-    (B, Hq, Lq, P)), as wide as the largest union, -1 past a block's own."""
-    union = _per_block(probe_table(probed, clusters), q_block, False).any(3)
+def block_union(table: Tensor, q_block: int) -> Tensor:
+    """(B, Hq, nQB, W): the clusters any query of each block of `q_block` probes (`probe_table`'s
+    (B, Hq, Lq, C)), as wide as the largest union, -1 past a block's own."""
+    union = _per_block(table, q_block, False).any(3)
     width = max(int(union.sum(-1).max()), 1)
     order = (~union).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]
     return torch.where(union.gather(-1, order), order, -1)
@@ -116,7 +116,7 @@ def build_blocks(key_cluster: Tensor, probed: Tensor, clusters: int, *, sink: in
         raise ValueError(f"probed (B, Hq, Lq, P) = {tuple(probed.shape)} does not fit key_cluster (B, Hkv, Lk) = "
                          f"{tuple(key_cluster.shape)}")
     table = probe_table(probed, clusters)
-    probed_blocks = block_union(probed, clusters, q_block)
+    probed_blocks = block_union(table, q_block)
     all_probe = _per_block(table, q_block, True).all(3)  # (B, Hq, nQB, C): every query of the block probes it
     n_qb = probed_blocks.shape[2]
     device = key_cluster.device

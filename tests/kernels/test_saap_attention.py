@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fvcompile.kernels.saap_attention import saap_attention_reference, saap_read_mask, selectivity, sparse_attention
-from fvcompile.kernels.saap_layout import build_blocks, per_query
+from fvcompile.kernels.saap_layout import build_blocks
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fvcompile.kernels.saap_attention import saap_read_mask
-from fvcompile.kernels.saap_layout import block_union, build_blocks, pack_bits, per_query, read_mask
+from fvcompile.kernels.saap_layout import block_union, build_blocks, pack_bits, per_query, probe_table, read_mask
 
 CASES = {  # b, hq, hkv, lq, lk, clusters, probes, sink, window, q_block, kv_block
     "prefill_gqa": (2, 4, 2, 37, 37, 5, 2, 3, 4, 8, 4),
@@ -88,5 +88,5 @@ def test_the_slots_length_depends_on_the_keys_alone():
 
 def test_a_blocks_union_holds_the_clusters_its_queries_probe():
     probed = torch.tensor([[[[0, 1], [1, 2], [3, 0], [3, 3], [4, 4]]]])  # 5 queries, blocks of 2
-    union = block_union(probed, 6, q_block=2)
+    union = block_union(probe_table(probed, 6), q_block=2)
     assert [sorted(u for u in row if u >= 0) for row in union[0, 0].tolist()] == [[0, 1, 2], [0, 3], [4]]
