@@ -6,8 +6,8 @@ query and key before RoPE found) whose keys number at least `min_seq_len`, the p
 classifier picks `probes` clusters, and the query reads those clusters, the first `sink` keys and
 the last `window` keys up to itself. The kernels take queries in blocks of `query_block`: each
 block loads the key blocks of the clusters any of its queries probes, and each query reads its own
-(per-query probing, the paper's: probing per block of queries alike cost +70% perplexity on
-SmolLM2 at 8k tokens against +12% per query, bench/README.md). The layer of an attention is
+(per-query probing, the paper's: queries of a block probing alike cost far more quality,
+bench/README.md). The layer of an attention is
 its order in the graph; the index (`saap_calibration.calibrate`) holds one set of centroids and
 classifiers per layer, and an index whose layers, heads or head size differ from the graph's
 is an error that names them. Shorter sequences, masked or non-causal attention and attention
