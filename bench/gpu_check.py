@@ -258,8 +258,8 @@ def suite_bench(out: Path, timeout: float) -> dict:
 # SAAP at Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128), the paper's
 # 1024 clusters with 32 probed, key blocks of 64, a sink of 4 and a window of 64; the CPU dry run
 # takes a tiny version through the interpreter.
-SAAP_LLAMA = dict(hq=32, hkv=8, d=128, clusters=1024, probes=32, kv_block=64, sink=4, window=64)
-SAAP_TINY = dict(hq=4, hkv=2, d=16, clusters=8, probes=2, kv_block=16, sink=4, window=16)
+SAAP_LLAMA = dict(hq=32, hkv=8, d=128, clusters=1024, probes=32, block_probes=64, kv_block=64, sink=4, window=64)
+SAAP_TINY = dict(hq=4, hkv=2, d=16, clusters=8, probes=2, block_probes=4, kv_block=16, sink=4, window=16)
 
 
 def saap_keys(cfg: dict, length: int, dtype: torch.dtype, seed: int = 0):
@@ -276,14 +276,17 @@ def saap_keys(cfg: dict, length: int, dtype: torch.dtype, seed: int = 0):
 
 
 def saap_queries(cfg: dict, key_cluster, lq: int, q_block: int, dtype: torch.dtype, seed: int = 0):
-    """Random queries at the last `lq` positions, each query block probing random clusters, and
-    the block lists. (q (1, Hq, Lq, D), probed (1, Hq, Lq, P), blocks)."""
+    """Random queries at the last `lq` positions, each query block keeping `block_probes` random
+    clusters and each query probing `probes` of them (the op's capped per-query probing), and the
+    block lists. (q (1, Hq, Lq, D), probed (1, Hq, Lq, P), blocks)."""
     from fvcompile.kernels.saap_layout import build_blocks, per_query
 
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     q = torch.randn(1, cfg["hq"], lq, cfg["d"], device=DEVICE, generator=g).to(dtype)
     scores = torch.rand(1, cfg["hq"], -(-lq // q_block), cfg["clusters"], device=DEVICE, generator=g)
-    probed = per_query(scores.topk(cfg["probes"], -1).indices, lq, q_block)
+    kept = per_query(scores.topk(cfg["block_probes"], -1).indices, lq, q_block)  # (1, Hq, Lq, block_probes)
+    mine = torch.rand(kept.shape, device=DEVICE, generator=g).topk(cfg["probes"], -1).indices
+    probed = kept.gather(-1, mine)
     blocks = build_blocks(key_cluster, probed, cfg["clusters"], sink=cfg["sink"], window=cfg["window"],
                           q_block=q_block, kv_block=cfg["kv_block"])
     return q, probed, blocks

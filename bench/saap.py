@@ -6,14 +6,15 @@
 The shapes are SmolLM2-135M's attention (9 query heads, 3 KV heads, head dim 64, fp32). Keys are
 synthetic with cluster structure: each KV head's keys lie around `L / keys-per-cluster`
 centroids, cluster sizes falling off as 1/sqrt(rank), so clusters are uneven as real ones are
-(uneven clusters cost padding). The query classifiers are random; what the kernels' time
-depends on is how many key blocks each query block lists, which `selectivity` reports (query-slot
-pairs computed, padding and masked slots included, over the causal pairs).
+(uneven clusters cost padding). The query classifiers are random, so each query block's union
+is all of its `block_probes` clusters; what the kernels' time depends on is how many key blocks
+each query block lists, which `selectivity` reports (query-slot pairs computed, padding and
+masked slots included, over the causal pairs).
 
 Rows per length, each the median of interleaved repeats:
 - prefill: dense `scaled_dot_product_attention(is_causal=True)`; SAAP's kernel alone on a built
   layout (`sparse_attention`, FlexAttention compiled by Inductor); the whole op (key assignment,
-  block probing, layout, kernel), as the pass runs it;
+  probing, layout, kernel), as the pass runs it;
 - decode (one query over L keys): dense SDPA; SAAP's kernel on a built layout (what a KV cache
   holding the cluster ids would run); the whole op, which assigns every key again each step.
 Times are per head (the call's time divided by the query heads).
@@ -32,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fvcompile.kernels.saap_attention import KV_BLOCK, assign_keys, register_tables, saap_attention, sparse_attention
+from fvcompile.kernels.saap_attention import (KV_BLOCK, assign_keys, probe_clusters, register_tables, saap_attention,
+                                             sparse_attention)
 from fvcompile.kernels.saap_layout import build_blocks
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -42,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-lens", default="8192,16384,32768")
     p.add_argument("--keys-per-cluster", type=int, default=128, help="clusters = tokens / this")
-    p.add_argument("--probe-fraction", type=float, default=0.05, help="clusters probed per query block")
+    p.add_argument("--probe-fraction", type=float, default=0.05, help="clusters probed per query")
+    p.add_argument("--block-probe-fraction", type=float, default=0.125,
+                   help="clusters a block of queries reads together (the op's block_probes)")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--query-block", type=int, default=64)
@@ -65,10 +69,11 @@ def synthetic_inputs(seq_len: int, clusters: int, seed: int = 0) -> dict:
     return dict(q=q, k=k, v=v, centroids=centroids, weight=weight, bias=torch.zeros(Q_HEADS, clusters))
 
 
-def build(inputs: dict, lq: int, probes: int, args) -> object:
+def build(inputs: dict, lq: int, probes: int, block_probes: int, args) -> object:
     """The layout and block lists the op would build for the last `lq` queries."""
     key_cluster = assign_keys(inputs["centroids"], inputs["k"])
-    probed = probe_clusters(inputs["weight"], inputs["bias"], inputs["q"][:, :, -lq:], probes)
+    probed = probe_clusters(inputs["weight"], inputs["bias"], inputs["q"][:, :, -lq:], probes,
+                            query_block=args.query_block, block_probes=block_probes)
     return build_blocks(key_cluster, probed, inputs["centroids"].shape[1], sink=args.sink, window=args.window,
                         q_block=args.query_block, kv_block=KV_BLOCK)
 
@@ -82,14 +87,15 @@ def timed(fn) -> float:
 def measure_length(seq_len: int, args) -> dict:
     clusters = max(seq_len // args.keys_per_cluster, 2)
     probes = max(round(clusters * args.probe_fraction), 1)
+    block_probes = min(max(round(clusters * args.block_probe_fraction), probes), clusters)
     inputs = synthetic_inputs(seq_len, clusters)
     register_tables(f"bench/{seq_len}", inputs["centroids"], inputs["weight"], inputs["bias"])
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    op_kwargs = dict(tables=f"bench/{seq_len}", probes=probes, sink=args.sink, window=args.window,
+    op_kwargs = dict(tables=f"bench/{seq_len}", probes=probes, block_probes=block_probes, sink=args.sink, window=args.window,
                      scale=HEAD_DIM ** -0.5, query_block=args.query_block)
-    row = {"seq_len": seq_len, "clusters": clusters, "probes": probes}
+    row = {"seq_len": seq_len, "clusters": clusters, "probes": probes, "block_probes": block_probes}
     for phase, lq in (("prefill", seq_len), ("decode", 1)):
-        blocks = build(inputs, lq, probes, args)
+        blocks = build(inputs, lq, probes, block_probes, args)
         q_last = q[:, :, -lq:]
         causal_pairs = Q_HEADS * sum(seq_len - lq + 1 + i for i in range(lq))
         variants = {
@@ -120,16 +126,17 @@ def markdown(record: dict) -> str:
     a = record["args"]
     lines = [f"SAAP attention on {record['device']} ({record['threads']} threads), {record['date']}, torch "
              f"{record['torch']}: {Q_HEADS} query / {KV_HEADS} KV heads, head dim {HEAD_DIM}, fp32; clusters = tokens / "
-             f"{a['keys_per_cluster']}, {a['probe_fraction']:.0%} probed per block of {a['query_block']} queries, sink "
+             f"{a['keys_per_cluster']}, {a['probe_fraction']:.0%} probed per query, {a['block_probe_fraction']:.1%} per block of "
+             f"{a['query_block']} queries, sink "
              f"{a['sink']}, window {a['window']}, key blocks of {KV_BLOCK}; median of {a['repeats']} interleaved runs; "
              f"load average {record['load_average_1_5_15min']['before'][0]:.2f} before, "
              f"{record['load_average_1_5_15min']['after'][0]:.2f} after",
-             "", "| tokens | phase | clusters (probed) | slots computed | dense ms/head | SAAP kernel ms/head | speedup | "
+             "", "| tokens | phase | clusters (probed per query, block) | slots computed | dense ms/head | SAAP kernel ms/head | speedup | "
              "SAAP op ms/head | speedup |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in record["results"]:
         for phase in ("prefill", "decode"):
             p, t = r[phase], r[phase]["ms_per_head"]
-            lines.append(f"| {r['seq_len']} | {phase} | {r['clusters']} ({r['probes']}) | {p['selectivity']:.1%} | "
+            lines.append(f"| {r['seq_len']} | {phase} | {r['clusters']} ({r['probes']}, {r['block_probes']}) | {p['selectivity']:.1%} | "
                          f"{t['dense']:.3f} | {t['saap_kernel']:.3f} | {p['kernel_speedup']:.2f}x | {t['saap_op']:.3f} | "
                          f"{p['op_speedup']:.2f}x |")
     return "\n".join(lines) + "\n"

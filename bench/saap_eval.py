@@ -19,8 +19,9 @@ reads, per layer, some of the keys; all are measured the same way:
 
 The methods (`METHODS`):
 - saap: the pass itself, through `fvcompile.optimize`; the per-layer metrics use the pass's
-  selection (each query its classifier's top `probes` clusters; a kernel computes, per block of
-  `query_block` queries, the union of their clusters' key blocks);
+  selection (each query its classifier's top `probes` clusters, among its block's top
+  `--block-probes` if given; a kernel computes, per block of `query_block` queries, the union of
+  their clusters' key blocks);
 - window: the sink and a local window widened so that each query reads as many keys as SAAP
   reads for it (same layer, head and query);
 - quest: Quest's page bounds (pages of `page` keys, per-page elementwise min and max of the
@@ -76,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--query-block", type=int, default=64, help="queries that probe clusters as one")
+    p.add_argument("--block-probes", type=int, help="clusters a query block reads together (default: no cap)")
     p.add_argument("--page", type=int, default=16, help="keys per Quest page")
     p.add_argument("--calibration-rows", type=int, default=2, help="rows of the longest length")
     p.add_argument("--index", type=Path, help="load this index if it exists, else save the calibrated one here")
@@ -304,6 +306,7 @@ class Options:
     query_block: int
     page: int
     clusters: int
+    block_probes: int | None = None
 
 
 def always(pos: Tensor, rows: Tensor, opts: Options) -> Tensor:
@@ -350,7 +353,8 @@ def saap_selection(index, x: LayerInputs, opts: Options) -> ClusterSelection:
     """What the pass selects: keys to their nearest centroid, each query probing its classifier's
     top clusters."""
     layer = x.layer
-    probed = probe_clusters(index.weight[layer], index.bias[layer], x.q_pre, opts.probes)
+    probed = probe_clusters(index.weight[layer], index.bias[layer], x.q_pre, opts.probes, query_block=opts.query_block,
+                            block_probes=opts.block_probes)
     return ClusterSelection(assign_keys(index.centroids[layer], x.k_pre), probed, x.q.shape[1], opts)
 
 
@@ -616,7 +620,8 @@ def load_or_calibrate(model, tokenizer, args):
 
 
 def evaluate_length(model, tokenizer, index, seq_len: int, args) -> dict:
-    opts = Options(args.sink, args.window, args.probes, args.query_block, args.page, index.shapes["clusters"])
+    opts = Options(args.sink, args.window, args.probes, args.query_block, args.page, index.shapes["clusters"],
+                   args.block_probes)
     names = args.methods.split(",")
     skip = -(-index.meta["calibration_tokens"] // seq_len)  # rows after the calibration's text
     rows = passkey_rows(tokenizer, seq_len, [float(d) for d in args.depths.split(",")], skip=skip)
@@ -653,7 +658,7 @@ def evaluate_length(model, tokenizer, index, seq_len: int, args) -> dict:
 def saap_through_pass(model, index, seq_len: int, args):
     """A function of the tokens giving (logits of the model compiled with the saap pass, how),
     or (None, why) once the pass failed (the caller then routes SAAP's selection instead)."""
-    saap_pass = SAAP(index, probes=args.probes, min_seq_len=min(seq_len, 1024), sink=args.sink, window=args.window,
+    saap_pass = SAAP(index, probes=args.probes, block_probes=args.block_probes, min_seq_len=min(seq_len, 1024), sink=args.sink, window=args.window,
                      query_block=args.query_block)
     torch._dynamo.reset()
     compiled = fvcompile.optimize(model, passes=[saap_pass], codegen=False)
@@ -703,7 +708,8 @@ def summarize(seq_len, index, stats, scores, rows, timings, saap_through) -> dic
 def markdown(record: dict) -> str:
     a, meta = record["args"], record["index"]
     lines = [f"SAAP on SmolLM2-135M-Instruct (real weights), {record['date']}, {record['device']}, torch "
-             f"{record['torch']}: {meta['shapes']['clusters']} clusters, {a['probes']} probes, query blocks of {a['query_block']}, "
+             f"{record['torch']}: {meta['shapes']['clusters']} clusters, {a['probes']} probes, query blocks of {a['query_block']} "
+             f"reading {a.get('block_probes') or 'any number of'} clusters together, "
              f"sink {a['sink']}, window {a['window']}, Quest pages of {a['page']}. One index, calibrated on "
              f"{meta['calibration_sequences']} rows of {meta.get('calibration_seq_len')} tokens (Python standard "
              f"library sources, {record['calibrate_s'] / 60:.1f} min), evaluated at each length on the next rows, one "

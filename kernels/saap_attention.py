@@ -27,6 +27,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -75,10 +76,25 @@ def assign_keys(centroids: Tensor, keys: Tensor) -> Tensor:
     return (keys.float() @ centroids.float().transpose(-1, -2)).argmax(-1)
 
 
-def probe_clusters(weight: Tensor, bias: Tensor, queries: Tensor, probes: int) -> Tensor:
+def probe_clusters(weight: Tensor, bias: Tensor, queries: Tensor, probes: int, *, query_block: int = 1,
+                   block_probes: int | None = None) -> Tensor:
     """(..., Hq, Lq, probes): the clusters each query's classifier ranks first (queries
-    (..., Hq, Lq, D), weight (Hq, D, C), bias (Hq, C))."""
+    (..., Hq, Lq, D), weight (Hq, D, C), bias (Hq, C)). With `block_probes`, each block of
+    `query_block` queries (counted from the first query) first keeps the `block_probes` clusters
+    with the most classifier probability summed over its queries, and each query ranks only
+    those: a kernel loads a block's clusters once for all its queries, so this caps what it loads
+    (without the cap, 64 queries probing 4 clusters each cover nearly every cluster together)."""
     logits = queries.float() @ weight.float() + bias.float()[:, None, :]
+    clusters = logits.shape[-1]
+    if block_probes is not None and block_probes < clusters:
+        if block_probes < probes:
+            raise ValueError(f"block_probes ({block_probes}) must be >= probes ({probes})")
+        lq = logits.shape[-2]
+        probs = F.pad(logits.softmax(-1), (0, 0, 0, -lq % query_block))  # the last block padded with zeros
+        mass = probs.unflatten(-2, (-1, query_block)).sum(-2)  # (..., nQB, C)
+        kept = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, mass.topk(block_probes, dim=-1).indices, True)
+        kept = kept.repeat_interleave(query_block, dim=-2)[..., :lq, :]
+        logits = logits.masked_fill(~kept, float("-inf"))
     return logits.topk(probes, dim=-1).indices
 
 
@@ -106,21 +122,22 @@ def _tables(key: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.custom_op("fvcompile::saap_attention", mutates_args=())
 def saap_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, tables: str, probes: int,
-                   sink: int, window: int, scale: float, query_block: int) -> Tensor:
+                   block_probes: int, sink: int, window: int, scale: float, query_block: int) -> Tensor:
     """Causal attention of q over the keys each query reads (module docstring), each query probing
-    its classifier's top `probes` clusters: q, k, v as SDPA takes them (after RoPE); q_pre, k_pre
+    its classifier's top `probes` clusters among its block's top `block_probes` (`probe_clusters`):
+    q, k, v as SDPA takes them (after RoPE); q_pre, k_pre
     the same before RoPE; tables: the key of one layer's part of a SAAP index (`register_tables`).
     Reads only the key blocks listed for each block of `query_block` queries (`sparse_attention`)."""
     centroids, weight, bias = _tables(tables, q.device)
     key_cluster = assign_keys(centroids, k_pre)
-    probed = probe_clusters(weight, bias, q_pre, probes)
+    probed = probe_clusters(weight, bias, q_pre, probes, query_block=query_block, block_probes=block_probes)
     blocks = build_blocks(key_cluster, probed, centroids.shape[1], sink=sink, window=window, q_block=query_block,
                           kv_block=KV_BLOCK)
     return sparse_attention(q, k, v, blocks, sink=sink, window=window, scale=scale)
 
 
 @saap_attention.register_fake
-def _(q, k, v, q_pre, k_pre, *, tables, probes, sink, window, scale, query_block):
+def _(q, k, v, q_pre, k_pre, *, tables, probes, block_probes, sink, window, scale, query_block):
     return q.new_empty(q.shape)
 
 

@@ -35,21 +35,27 @@ SAAP_OP = torch.ops.fvcompile.saap_attention.default
 
 class SAAP(GraphPass):
     """index: a `SAAPIndex` or the path of one; probes: clusters each query reads (None: the
-    index's); min_seq_len: fewer keys stay dense; sink, window: keys always read; query_block:
-    the queries a kernel takes together (it loads each key block once for all of them)."""
+    index's); block_probes: clusters a block of `query_block` queries reads together, each query
+    its best `probes` of them (None: no cap, each query its own best anywhere); min_seq_len: fewer
+    keys stay dense; sink, window: keys always read; query_block: the queries a kernel takes
+    together (it loads each key block once for all of them)."""
 
     name = "saap"
     hook = "post_grad"
     exact = False
     helpers = (saap_index, saap_match, saap_attention, saap_layout, saap_triton)
 
-    def __init__(self, index: SAAPIndex | str | Path, *, probes: int | None = None, min_seq_len: int = 1024,
-                 sink: int = 4, window: int = 64, query_block: int = 64):
+    def __init__(self, index: SAAPIndex | str | Path, *, probes: int | None = None, block_probes: int | None = None,
+                 min_seq_len: int = 1024, sink: int = 4, window: int = 64, query_block: int = 64):
         self.index = index if isinstance(index, SAAPIndex) else SAAPIndex.load(index)
         clusters = self.index.shapes["clusters"]
         self.probes = self.index.meta.get("probes") if probes is None else probes
         if not isinstance(self.probes, int) or not 0 < self.probes <= clusters:
             raise ValueError(f"probes must be an int in 1..{clusters} (the index's clusters), got {self.probes!r}")
+        self.block_probes = clusters if block_probes is None else block_probes
+        if not isinstance(self.block_probes, int) or not self.probes <= self.block_probes <= clusters:
+            raise ValueError(f"block_probes must be an int in {self.probes}..{clusters} (probes to the index's "
+                             f"clusters), got {block_probes!r}")
         for option, value, least in (("min_seq_len", min_seq_len, 1), ("sink", sink, 0), ("window", window, 1),
                                      ("query_block", query_block, 1)):
             if not isinstance(value, int) or value < least:
@@ -61,7 +67,7 @@ class SAAP(GraphPass):
                             self.index.bias[layer])
 
     def options(self):
-        return {"index": self.digest, "probes": self.probes, "min_seq_len": self.min_seq_len,
+        return {"index": self.digest, "probes": self.probes, "block_probes": self.block_probes, "min_seq_len": self.min_seq_len,
                 "sink": self.sink, "window": self.window, "query_block": self.query_block}
 
     def applies_to(self, ctx: PassContext) -> bool:
@@ -83,8 +89,8 @@ class SAAP(GraphPass):
             self._rewrite(gm, site)
             keys, clusters = site.k.meta["val"].shape[-2], self.index.shapes["clusters"]
             result.rewritten.append(Site(site.node.name, kind="attention", ops={str(SAAP_OP): 1}, detail=(
-                f"layer {site.layer}: {self.probes} of {clusters} key clusters per query (in blocks of "
-                f"{self.query_block}), plus {self.sink} sink and {self.window} window keys, over {keys} keys: "
+                f"layer {site.layer}: {self.probes} of {clusters} key clusters per query, {self.block_probes} "
+                f"per block of {self.query_block}, plus {self.sink} sink and {self.window} window keys, over {keys} keys: "
                 f"~{self._expected_read(site):.0%} of the causal keys read if clusters are even")))
         return result
 
@@ -119,7 +125,8 @@ class SAAP(GraphPass):
     def _rewrite(self, gm: fx.GraphModule, site) -> None:
         graph = gm.graph
         scale = site.scale if site.scale is not None else site.q.meta["val"].shape[-1] ** -0.5
-        kwargs = {"tables": self._tables_key(site.layer), "probes": self.probes, "sink": self.sink,
+        kwargs = {"tables": self._tables_key(site.layer), "probes": self.probes, "block_probes": self.block_probes,
+                  "sink": self.sink,
                   "window": self.window, "scale": float(scale), "query_block": self.query_block}
         with graph.inserting_before(site.node):
             new = graph.call_function(SAAP_OP, (site.q, site.k, site.v, site.pre_rope_query, site.pre_rope_key), kwargs)

@@ -13,7 +13,7 @@ import fvcompile  # noqa: F401
 from fvcompile.kernels.saap_attention import (assign_keys, probe_clusters, register_tables,
                                               saap_attention_reference)
 
-PROBES, SINK, WINDOW, QUERY_BLOCK, KEYS_PER_CLUSTER = 4, 4, 64, 64, 256
+PROBES, BLOCK_PROBES, SINK, WINDOW, QUERY_BLOCK, KEYS_PER_CLUSTER = 4, 8, 4, 64, 64, 256
 # The reference holds a (batch, heads, queries, keys) mask: up to this many tokens.
 REFERENCE_MAX_TOKENS = 8192
 
@@ -23,7 +23,7 @@ def problem(batch, q_heads, kv_heads, tokens, dim):
     def rand(*shape):
         return torch.randn(*shape, device=DEVICE, dtype=FLOAT)
 
-    clusters = max(tokens // KEYS_PER_CLUSTER, PROBES)
+    clusters = max(tokens // KEYS_PER_CLUSTER, BLOCK_PROBES)
     key = f"microbench-{q_heads}-{kv_heads}-{dim}-{clusters}"
     tables = (rand(kv_heads, clusters, dim), rand(q_heads, dim, clusters), rand(q_heads, clusters))
     register_tables(key, *tables)
@@ -33,9 +33,9 @@ def problem(batch, q_heads, kv_heads, tokens, dim):
 
 def saap_op(key):
     def run(q, k, v, q_pre, k_pre):
-        return torch.ops.fvcompile.saap_attention(q, k, v, q_pre, k_pre, tables=key, probes=PROBES, sink=SINK,
-                                                  window=WINDOW, scale=1 / math.sqrt(q.shape[-1]),
-                                                  query_block=QUERY_BLOCK)
+        return torch.ops.fvcompile.saap_attention(q, k, v, q_pre, k_pre, tables=key, probes=PROBES,
+                                                  block_probes=BLOCK_PROBES, sink=SINK, window=WINDOW,
+                                                  scale=1 / math.sqrt(q.shape[-1]), query_block=QUERY_BLOCK)
     return run
 
 
@@ -44,7 +44,8 @@ def reference(tables):
 
     def run(q, k, v, q_pre, k_pre):
         return saap_attention_reference(q, k, v, assign_keys(centroids, k_pre),
-                                        probe_clusters(weight, bias, q_pre, PROBES), sink=SINK, window=WINDOW)
+                                        probe_clusters(weight, bias, q_pre, PROBES, query_block=QUERY_BLOCK,
+                                                       block_probes=BLOCK_PROBES), sink=SINK, window=WINDOW)
     return run
 
 

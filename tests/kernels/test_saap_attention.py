@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fvcompile.kernels.saap_attention import saap_attention_reference, saap_read_mask, selectivity, sparse_attention
+from fvcompile.kernels.saap_attention import (probe_clusters, saap_attention_reference, saap_read_mask, selectivity,
+                                             sparse_attention)
 from fvcompile.kernels.saap_layout import build_blocks
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
@@ -113,3 +114,24 @@ def test_sparse_path_equals_the_reference(lq, lk, dtype):
     out = sparse_attention(q, k, v, blocks, sink=2, window=5, scale=0.3)
     want = saap_attention_reference(q, k, v, key_cluster, probed, sink=2, window=5, scale=0.3)
     torch.testing.assert_close(out, want, **TOL[dtype])
+
+
+def test_a_query_block_probes_at_most_block_probes_clusters():
+    g = torch.Generator().manual_seed(3)
+    clusters, probes, q_block, cap = 8, 2, 4, 3
+    weight, bias = torch.randn(2, 16, clusters, generator=g), torch.randn(2, clusters, generator=g)
+    queries = torch.randn(1, 2, 10, 16, generator=g)  # the last block holds 2 queries
+    probed = probe_clusters(weight, bias, queries, probes, query_block=q_block, block_probes=cap)
+    logits = queries @ weight + bias[:, None, :]
+    for h in range(2):
+        for start in range(0, 10, q_block):
+            block = logits[0, h, start:start + q_block]
+            kept = block.softmax(-1).sum(0).topk(cap).indices.tolist()  # the block's most probable clusters
+            for i, row in enumerate(block):
+                want = sorted(kept, key=lambda c: -row[c])[:probes]  # each query its best of those
+                assert sorted(probed[0, h, start + i].tolist()) == sorted(want)
+    uncapped = probe_clusters(weight, bias, queries, probes)
+    assert torch.equal(probe_clusters(weight, bias, queries, probes, query_block=q_block, block_probes=clusters),
+                       uncapped)
+    with pytest.raises(ValueError, match=r"block_probes \(1\) must be >= probes \(2\)"):
+        probe_clusters(weight, bias, queries, probes, query_block=q_block, block_probes=1)

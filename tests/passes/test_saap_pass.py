@@ -38,9 +38,10 @@ def _compiled(model, saap, tokens):
     return out, backend
 
 
-def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch):
+def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch, **block):
     """The model in eager mode with each attention computed as SAAP: its q and k rotated back to
-    before RoPE (RoPE is a rotation: the inverse angle undoes it), the index's layer by call order."""
+    before RoPE (RoPE is a rotation: the inverse angle undoes it), the index's layer by call order;
+    `block`: probe_clusters's query_block and block_probes."""
     cos, sin = model.rope_cos[:SEQ], model.rope_sin[:SEQ]
     layer = iter(range(len(model.layers)))
 
@@ -48,7 +49,7 @@ def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch):
         i = next(layer)
         q_pre, k_pre = apply_rope(q, cos, -sin), apply_rope(k, cos, -sin)
         key_cluster = assign_keys(index.centroids[i], k_pre)
-        probed = probe_clusters(index.weight[i], index.bias[i], q_pre, probes)  # each query its own
+        probed = probe_clusters(index.weight[i], index.bias[i], q_pre, probes, **block)
         return saap_attention_reference(q, k, v, key_cluster, probed, sink=sink, window=window)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     with torch.no_grad():
@@ -66,11 +67,13 @@ def test_every_cluster_probed_is_dense(model_and_index):
 
 
 def test_fewer_probes_equal_the_eager_saap_model(model_and_index, monkeypatch):
-    # Query blocks of 8: the op runs FlexAttention (the one test in make test that compiles it).
+    # Query blocks of 8: the op runs FlexAttention (the one test in make test that compiles it);
+    # each block reads 2 of the 4 clusters together.
     model, index, tokens = model_and_index
-    out, backend = _compiled(model, SAAP(index, probes=1, min_seq_len=16, sink=2, window=4, query_block=8), tokens)
+    saap = SAAP(index, probes=1, block_probes=2, min_seq_len=16, sink=2, window=4, query_block=8)
+    out, backend = _compiled(model, saap, tokens)
     assert backend.op_count(SAAP_OP) == 2
-    want = _eager_saap(model, index, tokens, 1, 2, 4, monkeypatch)
+    want = _eager_saap(model, index, tokens, 1, 2, 4, monkeypatch, query_block=8, block_probes=2)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(out, model(tokens), atol=1e-3)  # it does read fewer keys
@@ -95,6 +98,8 @@ def test_bad_options_and_an_index_of_another_model(model_and_index):
     model, index, tokens = model_and_index
     with pytest.raises(ValueError, match=r"probes must be an int in 1..4"):
         SAAP(index, probes=5)
+    with pytest.raises(ValueError, match=r"block_probes must be an int in 2..4"):
+        SAAP(index, probes=2, block_probes=1)
     with pytest.raises(ValueError, match="window must be an int >= 1"):
         SAAP(index, window=0)
     three_layers = dataclasses.replace(index, centroids=index.centroids[[0, 1, 1]], weight=index.weight[[0, 1, 1]],
