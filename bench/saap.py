@@ -15,8 +15,9 @@ Rows per length, each the median of interleaved repeats:
 - prefill: dense `scaled_dot_product_attention(is_causal=True)`; SAAP's kernel alone on a built
   layout (`sparse_attention`, FlexAttention compiled by Inductor); the whole op (key assignment,
   probing, layout, kernel), as the pass runs it;
-- decode (one query over L keys): dense SDPA; SAAP's kernel on a built layout (what a KV cache
-  holding the cluster ids would run); the whole op, which assigns every key again each step.
+- decode (one query over L keys): dense SDPA; SAAP's kernel on a built layout; the whole op as
+  a static KV cache runs it (`saap_cache_attention`: the new key joins its cluster, the others'
+  clusters kept from the prefill; probing, layout, kernel).
 Times are per head (the call's time divided by the query heads).
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fvcompile.kernels import saap_attention as saap_ops
 from fvcompile.kernels.saap_attention import (KV_BLOCK, assign_keys, probe_clusters, register_tables, saap_attention,
                                              sparse_attention)
 from fvcompile.kernels.saap_layout import build_blocks
@@ -97,11 +99,19 @@ def measure_length(seq_len: int, args) -> dict:
     for phase, lq in (("prefill", seq_len), ("decode", 1)):
         blocks = build(inputs, lq, probes, block_probes, args)
         q_last = q[:, :, -lq:]
+        if phase == "prefill":
+            op = lambda: saap_attention(q_last, k, v, q_last, k, **op_kwargs)  # noqa: E731
+        else:  # the cache's clusters as a prefill through the cache op leaves them
+            saap_ops._cache_clusters(op_kwargs["tables"], k)[:] = assign_keys(inputs["centroids"], k)
+            visible = torch.zeros(1, 1, 1, seq_len)  # additive: every slot up to the query's
+            op = lambda: saap_ops.saap_cache_attention(  # noqa: E731
+                q_last, k, v, visible, q_last, k[:, :, -1:], torch.tensor([seq_len - 1]), k, min_seq_len=1,
+                **op_kwargs)
         causal_pairs = Q_HEADS * sum(seq_len - lq + 1 + i for i in range(lq))
         variants = {
             "dense": lambda: F.scaled_dot_product_attention(q_last, k, v, is_causal=lq > 1, enable_gqa=True),
             "saap_kernel": lambda: sparse_attention(q_last, k, v, blocks, sink=args.sink, window=args.window),
-            "saap_op": lambda: saap_attention(q_last, k, v, q_last, k, **op_kwargs),
+            "saap_op": op,
         }
         with torch.no_grad():
             for fn in variants.values():

@@ -129,16 +129,78 @@ def saap_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor
     the same before RoPE; tables: the key of one layer's part of a SAAP index (`register_tables`).
     Reads only the key blocks listed for each block of `query_block` queries (`sparse_attention`)."""
     centroids, weight, bias = _tables(tables, q.device)
-    key_cluster = assign_keys(centroids, k_pre)
+    return _attend_clusters(q, k, v, assign_keys(centroids, k_pre), q_pre, tables, probes=probes,
+                            block_probes=block_probes, sink=sink, window=window, scale=scale, query_block=query_block)
+
+
+@saap_attention.register_fake
+def _(q, k, v, q_pre, k_pre, *, tables, probes, block_probes, sink, window, scale, query_block):
+    return q.new_empty(q.shape)
+
+
+def _attend_clusters(q, k, v, key_cluster, q_pre, tables, *, probes, block_probes, sink, window, scale, query_block):
+    """SAAP attention of q over k, v whose keys lie in clusters `key_cluster` (B, Hkv, Lk)."""
+    centroids, weight, bias = _tables(tables, q.device)
     probed = probe_clusters(weight, bias, q_pre, probes, query_block=query_block, block_probes=block_probes)
     blocks = build_blocks(key_cluster, probed, centroids.shape[1], sink=sink, window=window, q_block=query_block,
                           kv_block=KV_BLOCK)
     return sparse_attention(q, k, v, blocks, sink=sink, window=window, scale=scale)
 
 
-@saap_attention.register_fake
-def _(q, k, v, q_pre, k_pre, *, tables, probes, block_probes, sink, window, scale, query_block):
+# The cluster of every slot of each KV cache the cached op has seen, by (tables, the key buffer's
+# address and shape): each step assigns only the keys it writes (the paper's decode: a new key
+# joins its nearest centroid); the slots a step reads were all written through the op before.
+_KEY_CLUSTERS: dict[tuple, Tensor] = {}
+
+
+def _cache_clusters(tables: str, key_buffer: Tensor) -> Tensor:
+    key = (tables, key_buffer.data_ptr(), tuple(key_buffer.shape), key_buffer.device)
+    if key not in _KEY_CLUSTERS:
+        _KEY_CLUSTERS[key] = torch.zeros(key_buffer.shape[:3], dtype=torch.long, device=key_buffer.device)
+    return _KEY_CLUSTERS[key]
+
+
+@torch.library.custom_op("fvcompile::saap_cache_attention", mutates_args=())
+def saap_cache_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, q_pre: Tensor, k_new_pre: Tensor,
+                         slots: Tensor, key_buffer: Tensor, *, tables: str, probes: int, block_probes: int, sink: int,
+                         window: int, scale: float, query_block: int, min_seq_len: int) -> Tensor:
+    """Attention over a static KV cache (models/kv_cache.py), as SDPA(q, k, v, attn_mask=mask)
+    computes it, with SAAP where the mask lets each query read exactly the slots up to its own:
+    q (B, Hq, Lq, D) at cache slots `slots` (Lq,); k, v the whole cache (B, Hkv, L, D) with this
+    step's keys written; k_new_pre those keys before RoPE (B, Hkv, Lq, D); key_buffer the cache's
+    key buffer (only its address is read: it names the cache's key clusters). The written keys
+    join their nearest centroids first. With the first n slots filled (the last query at slot
+    n - 1, as prefill and decode of unpadded rows are) and n >= min_seq_len, the queries read as
+    `saap_attention`'s do over those n keys; any other mask (left-padded rows, fewer keys) gets
+    dense attention with that mask."""
+    centroids = _tables(tables, q.device)[0]
+    key_cluster = _cache_clusters(tables, key_buffer)
+    key_cluster[:, :, slots] = assign_keys(centroids, k_new_pre)
+    n = int(slots[-1]) + 1 if slots.numel() else 0
+    if n >= min_seq_len and _is_causal_prefix(mask, slots, n, k.shape[2]):
+        return _attend_clusters(q, k[:, :, :n], v[:, :, :n], key_cluster[:, :, :n], q_pre, tables, probes=probes,
+                                block_probes=block_probes, sink=sink, window=window, scale=scale,
+                                query_block=query_block)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+@saap_cache_attention.register_fake
+def _(q, k, v, mask, q_pre, k_new_pre, slots, key_buffer, *, tables, probes, block_probes, sink, window, scale,
+      query_block, min_seq_len):
     return q.new_empty(q.shape)
+
+
+def _is_causal_prefix(mask: Tensor, slots: Tensor, n: int, length: int) -> bool:
+    """The queries sit at slots n - Lq .. n - 1, and `mask` (bool, or additive 0 / -inf) lets
+    query i read slots 0 .. its own and nothing else, in every row and head."""
+    lq = slots.shape[0]
+    if not torch.equal(slots, torch.arange(n - lq, n, device=slots.device)):
+        return False
+    readable = mask if mask.dtype == torch.bool else mask == 0
+    if mask.dtype != torch.bool and not bool((readable | (mask == float("-inf"))).all()):
+        return False  # an additive mask with other values weights keys, not just hides them
+    causal = torch.arange(length, device=mask.device) <= slots[:, None]
+    return bool((readable == causal).all())
 
 
 # Keys per block of the cluster layout: each cluster is padded to whole blocks, so a smaller block

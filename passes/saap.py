@@ -10,8 +10,11 @@ block loads the key blocks of the clusters any of its queries probes, and each q
 bench/README.md). The layer of an attention is
 its order in the graph; the index (`saap_calibration.calibrate`) holds one set of centroids and
 classifiers per layer, and an index whose layers, heads or head size differ from the graph's
-is an error that names them. Shorter sequences, masked or non-causal attention and attention
-without a found RoPE stay dense, each reported with its reason. Approximate: it runs only when
+is an error that names them. Decoding with a static KV cache (masked
+attention over the cache buffers, `saap_match.CacheWrite`) becomes `fvcompile::saap_cache_attention`:
+each step's keys join their clusters, kept beside the cache, and the step reads as above once
+`min_seq_len` slots are filled. Shorter sequences, other masked or non-causal attention and
+attention without a found RoPE stay dense, each reported with its reason. Approximate: it runs only when
 named, `fvcompile.optimize(model, passes=[SAAP(index=...)])`.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fvcompile.passes.saap_index import SAAPIndex
 from fvcompile.passes.saap_match import find_attention_sites
 
 SAAP_OP = torch.ops.fvcompile.saap_attention.default
+SAAP_CACHE_OP = torch.ops.fvcompile.saap_cache_attention.default
 
 
 class SAAP(GraphPass):
@@ -86,21 +90,28 @@ class SAAP(GraphPass):
                 result.skipped.append(Site(site.node.name, detail=f"layer {site.layer}: stays dense: {why[1]}",
                                            kind="attention", reason=why[0]))
                 continue
-            self._rewrite(gm, site)
-            keys, clusters = site.k.meta["val"].shape[-2], self.index.shapes["clusters"]
-            result.rewritten.append(Site(site.node.name, kind="attention", ops={str(SAAP_OP): 1}, detail=(
-                f"layer {site.layer}: {self.probes} of {clusters} key clusters per query, {self.block_probes} "
-                f"per block of {self.query_block}, plus {self.sink} sink and {self.window} window keys, over {keys} keys: "
-                f"~{self._expected_read(site):.0%} of the causal keys read if clusters are even")))
+            op = self._rewrite(gm, site)
+            clusters = self.index.shapes["clusters"]
+            reads = (f"layer {site.layer}: {self.probes} of {clusters} key clusters per query, {self.block_probes} "
+                     f"per block of {self.query_block}, plus {self.sink} sink and {self.window} window keys")
+            if site.key_cache is None:
+                keys = site.k.meta["val"].shape[-2]
+                reads += f", over {keys} keys: ~{self._expected_read(site):.0%} of the causal keys read if clusters are even"
+            else:
+                reads += (f", over a KV cache: each step's keys join their clusters; dense while under "
+                          f"min_seq_len={self.min_seq_len} keys are filled or rows are padded")
+            result.rewritten.append(Site(site.node.name, kind="attention", ops={str(op): 1}, detail=reads))
         return result
 
     def _dense_reason(self, site) -> tuple[str, str] | None:
         keys = site.k.meta["val"].shape[-2]
-        if keys < self.min_seq_len:
+        cached = site.key_cache is not None and site.value_cache is not None and site.has_mask and not site.is_causal
+        if not cached and keys < self.min_seq_len:
             return "short", f"{keys} keys, below min_seq_len={self.min_seq_len}"
-        if site.has_mask or not _reads_a_causal_prefix(site):
-            return "not_causal", ("SAAP serves causal attention without a mask: queries at the last positions "
-                                  "(is_causal with as many queries as keys, or one query reading every key)")
+        if not cached and (site.has_mask or not _reads_a_causal_prefix(site)):
+            return "not_causal", ("SAAP serves causal attention without a mask (queries at the last positions: "
+                                  "is_causal with as many queries as keys, or one query reading every key), or a "
+                                  "static KV cache's masked attention")
         if site.pre_rope_key is None or site.pre_rope_query is None:
             return "no_rope", site.reason or "no half-split RoPE found on the query"
         q = site.q.meta["val"]
@@ -122,19 +133,26 @@ class SAAP(GraphPass):
         read = [min(n, self.sink + self.window + share * max(n - self.sink - self.window, 0)) for n in causal]
         return sum(read) / sum(causal)
 
-    def _rewrite(self, gm: fx.GraphModule, site) -> None:
+    def _rewrite(self, gm: fx.GraphModule, site):
+        """Put the op in the site's place; return the op."""
         graph = gm.graph
         scale = site.scale if site.scale is not None else site.q.meta["val"].shape[-1] ** -0.5
         kwargs = {"tables": self._tables_key(site.layer), "probes": self.probes, "block_probes": self.block_probes,
-                  "sink": self.sink,
-                  "window": self.window, "scale": float(scale), "query_block": self.query_block}
+                  "sink": self.sink, "window": self.window, "scale": float(scale), "query_block": self.query_block}
+        if site.key_cache is None:
+            op, args = SAAP_OP, (site.q, site.k, site.v, site.pre_rope_query, site.pre_rope_key)
+        else:
+            op, kwargs = SAAP_CACHE_OP, {**kwargs, "min_seq_len": self.min_seq_len}
+            args = (site.q, site.k, site.v, site.mask, site.pre_rope_query, site.pre_rope_key, site.key_cache.slots,
+                    site.key_cache.buffer)
         with graph.inserting_before(site.node):
-            new = graph.call_function(SAAP_OP, (site.q, site.k, site.v, site.pre_rope_query, site.pre_rope_key), kwargs)
+            new = graph.call_function(op, args, kwargs)
         (out,) = site.node.users
         new.meta["val"] = out.meta["val"]
         out.replace_all_uses_with(new)
         graph.erase_node(out)
         graph.erase_node(site.node)
+        return op
 
     def _tables_key(self, layer: int) -> str:
         return f"{self.digest}/{layer}"

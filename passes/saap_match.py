@@ -9,6 +9,11 @@ SAAP clusters keys before RoPE, so a site also names the pre-RoPE key (and query
 is the half-split rotation `x * cos + cat(-x2, x1) * sin` of some x (x1, x2: x's halves along the
 last dim, by `split` or by `slice`; casts around it allowed), as Llama-style models write it.
 Where that pattern is not found, `pre_rope_key` is None and the reason says so.
+
+Decoding with a static KV cache (models/kv_cache.py) attends over the whole cache through a
+mask: there the key and value are the cache buffers with this step's keys written into them
+(`index_put` or `index_copy` along the sequence dim, `CacheWrite`), and the pre-RoPE key is that
+of the written keys.
 """
 from __future__ import annotations
 
@@ -31,6 +36,14 @@ _CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
 
 
 @dataclass
+class CacheWrite:
+    """`buffer` (B, H, L, D) with `new` (B, H, Lq, D) written at slots `slots` (Lq,) of dim 2."""
+    buffer: fx.Node
+    slots: fx.Node
+    new: fx.Node
+
+
+@dataclass
 class AttentionSite:
     node: fx.Node
     layer: int
@@ -41,8 +54,11 @@ class AttentionSite:
     scale: float | None
     has_mask: bool
     pre_rope_query: fx.Node | None
-    pre_rope_key: fx.Node | None
+    pre_rope_key: fx.Node | None  # of the keys written this step where the key is a cache
     reason: str = ""  # why pre_rope_key is None
+    mask: fx.Node | None = None
+    key_cache: CacheWrite | None = None  # the key is a KV cache buffer written this step
+    value_cache: CacheWrite | None = None
 
 
 def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
@@ -55,10 +71,31 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         q, k, v = node.args[:3]
         mask = node.kwargs.get("attn_mask", node.args[mask_at] if mask_at is not None and len(node.args) > mask_at else None)
         is_causal = bool(node.kwargs.get("is_causal", node.args[causal_at] if len(node.args) > causal_at else False))
-        pre_k, pre_q = unrope(k), unrope(q)
+        key_cache, value_cache = cache_write(k), cache_write(v)
+        pre_k, pre_q = unrope(key_cache.new if key_cache else k), unrope(q)
         sites.append(AttentionSite(node, len(sites), q, k, v, is_causal, node.kwargs.get("scale"), mask is not None,
-                                   pre_q, pre_k, "" if pre_k is not None else "no half-split RoPE found on the key"))
+                                   pre_q, pre_k, "" if pre_k is not None else "no half-split RoPE found on the key",
+                                   mask, key_cache, value_cache))
     return sites
+
+
+def cache_write(node: fx.Node) -> CacheWrite | None:
+    """The cache write `node` is (`index_put(buffer, [None, None, slots], new)` or
+    `index_copy(buffer, 2, slots, new)`, `buffer` a graph input), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.target == aten.index_put.default:
+        buffer, indices, new = node.args[:3]
+        if len(node.args) > 3 and node.args[3] or len(indices) != 3 or indices[0] is not None or indices[1] is not None:
+            return None  # accumulate=True, or not the sequence dim alone
+        slots = indices[2]
+    elif node.target == aten.index_copy.default and node.args[1] in (2, -2):
+        buffer, _, slots, new = node.args
+    else:
+        return None
+    if not isinstance(buffer, fx.Node) or buffer.op != "placeholder" or buffer.meta["val"].dim() != 4:
+        return None
+    return CacheWrite(buffer, slots, new)
 
 
 def unrope(node: fx.Node) -> fx.Node | None:

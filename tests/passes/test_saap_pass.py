@@ -12,7 +12,7 @@ import fvcompile
 from fvcompile.kernels.saap_attention import assign_keys, probe_clusters, saap_attention_reference
 from fvcompile.models import get
 from fvcompile.models.llama import Llama, apply_rope, rope_tables
-from fvcompile.passes.saap import SAAP, SAAP_OP
+from fvcompile.passes.saap import SAAP, SAAP_CACHE_OP, SAAP_OP
 from fvcompile.passes.saap_calibration import calibrate
 from fvcompile.passes.saap_index import SAAPIndex
 from fvcompile.testing import PassTestBackend
@@ -42,7 +42,7 @@ def _eager_saap(model, index, tokens, probes, sink, window, monkeypatch, **block
     """The model in eager mode with each attention computed as SAAP: its q and k rotated back to
     before RoPE (RoPE is a rotation: the inverse angle undoes it), the index's layer by call order;
     `block`: probe_clusters's query_block and block_probes."""
-    cos, sin = model.rope_cos[:SEQ], model.rope_sin[:SEQ]
+    cos, sin = model.rope_cos[:tokens.shape[1]], model.rope_sin[:tokens.shape[1]]
     layer = iter(range(len(model.layers)))
 
     def sdpa(q, k, v, is_causal, enable_gqa):
@@ -165,3 +165,42 @@ def test_causal_with_fewer_queries_than_keys_stays_dense():
     assert [s.reason for s in backend.sites("saap", rewritten=False)] == ["not_causal"]
     with torch.no_grad():
         torch.testing.assert_close(out, module(x))
+
+
+def test_decoding_through_a_kv_cache_reads_as_saap_over_the_filled_slots(model_and_index, monkeypatch):
+    # Prefill 32 tokens, then decode two, through the model's static cache: each step's logits
+    # equal the eager SAAP model's last ones on the whole sequence so far.
+    model, index, tokens = model_and_index
+    saap = SAAP(index, probes=1, min_seq_len=16, sink=2, window=4, query_block=8)
+    cache = model.new_kv_cache(1, SEQ + 8)
+    start = torch.zeros(1, dtype=torch.long)
+    backend = PassTestBackend(saap)
+    torch._dynamo.reset()
+    step = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    sequence = tokens
+    with torch.no_grad():
+        logits = step(tokens, cache, torch.arange(SEQ), start)
+        torch.testing.assert_close(logits, _eager_saap(model, index, tokens, 1, 2, 4, monkeypatch), atol=1e-5, rtol=1e-5)
+        for pos in (SEQ, SEQ + 1):
+            sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], 1)
+            logits = step(sequence[:, -1:], cache, torch.tensor([pos]), start)
+            want = _eager_saap(model, index, sequence, 1, 2, 4, monkeypatch)[:, -1:]
+            torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    # 2 layers in each graph (prefill, decode; Dynamo may compile decode twice), none dense.
+    assert backend.op_count(SAAP_CACHE_OP) in (4, 6) and not backend.sites("saap", rewritten=False)
+
+
+def test_the_cache_op_is_dense_where_rows_are_padded(model_and_index):
+    # A left-padded row's mask hides the slots before its start: no causal prefix, so SDPA with the mask.
+    _, index, _ = model_and_index
+    saap = SAAP(index, probes=1, min_seq_len=4, sink=2, window=4, query_block=8)  # registers the tables
+    g = torch.Generator().manual_seed(0)
+    q, q_pre = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 4, 1, 16, generator=g)
+    k, v = torch.randn(2, 2, 12, 16, generator=g), torch.randn(2, 2, 12, 16, generator=g)
+    slots = torch.tensor([9])
+    readable = (torch.arange(12) <= 9) & (torch.arange(12)[None, :] >= torch.tensor([[0], [3]]))  # row 1 starts at 3
+    mask = torch.where(readable, 0.0, float("-inf"))[:, None, None, :]
+    out = torch.ops.fvcompile.saap_cache_attention(
+        q, k, v, mask, q_pre, k[:, :, 9:10], slots, k, tables=saap._tables_key(0), probes=1, block_probes=4, sink=2,
+        window=4, scale=0.25, query_block=8, min_seq_len=4)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True))
