@@ -1,5 +1,6 @@
 # Two commands do all the set-up: `make test` and `make bench`.
-# (tests/conftest.py turns on the Triton interpreter on machines without a GPU.)
+# (tests/conftest.py turns on the Triton interpreter on machines without a GPU; pytest-xdist runs the
+# tests on every core: Inductor's cold compiles are mostly one thread each.)
 # GPU users: `make bench TORCH_SPEC=` keeps the torch already in the venv / system.
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --durations=15 $(PYTEST_ARGS)
 
 # Every Triton kernel compiled for sm80/sm90 with the GPU machine's Triton (make test uses the
 # newest): run before a GPU session. The second Triton goes into a folder of its own.

@@ -15,15 +15,15 @@ Each lever adds one thing to the row above it:
 - CUDA graphs: the decode step as a CUDA graph (`mode="reduce-overhead"`), GPU only;
 - prompt lookup: drafts looked up in the context, checked k at a time (greedy output kept).
 Then sparse24 on a Squared-ReLU Llama of the model's shape (random weights), against the same
-model without it (saap: bench/saap.py, its prompts being long). Every row reports decode tokens
-per second (after the first token, all prompts together), time to first token (mean over
-prompts), peak memory, the compile time of its warm-up, and whether its tokens equal its group's
-first row's (eager; the Squared-ReLU model without sparse24). Peak memory is measured in a run
-of its own: what the lever allocates beyond the weights, its static KV cache included. Rounds
-are interleaved (every lever once per round) and the median round is reported; compiles happen
-in a warm-up before the first round (for the cached levers a whole untimed run), in a fresh
-Inductor cache unless --warm-cache (so its time is a cold compile's). The characterization
-profiles the decode step eager and compiled (fvcompile/generation/profile.py) and plots it.
+model without it. Every row reports decode tokens per second (after the first token, all prompts
+together), time to first token (mean over prompts), peak memory, the compile time of its
+warm-up, and whether its tokens equal its group's first row's (eager; the Squared-ReLU model
+without sparse24). Peak memory is measured in a run of its own: what the lever allocates beyond
+the weights, its static KV cache included. Rounds are interleaved (every lever once per round)
+and the median round is reported; compiles happen in a warm-up before the first round (for the
+cached levers a whole untimed run), in a fresh Inductor cache unless --warm-cache (so its time
+is a cold compile's). The characterization profiles the decode step eager and compiled
+(fvcompile/generation/profile.py) and plots it.
 """
 from __future__ import annotations
 
@@ -270,8 +270,6 @@ def main(argv=None) -> int:
     # One cache length for every cached lever and prompt: each compiled step keeps its shapes.
     cache_len = min(longest + args.max_new_tokens + args.prompt_lookup + 1, model.cfg.max_seq_len)
     rows = measure(model, batches, levers(model, device, args, cache_len), args, device)
-    rows.append({"lever": "saap (long prompts)", "skipped": "these prompts are under SAAP's min_seq_len; its decode "
-                 "through the cache is timed by bench/saap.py, its quality by bench/saap_eval.py"})
     if not args.no_sparse24:
         rows += sparse24_rows(model, batches, args, device, cache_len)
     profiles = [] if args.no_profile else characterization(model, batches, args)

@@ -24,7 +24,8 @@ def pytest_collection_finish(session):
     module with `start_in_background(config, items)` gets it called with its selected items of
     the test named by its `TEST_NAME` (the sm80/sm90 compile, the real-Inductor model parity).
     The children run at low priority on the core that the mostly single-threaded run leaves idle;
-    each test waits for its children's verdict at the end of the run."""
+    each test waits for its children's verdict at the end of the run. Under pytest-xdist (`make
+    test` runs `-n auto`) the workers run those tests themselves, on every core."""
     if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return  # nothing to run; or a pytest-xdist worker, which runs only some of the items
     by_module = {}
