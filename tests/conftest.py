@@ -13,10 +13,22 @@ def _waits_on_children(item) -> bool:
     return hasattr(module, "start_in_background") and item.originalname == getattr(module, "TEST_NAME", None)
 
 
+def _slow_first(item) -> int:
+    """0 for the longest tests (the children's work, run inline), then those that spawn processes
+    or compile with Inductor, then the rest."""
+    if _waits_on_children(item):
+        return 0
+    return 1 if item.get_closest_marker("distributed") or item.get_closest_marker("inductor") else 2
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that wait on children (below) run last: their children then have the whole run
-    to finish, and the rest of the run does not wait for them."""
-    items.sort(key=_waits_on_children)  # stable: the order is kept within each group
+    """One process: the tests that wait on children (below) run last, so that their children have
+    the whole run to finish. Under pytest-xdist: the slowest tests run first, so that the workers
+    end together (longest first) instead of one of them finishing a long test alone."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=_slow_first)
+    else:
+        items.sort(key=_waits_on_children)  # stable: the order is kept within each group
 
 
 def pytest_collection_finish(session):
