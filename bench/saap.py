@@ -15,9 +15,10 @@ Rows per length, each the median of interleaved repeats:
 - prefill: dense `scaled_dot_product_attention(is_causal=True)`; SAAP's kernel alone on a built
   layout (`sparse_attention`, FlexAttention compiled by Inductor); the whole op (key assignment,
   probing, layout, kernel), as the pass runs it;
-- decode (one query over L keys): dense SDPA; SAAP's kernel on a built layout; the whole op as
+- decode (one query over L keys): dense SDPA; SAAP's decode path (`decode_attention`: the read
+  keys found from their clusters and gathered, no layout); the whole op as
   a static KV cache runs it (`saap_cache_attention`: the new key joins its cluster, the others'
-  clusters kept from the prefill; probing, layout, kernel).
+  clusters kept from the prefill; probing, gathering, attention).
 Times are per head (the call's time divided by the query heads).
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from fvcompile.kernels import saap_attention as saap_ops
-from fvcompile.kernels.saap_attention import (KV_BLOCK, assign_keys, probe_clusters, register_tables, saap_attention,
-                                             sparse_attention)
+from fvcompile.kernels.saap_attention import (KV_BLOCK, assign_keys, decode_attention, probe_clusters, register_tables,
+                                             saap_attention, saap_read_mask, sparse_attention)
 from fvcompile.kernels.saap_layout import build_blocks
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -71,13 +72,12 @@ def synthetic_inputs(seq_len: int, clusters: int, seed: int = 0) -> dict:
     return dict(q=q, k=k, v=v, centroids=centroids, weight=weight, bias=torch.zeros(Q_HEADS, clusters))
 
 
-def build(inputs: dict, lq: int, probes: int, block_probes: int, args) -> object:
-    """The layout and block lists the op would build for the last `lq` queries."""
+def select(inputs: dict, lq: int, probes: int, block_probes: int, args) -> tuple:
+    """The keys' clusters and the clusters each of the last `lq` queries probes, as the op finds them."""
     key_cluster = assign_keys(inputs["centroids"], inputs["k"])
     probed = probe_clusters(inputs["weight"], inputs["bias"], inputs["q"][:, :, -lq:], probes,
                             query_block=args.query_block, block_probes=block_probes)
-    return build_blocks(key_cluster, probed, inputs["centroids"].shape[1], sink=args.sink, window=args.window,
-                        q_block=args.query_block, kv_block=KV_BLOCK)
+    return key_cluster, probed
 
 
 def timed(fn) -> float:
@@ -93,15 +93,23 @@ def measure_length(seq_len: int, args) -> dict:
     inputs = synthetic_inputs(seq_len, clusters)
     register_tables(f"bench/{seq_len}", inputs["centroids"], inputs["weight"], inputs["bias"])
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    op_kwargs = dict(tables=f"bench/{seq_len}", probes=probes, block_probes=block_probes, sink=args.sink, window=args.window,
-                     scale=HEAD_DIM ** -0.5, query_block=args.query_block)
+    op_kwargs = dict(tables=f"bench/{seq_len}", probes=probes, block_probes=block_probes, sink=args.sink,
+                     window=args.window, scale=HEAD_DIM ** -0.5, query_block=args.query_block)
     row = {"seq_len": seq_len, "clusters": clusters, "probes": probes, "block_probes": block_probes}
     for phase, lq in (("prefill", seq_len), ("decode", 1)):
-        blocks = build(inputs, lq, probes, block_probes, args)
+        key_cluster, probed = select(inputs, lq, probes, block_probes, args)
         q_last = q[:, :, -lq:]
-        if phase == "prefill":
+        if phase == "prefill":  # FlexAttention over the cluster layout's listed blocks
+            blocks = build_blocks(key_cluster, probed, inputs["centroids"].shape[1], sink=args.sink,
+                                  window=args.window, q_block=args.query_block, kv_block=KV_BLOCK)
+            kernel = lambda: sparse_attention(q_last, k, v, blocks, sink=args.sink, window=args.window)  # noqa: E731
+            computed = blocks.slots_read(lq)
             op = lambda: saap_attention(q_last, k, v, q_last, k, **op_kwargs)  # noqa: E731
-        else:  # the cache's clusters as a prefill through the cache op leaves them
+        else:  # the read keys gathered, no layout
+            kernel = lambda: decode_attention(q_last, k, v, key_cluster, probed, sink=args.sink,  # noqa: E731
+                                              window=args.window)
+            computed = int(saap_read_mask(key_cluster, probed, sink=args.sink, window=args.window).sum())
+            # The op through a cache, its clusters as a prefill through the cache op leaves them.
             saap_ops._cache_clusters(op_kwargs["tables"], k)[:] = assign_keys(inputs["centroids"], k)
             visible = torch.zeros(1, 1, 1, seq_len)  # additive: every slot up to the query's
             op = lambda: saap_ops.saap_cache_attention(  # noqa: E731
@@ -110,7 +118,7 @@ def measure_length(seq_len: int, args) -> dict:
         causal_pairs = Q_HEADS * sum(seq_len - lq + 1 + i for i in range(lq))
         variants = {
             "dense": lambda: F.scaled_dot_product_attention(q_last, k, v, is_causal=lq > 1, enable_gqa=True),
-            "saap_kernel": lambda: sparse_attention(q_last, k, v, blocks, sink=args.sink, window=args.window),
+            "saap_kernel": kernel,
             "saap_op": op,
         }
         with torch.no_grad():
@@ -123,7 +131,7 @@ def measure_length(seq_len: int, args) -> dict:
         per_head = {name: statistics.median(t) / Q_HEADS * 1e3 for name, t in times.items()}
         row[phase] = {"ms_per_head": per_head, "spread_ms_per_head": {
             name: (max(t) - min(t)) / Q_HEADS * 1e3 for name, t in times.items()},
-            "selectivity": blocks.slots_read(lq) / causal_pairs,
+            "selectivity": computed / causal_pairs,
             "kernel_speedup": per_head["dense"] / per_head["saap_kernel"],
             "op_speedup": per_head["dense"] / per_head["saap_op"]}
         print(f"{seq_len} {phase}: dense {per_head['dense']:.3f} ms/head, SAAP kernel {per_head['saap_kernel']:.3f} "

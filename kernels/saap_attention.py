@@ -142,6 +142,8 @@ def _attend_clusters(q, k, v, key_cluster, q_pre, tables, *, probes, block_probe
     """SAAP attention of q over k, v whose keys lie in clusters `key_cluster` (B, Hkv, Lk)."""
     centroids, weight, bias = _tables(tables, q.device)
     probed = probe_clusters(weight, bias, q_pre, probes, query_block=query_block, block_probes=block_probes)
+    if q.shape[2] == 1 and not q.is_cuda:
+        return decode_attention(q, k, v, key_cluster, probed, sink=sink, window=window, scale=scale)
     blocks = build_blocks(key_cluster, probed, centroids.shape[1], sink=sink, window=window, q_block=query_block,
                           kv_block=KV_BLOCK)
     return sparse_attention(q, k, v, blocks, sink=sink, window=window, scale=scale)
@@ -256,6 +258,36 @@ def _one_query_block(q, k, v, blocks, *, lk, sink, window, scale):
     scale = 1 / math.sqrt(d) if scale is None else scale
     scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
     return (scores.masked_fill(~read, float("-inf")).softmax(-1) @ values.float()).to(q.dtype)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_cluster: Tensor, probed: Tensor, *, sink: int, window: int,
+                     scale: float | None = None) -> Tensor:
+    """Decode on CPU: one query per row and head (q (B, Hq, 1, D), the last position) over k, v
+    (B, Hkv, Lk, D). The keys it reads (the module docstring's rule) are found from their
+    clusters alone, gathered to the front, and attended over; no layout is built (a decode step
+    would spend more sorting the keys by cluster than attending), and the unread keys' vectors
+    are never touched."""
+    b, hq, _, d = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    group = hq // kv_heads
+    clusters = key_cluster.long().repeat_interleave(group, dim=1)  # (B, Hq, Lk)
+    size = max(int(clusters.max()) if lk else 0, int(probed.max()) if probed.numel() else 0) + 1
+    table = torch.zeros(b, hq, size, dtype=torch.bool, device=q.device)  # the clusters each query probes
+    table.scatter_(-1, probed[:, :, 0].long(), True)
+    key = torch.arange(lk, device=q.device)
+    read = table.gather(-1, clusters) | (key < sink) | (lk - 1 - key < window)  # (B, Hq, Lk)
+    count = read.sum(-1)
+    width = max(int(count.max()), 1)
+    index = torch.zeros(b, hq, width + 1, dtype=torch.long, device=q.device)  # the last column: a bin
+    index.scatter_(-1, torch.where(read, read.cumsum(-1) - 1, width), key.expand(b, hq, -1))
+    index = index[..., :width]
+    rows = torch.arange(b, device=q.device)[:, None, None]
+    heads = (torch.arange(hq, device=q.device) // group)[None, :, None]
+    keys, values = k[rows, heads, index].float(), v[rows, heads, index].float()  # (B, Hq, width, D)
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    scores = (q.float() @ keys.transpose(-1, -2)) * scale  # (B, Hq, 1, width)
+    valid = torch.arange(width, device=q.device) < count[..., None]
+    return (scores.masked_fill(~valid[:, :, None, :], float("-inf")).softmax(-1) @ values).to(q.dtype)
 
 
 def _first(count: Tensor, width: int) -> Tensor:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fvcompile.kernels.saap_attention import (probe_clusters, saap_attention_reference, saap_read_mask, selectivity,
-                                             sparse_attention)
+from fvcompile.kernels.saap_attention import (decode_attention, probe_clusters, saap_attention_reference,
+                                             saap_read_mask, selectivity, sparse_attention)
 from fvcompile.kernels.saap_layout import build_blocks
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
@@ -135,3 +135,12 @@ def test_a_query_block_probes_at_most_block_probes_clusters():
                        uncapped)
     with pytest.raises(ValueError, match=r"block_probes \(1\) must be >= probes \(2\)"):
         probe_clusters(weight, bias, queries, probes, query_block=q_block, block_probes=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_equals_the_reference(dtype):
+    # One query per row and head, its keys found from their clusters and gathered (no layout).
+    q, k, v, key_cluster, probed = _inputs(lq=1, lk=40, clusters=6, dtype=dtype, seed=7)
+    out = decode_attention(q, k, v, key_cluster, probed, sink=3, window=5, scale=0.3)
+    want = saap_attention_reference(q, k, v, key_cluster, probed, sink=3, window=5, scale=0.3)
+    torch.testing.assert_close(out, want, **TOL[dtype])
