@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: test bench bench-micro install clean gpu-compile
+.PHONY: test bench bench-micro install browser clean gpu-compile
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,17 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
-install: $(STAMP)
+# A real browser for the HTML report's test (tests/fvcompile/test_report_html.py): Debian's chromium,
+# installed once where it is missing and apt-get exists (CI runs as root); elsewhere that test skips,
+# saying why. Apart from the pip stamp: a new pyproject.toml does not reinstall it.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || ! command -v apt-get >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: the HTML report's browser test will skip"
 
-test: $(STAMP)
+install: $(STAMP) browser
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q -n auto --durations=15 $(PYTEST_ARGS)
 
 # Every Triton kernel compiled for sm80/sm90 with the GPU machine's Triton (make test uses the

@@ -196,6 +196,9 @@ def _config_patches(passes, own: dict, options: dict, mode, graph_report: GraphR
     if dumper or own.get("disable_caches") or not graph_report.codegen:
         # The passes must run to be seen; a codegen=False graph is FX code, which no cache keeps.
         patches["force_disable_caches"] = True
+    if dumper:
+        # Which FX nodes each generated kernel came from, for the dump's provenance files.
+        patches["trace.provenance_tracking_level"] = 1
     return patches
 
 

@@ -1,4 +1,4 @@
-"""The `fvcompile` command: `models`, `bench`, `inspect`, `calibrate` and `generate`."""
+"""The `fvcompile` command: `models`, `bench`, `inspect`, `report`, `calibrate` and `generate`."""
 from __future__ import annotations
 
 import argparse
@@ -313,13 +313,33 @@ def cmd_inspect(args) -> None:
     if args.from_dir is not None:
         if args.model or args.out:
             args.usage_error("--from reads a dump already written: give it without a model or --out")
-        _print_dumps(args.from_dir, args.rank)
+        if args.html:
+            _write_html(args.from_dir, args.html, "all" if args.rank is None else args.rank, args.max_nodes)
+        else:
+            _print_dumps(args.from_dir, args.rank)
         return
-    if not (args.model and args.out):
-        args.usage_error("give a model and --out DIR to compile and dump, or --from DIR to read a dump")
+    if not (args.model and (args.out or args.html)):
+        args.usage_error("give a model and --out DIR (or --html DIR) to compile and dump, or --from DIR to read a dump")
     if args.rank is not None:
         args.usage_error("--rank picks a rank of a dump read with --from DIR")
+    if args.out is None:  # --html alone: the dump goes beside the page
+        args.out = str(Path(args.html) / "dump")
     _compile_and_dump(args)
+    if args.html:
+        _write_html(args.out, args.html, "all", args.max_nodes)
+
+
+def cmd_report(args) -> None:
+    _write_html(args.dump_dir, args.html or args.dump_dir, "all" if args.rank is None else args.rank, args.max_nodes)
+
+
+def _write_html(dump_dir: str, out: str, rank, max_nodes: int) -> None:
+    from rich.markup import escape
+
+    from fvcompile.html_report import write_html_report
+
+    path = write_html_report(dump_dir, out, rank=rank, max_nodes=max_nodes)
+    _console().print(f"wrote {escape(str(path))}: open it in a browser (one file, works offline)", soft_wrap=True)
 
 
 def _compile_and_dump(args) -> None:
@@ -330,7 +350,7 @@ def _compile_and_dump(args) -> None:
 
     spec = get(args.model)
     torch.manual_seed(0)
-    model = spec.build()
+    model = spec.build().to(args.device)
     if args.task == "infer":
         model.eval()  # the inference graph `bench` measures (dropout off, BatchNorm's running stats)
     optimized = fvcompile.optimize(model, passes=args.passes, dump_dir=args.out, codegen=not args.no_codegen)
@@ -559,7 +579,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what an earlier run dumped into DIR (its --out, or optimize's dump_dir=)")
     p.add_argument("--rank", type=_rank_arg, metavar="N|all",
                    help="with --from: the rank to show, or 'all' (default: every rank found)")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--html", metavar="OUT",
+                   help="also write the HTML report to OUT/index.html (the dump goes to OUT/dump without --out)")
+    p.add_argument("--max-nodes", type=_positive_int, default=1000,
+                   help="with --html: graphs with more nodes are summarized, not drawn (default 1000)")
     p.set_defaults(fn=cmd_inspect, usage_error=p.error)
+
+    p = sub.add_parser("report", help="write the HTML report of a dump folder (inspect's --out, optimize's dump_dir=)",
+                       description="One self-contained HTML page of a dump: per graph the pass pipeline, each "
+                                   "pass's graph before and after (drawn, changes highlighted) and its diff, graph "
+                                   "statistics, Inductor's IR and code, kernels with their FX nodes and source lines, "
+                                   "and the OptimizeReport.")
+    p.add_argument("dump_dir", help="the dump folder")
+    p.add_argument("--html", metavar="OUT", help="folder for index.html (default: the dump folder)")
+    p.add_argument("--rank", type=_rank_arg, metavar="N|all", help="the rank to show, or 'all' (default)")
+    p.add_argument("--max-nodes", type=_positive_int, default=1000,
+                   help="graphs with more nodes are summarized, not drawn (default 1000)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("calibrate", help="fit an approximate pass's offline data (saap: its index)")
     p.add_argument("pass_name", choices=["saap"], help="the pass to calibrate")

@@ -8,9 +8,16 @@ Layout of a dump directory written by one process:
     graph_<id>/NN_<kind>_at_<hook>_hook.py  the graph as it reaches a hook (kind: joint, inference,
                                     forward, backward; hook: any hook name, e.g. joint, post_grad)
     graph_<id>/NN_<kind>_<pass>_after.py / .diff   after each pass, and what it changed
+    graph_<id>/NN_<...>.graph.json  beside each graph above: its nodes with shapes, FLOPs and bytes
+                                    (fvcompile.graph_stats), for the HTML report
     graph_<id>/NN_<name>.txt        a text artifact that is no FX graph (`Dumper.write_text`),
                                     e.g. Inductor's scheduler nodes at the fusion hooks
     graph_<id>/NN_output_code_<kind>.py   Inductor's generated code
+    graph_<id>/NN_provenance_<kind>.json  each generated kernel's post-grad FX nodes and stack traces
+                                    (Inductor's provenance tracking, on while dumping)
+
+With TORCH_TRACE set, every file is also a structured-trace artifact named `fvcompile_<graph>_<file>`
+(the report: `fvcompile_report`), so tlparse lists them beside Inductor's own artifacts.
 
 With several ranks (torch.distributed initialized, world size > 1), each rank writes that same
 layout into its own folder and nothing else, so no two ranks ever write the same path:
@@ -28,6 +35,7 @@ from pathlib import Path
 
 from torch import fx
 
+from fvcompile.graph_stats import graph_record
 from fvcompile.report import OptimizeReport
 
 
@@ -55,6 +63,19 @@ def _unused(root: Path, stem: str, suffix: str = "") -> str:
         run += 1
         name = f"{stem}_run{run}{suffix}"
     return name
+
+
+def _trace_artifact(name: str, text: str, encoding: str = "string") -> None:
+    """`text` as a structured-trace artifact (a no-op unless TORCH_TRACE or TORCH_LOGS ask for them)."""
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding},
+                     payload_fn=lambda: text, expect_trace_id=False)
+
+
+def artifact_name(key: str, file_name: str) -> str:
+    """The structured-trace name of a dump file, e.g. fvcompile_graph_0_0_05_forward_at_post_grad_hook_py."""
+    return "fvcompile_" + re.sub(r"[^0-9a-zA-Z_]+", "_", f"{key}_{file_name}")
 
 
 def _check_file_name(name: str) -> None:
@@ -93,12 +114,22 @@ class Dumper:
         self.report_name = _report_files[key][1]
         self.count = 0
         self._before = ""
+        self._traced_report = ""  # the report as last emitted to the structured trace
 
-    def _write(self, name: str, text: str) -> None:
+    def _write(self, name: str, text: str, number: int | None = None) -> Path:
+        """Write `NN_name` (NN: the next number, or `number` for a file beside an earlier one),
+        index it, and emit it as a structured-trace artifact."""
         _check_file_name(name)
-        path = self.dir / f"{self.count:02d}_{name}"
-        self.count += 1
+        if number is None:
+            number, self.count = self.count, self.count + 1
+        path = self.dir / f"{number:02d}_{name}"
         path.write_text(text)
+        _trace_artifact(artifact_name(self.key, path.name), text,
+                        "json" if name.endswith(".json") else "string")
+        self._index(path)
+        return path
+
+    def _index(self, path: Path) -> None:
         index_path = self.root / "index.json"
         index = json.loads(index_path.read_text()) if index_path.exists() else {"graphs": {}}
         index["graphs"].setdefault(self.key, []).append(str(path.relative_to(self.root)))
@@ -107,16 +138,25 @@ class Dumper:
             index["rank"], index["world_size"] = self.rank
         _write_json(index_path, index)
 
+    def _write_graph(self, name: str, gm: fx.GraphModule, text: str) -> None:
+        """The graph's code, and beside it (same number) its record: shapes are only known now."""
+        path = self._write(name + ".py", text)
+        try:
+            record = json.dumps(graph_record(gm))
+        except Exception:  # a graph the record cannot describe: the report shows its code alone
+            return
+        self._write(name + ".graph.json", record, number=int(path.name.split("_")[0]))
+
     def write_dynamo_graph(self, gm: fx.GraphModule) -> None:
-        self._write("dynamo.py", readable(gm))
+        self._write_graph("dynamo", gm, readable(gm))
 
     def write_hook_graph(self, hook: str, kind: str, gm: fx.GraphModule) -> None:
         self._before = readable(gm)
-        self._write(f"{kind}_at_{hook}_hook.py", self._before)
+        self._write_graph(f"{kind}_at_{hook}_hook", gm, self._before)
 
     def write_pass_graph(self, kind: str, pass_name: str, gm: fx.GraphModule) -> None:
         text = readable(gm)
-        self._write(f"{kind}_{pass_name}_after.py", text)
+        self._write_graph(f"{kind}_{pass_name}_after", gm, text)
         diff = difflib.unified_diff(self._before.splitlines(keepends=True), text.splitlines(keepends=True),
                                     fromfile=f"{kind} before {pass_name}", tofile=f"{kind} after {pass_name}")
         self._write(f"{kind}_{pass_name}.diff", "".join(diff) or "(no change)\n")
@@ -136,13 +176,38 @@ class Dumper:
                 "inference" if kwargs.get("is_inference") else "forward")
             code = getattr(output, "source_code", None) or "(no source code: served from a cache)"
             self._write(f"output_code_{kind}.py", code)
+            provenance = kernel_provenance(code)
+            if provenance:
+                self._write(f"provenance_{kind}.json", json.dumps(provenance, indent=1))
             self.write_report()
             return output
 
         return inner
 
     def write_report(self) -> None:
-        (self.root / self.report_name).write_text(self.report.to_json())
+        text = self.report.to_json()
+        (self.root / self.report_name).write_text(text)
+        if text != self._traced_report:  # written at every hook: traced when it changed
+            _trace_artifact("fvcompile_report", text, "json")
+            self._traced_report = text
+
+
+def kernel_provenance(code: str) -> dict[str, dict]:
+    """Each kernel call of Inductor's output code (`# [Provenance debug handles] NAME:HANDLE`) ->
+    the post-grad nodes it came from and their stack traces, from Inductor's provenance tracking
+    (`trace.provenance_tracking_level`, which fvcompile turns on while dumping). Inductor fills
+    these tables in module globals while it generates code, keyed by handles unique within a
+    compile: read right after this graph's codegen, the handles in its code pick out its kernels."""
+    import torch._inductor.debug as inductor_debug
+
+    nodes = getattr(inductor_debug, "_inductor_triton_kernel_to_post_grad_node_info", {})
+    stacks = getattr(inductor_debug, "_inductor_kernel_stack_trace", {})
+    found = {}
+    for handle in re.findall(r"# \[Provenance debug handles\] (\S+)", code):
+        if handle in nodes or handle in stacks:
+            found[handle] = {"post_grad_nodes": list(nodes.get(handle, [])),
+                             "stack_traces": list(stacks.get(handle, []))}
+    return found
 
 
 # Reading a dump back (`fvcompile inspect --from DIR`).

@@ -156,11 +156,19 @@ def graph_device(graph: fx.Graph) -> torch.device:
 
 
 def _scheduler_listing(nodes: list) -> str:
+    """One line per scheduler node (name, type, the nodes fused into it), then Inductor's own
+    description of it indented below (its reads, writes and loop body: the IR before or after
+    fusion, as TORCH_COMPILE_DEBUG's ir_pre_fusion.txt / ir_post_fusion.txt show it)."""
     lines = []
     for node in nodes:
         inner = getattr(node, "snodes", None)
         parts = f" [{', '.join(s.get_name() for s in inner)}]" if inner and len(inner) > 1 else ""
         lines.append(f"{node.get_name()}: {type(node).__name__}{parts}")
+        try:
+            detail = node.debug_str()
+        except Exception as e:  # a node Inductor cannot describe: its name line stays
+            detail = f"(no description: {type(e).__name__})"
+        lines.extend("    " + line for line in detail.rstrip().splitlines())
     return "\n".join(lines) + "\n"
 
 

@@ -162,6 +162,7 @@ def test_write_text_and_any_hook_name(tmp_path):
     dumper.write_text("forward_scheduler_nodes_at_pre_fusion_hook", "buf0: SchedulerNode(...)\n")
     dumper.write_text("notes.md", "# notes\n")
     assert _index_files(tmp_path) == ["graph_0_0/00_joint_at_joint_post_hook.py",
+                                      "graph_0_0/00_joint_at_joint_post_hook.graph.json",  # its nodes, as data
                                       "graph_0_0/01_forward_scheduler_nodes_at_pre_fusion_hook.txt",
                                       "graph_0_0/02_notes.md"]
     assert (tmp_path / "graph_0_0/01_forward_scheduler_nodes_at_pre_fusion_hook.txt").read_text().startswith("buf0")
