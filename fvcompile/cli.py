@@ -326,19 +326,21 @@ def cmd_inspect(args) -> None:
         args.out = str(Path(args.html) / "dump")
     _compile_and_dump(args)
     if args.html:
-        _write_html(args.out, args.html, "all", args.max_nodes)
+        passes = args.passes if isinstance(args.passes, str) else ",".join(args.passes) or "none"
+        _write_html(args.out, args.html, "all", args.max_nodes,
+                    title=f"fvcompile inspect {args.model} (passes: {passes}; {args.task}, {args.device})")
 
 
 def cmd_report(args) -> None:
     _write_html(args.dump_dir, args.html or args.dump_dir, "all" if args.rank is None else args.rank, args.max_nodes)
 
 
-def _write_html(dump_dir: str, out: str, rank, max_nodes: int) -> None:
+def _write_html(dump_dir: str, out: str, rank, max_nodes: int, title: str | None = None) -> None:
     from rich.markup import escape
 
     from fvcompile.html_report import write_html_report
 
-    path = write_html_report(dump_dir, out, rank=rank, max_nodes=max_nodes)
+    path = write_html_report(dump_dir, out, rank=rank, max_nodes=max_nodes, title=title)
     _console().print(f"wrote {escape(str(path))}: open it in a browser (one file, works offline)", soft_wrap=True)
 
 

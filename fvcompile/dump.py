@@ -179,15 +179,17 @@ class Dumper:
             provenance = kernel_provenance(code)
             if provenance:
                 self._write(f"provenance_{kind}.json", json.dumps(provenance, indent=1))
-            self.write_report()
+            self.write_report(trace=True)
             return output
 
         return inner
 
-    def write_report(self) -> None:
+    def write_report(self, trace: bool = False) -> None:
+        """The report as it stands (written at every hook, so that a failed compile leaves it);
+        `trace`: also emit it to the structured trace, once a graph's code is generated."""
         text = self.report.to_json()
         (self.root / self.report_name).write_text(text)
-        if text != self._traced_report:  # written at every hook: traced when it changed
+        if trace and text != self._traced_report:
             _trace_artifact("fvcompile_report", text, "json")
             self._traced_report = text
 

@@ -36,7 +36,8 @@ class Stage:
     pass_name: str = ""
     path: Path | None = None
     text: str = ""
-    record: dict | None = None  # the FX graph's record (graph_stats.graph_record), when dumped
+    record: dict | None = None  # the FX graph's record (graph_stats.graph_record), when dumped;
+    # for a provenance file, its kernels' nodes
 
     @property
     def scheduler(self) -> bool:
@@ -104,9 +105,10 @@ def read_dump(folder: str | Path, rank: int | None = None) -> Dump:
         raise DumpError(f"{index_path} has no 'graphs' table: it is no fvcompile dump index, or a corrupt one")
     report_name = index.get("report")
     report = _json(folder / report_name) if report_name and (folder / report_name).is_file() else {}
-    by_key = {}
-    for g in report.get("graphs", []):
-        by_key.setdefault(_graph_key(g.get("compile_id", "?")), g)  # a later run's graph_X_runN: no report part
+    # The report is the latest run's: a compile id's graph is the last folder of that id
+    # (graph_0_0, then graph_0_0_run2 for a later run into the same dump folder).
+    latest = {re.sub(r"_run\d+$", "", key): key for key in index["graphs"]}
+    by_key = {latest.get(_graph_key(g.get("compile_id", "?"))): g for g in report.get("graphs", [])}
     graphs = []
     for key, files in index["graphs"].items():
         graph = GraphDump(key, report=by_key.get(key))
@@ -119,6 +121,8 @@ def read_dump(folder: str | Path, rank: int | None = None) -> Dump:
             if stage is None:
                 continue
             stage.text = path.read_text(errors="replace")
+            if stage.what == "provenance":
+                stage.record = _json(path)
             record_path = path.with_name(path.name.rsplit(".", 1)[0] + ".graph.json")
             if path.suffix == ".py" and record_path.is_file():
                 stage.record = _json(record_path)

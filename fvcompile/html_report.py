@@ -57,7 +57,7 @@ function fvReveal() {
   var t = id && document.getElementById(id);
   if (!t) return;
   for (var e = t.parentElement; e; e = e.parentElement) { if (e.tagName === 'DETAILS') e.open = true; }
-  t.scrollIntoView({block: 'center', inline: 'center'});
+  t.scrollIntoView({block: 'center', inline: 'nearest'});
 }
 window.addEventListener('hashchange', fvReveal);
 window.addEventListener('load', fvReveal);
@@ -185,7 +185,9 @@ class _Page:
             rows.append(f'<tr><td class="num">{s.number:02d}</td><td>{escape(s.hook or "-")}</td>'
                         f'<td>{escape(s.kind or "-")}</td><td class="muted">{what}</td><td></td><td></td>'
                         f'<td>{size}</td></tr>')
-        self.add('<h3>Pass pipeline</h3><table class="timeline"><tr><th>#</th><th>hook</th><th>graph</th>'
+        self.add('<h3>Pass pipeline</h3><table class="timeline"><colgroup><col style="width:3em">'
+                 '<col style="width:8em"><col style="width:7em"><col style="width:13em"><col style="width:9em">'
+                 '<col style="width:45%"><col></colgroup><tr><th>#</th><th>hook</th><th>graph</th>'
                  '<th>pass</th><th>time</th><th>rewritten</th><th>skipped (reason)</th></tr>'
                  + "".join(rows) + "</table>")
 
@@ -273,7 +275,7 @@ class _Page:
             post_grad = fx_graphs[-1] if fx_graphs else None
             prov = next((s for s in graph.stages if s.what == "provenance" and s.kind == kind
                          and s.number > code.number), None)
-            provenance = json.loads(prov.text) if prov else {}
+            provenance = prov.record if prov else {}
             self.add(f'<h3>Inductor: the {escape(kind)} graph</h3><div class="triple">'
                      f'<div><b>IR before fusion</b><div class="scroll">{_pre(pre.text if pre else "(not dumped)")}</div></div>'
                      f'<div><b>IR after fusion</b><div class="scroll">{_pre(post.text if post else "(not dumped)")}</div></div>'

@@ -95,6 +95,20 @@ def test_a_graph_too_large_to_draw_is_summarized(tmp_path, capsys):
     assert "index.html" in capsys.readouterr().out
 
 
+def test_a_dump_of_several_ranks_shows_each_rank(tmp_path, monkeypatch, capsys):
+    import fvcompile.dump
+
+    for rank in (0, 1):
+        monkeypatch.setattr(fvcompile.dump, "process_rank", lambda rank=rank: (rank, 2))
+        Dumper(tmp_path, "0/0", OptimizeReport()).write_dynamo_graph(torch.fx.symbolic_trace(Chain()))
+    assert main(["report", str(tmp_path)]) == 0
+    html = (tmp_path / "index.html").read_text()
+    assert "Rank 0 of 2" in html and "Rank 1 of 2" in html
+    assert 'id="rank0-graph_0_0-00-relu"' in html and 'id="rank1-graph_0_0-00-relu"' in html
+    assert main(["report", str(tmp_path), "--rank", "1", "--html", str(tmp_path / "one")]) == 0
+    assert "Rank 0 of 2" not in (tmp_path / "one" / "index.html").read_text()
+
+
 def test_bad_dumps_and_models_get_one_line_errors(tmp_path, capsys):
     def error(argv):
         assert main(argv) == 1
