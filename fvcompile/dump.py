@@ -205,7 +205,7 @@ def kernel_provenance(code: str) -> dict[str, dict]:
     nodes = getattr(inductor_debug, "_inductor_triton_kernel_to_post_grad_node_info", {})
     stacks = getattr(inductor_debug, "_inductor_kernel_stack_trace", {})
     found = {}
-    for handle in re.findall(r"# \[Provenance debug handles\] (\S+)", code):
+    for handle in re.findall(r"(?:#|//) \[Provenance debug handles\] (\S+)", code):
         if handle in nodes or handle in stacks:
             found[handle] = {"post_grad_nodes": list(nodes.get(handle, [])),
                              "stack_traces": list(stacks.get(handle, []))}

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass, field
 
 _DEFINITION = re.compile(r"^(\w+) = async_compile\.(\w+)\(", re.M)
-_SOURCE_NODES = re.compile(r"#\s*Topologically Sorted Source Nodes: \[(.*?)\], Original ATen: \[(.*?)\]")
-_HANDLE = re.compile(r"#\s*\[Provenance debug handles\] (\S+)")
+# `#` in Python wrappers, `//` in C++ ones (cpp_wrapper, AOTInductor).
+_SOURCE_NODES = re.compile(r"(?:#|//)\s*Topologically Sorted Source Nodes: \[(.*?)\], Original ATen: \[(.*?)\]")
+_HANDLE = re.compile(r"(?:#|//)\s*\[Provenance debug handles\] (\S+)")
 
 
 @dataclass

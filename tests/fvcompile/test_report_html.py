@@ -21,7 +21,7 @@ from fvcompile import graph_stats
 from fvcompile.cli import main
 from fvcompile.dump import Dumper
 from fvcompile.graph_svg import STYLE, graph_svg
-from fvcompile.html_report import write_html_report
+from fvcompile.output_code import kernel_calls
 from fvcompile.report import OptimizeReport
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +67,33 @@ def test_changed_nodes_are_highlighted_and_linkable():
     assert f'fill="{STYLE["default"][0]}"' in untouched
     region = graph_stats.neighbourhood(after, {"sparse24_relu"})
     assert {n["name"] for n in region["nodes"]} == {"mm", "sparse24_relu", "pow_1"}
+
+
+# What Inductor writes on a GPU (the wrapper's comments are the same for C++ and Triton kernels).
+TRITON_OUTPUT_CODE = """
+triton_poi_fused_pow_relu_0 = async_compile.triton('triton_poi_fused_pow_relu_0', '''
+import triton
+@triton.jit
+def triton_poi_fused_pow_relu_0(in_ptr0, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    tmp0 = tl.load(in_ptr0 + x0)
+''', device_str='cuda')
+
+def call(args):
+        # Topologically Sorted Source Nodes: [linear], Original ATen: [aten.mm]
+        # [Provenance debug handles] extern_kernels.mm:1
+        extern_kernels.mm(arg0_1, arg1_1, out=buf0)
+        # Topologically Sorted Source Nodes: [relu, square], Original ATen: [aten.relu, aten.pow]
+        # [Provenance debug handles] triton_poi_fused_pow_relu_0:2
+        triton_poi_fused_pow_relu_0.run(buf0, buf1, 1024, stream=stream0)
+"""
+
+
+def test_triton_kernels_are_read_with_their_nodes():
+    provenance = {"triton_poi_fused_pow_relu_0:2": {"post_grad_nodes": ["relu", "pow_1"], "stack_traces": []}}
+    mm, fused = kernel_calls(TRITON_OUTPUT_CODE, provenance)
+    assert (mm.name, mm.source_nodes, mm.aten_ops, mm.source) == ("extern_kernels.mm", ["linear"], ["aten.mm"], "")
+    assert fused.handle == "triton_poi_fused_pow_relu_0:2" and fused.post_grad_nodes == ["relu", "pow_1"]
+    assert fused.source_nodes == ["relu", "square"] and "@triton.jit" in fused.source
 
 
 class Chain(torch.nn.Module):
