@@ -365,6 +365,8 @@ def _compile_and_dump(args) -> None:
                 optimized(*spec.example_inputs(model, args.batch_size))
     console.print(optimized.fvcompile_report.table())
     _print_files(console, Path(args.out))
+    if not args.html:
+        console.print(f"all of it on one page: fvcompile report {args.out}", soft_wrap=True, markup=False)
 
 
 def _print_dumps(top: str, rank) -> None:

@@ -355,10 +355,10 @@ def write_html_report(dump_dir: str | Path, out_dir: str | Path, *, rank: int | 
     """Read the dump(s) under `dump_dir` and write `out_dir/index.html`; returns its path."""
     from fvcompile.dump import select_dumps
 
+    dumps = [read_dump(folder, r) for r, folder in select_dumps(dump_dir, rank).items()]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--html {out} is a file: give a folder for index.html")
-    dumps = [read_dump(folder, r) for r, folder in select_dumps(dump_dir, rank).items()]
+        raise NotADirectoryError(f"{out} is a file: give a folder to write index.html into (--html OUT)")
     out.mkdir(parents=True, exist_ok=True)
     html = render(dumps, title or f"fvcompile report: {Path(dump_dir).resolve().name}", max_nodes)
     path = out / "index.html"
