@@ -210,16 +210,20 @@ class _Page:
 
     def passes(self, graph: GraphDump, prefixes: dict[int, str]) -> None:
         """Each pass: the graph before and after, side by side, changes highlighted; its diff."""
-        before: dict[str, Stage] = {}  # graph kind -> the latest FX graph of that kind
+        # (graph kind, scheduler nodes or FX) -> the latest graph of that kind and form
+        before: dict[tuple[str, bool], Stage] = {}
         for s in graph.stages:
-            if s.what == "hook" and not s.scheduler:
-                before[s.kind] = s
+            if s.what == "hook":
+                before[s.kind, s.scheduler] = s
             if s.what != "pass":
                 continue
-            self.add(f'<h3 class="pass-title">Pass <b>{escape(s.pass_name)}</b> on the {escape(s.kind)} graph</h3>')
-            prev = before.get(s.kind)
-            if s.scheduler or prev is None:
-                self.add(f'<div class="pair"><div>{_pre(prev.text if prev else "")}</div><div>{_pre(s.text)}</div></div>')
+            where = "scheduler nodes" if s.scheduler else "graph"
+            self.add(f'<h3 class="pass-title">Pass <b>{escape(s.pass_name)}</b> on the {escape(s.kind)} {where}</h3>')
+            prev = before.get((s.kind, s.scheduler))
+            before[s.kind, s.scheduler] = s
+            if s.scheduler or prev is None:  # scheduler nodes are listed, not drawn
+                self.add(f'<div class="pair"><div><b>before</b>{_pre(prev.text if prev else "(not dumped)")}</div>'
+                         f'<div><b>after</b>{_pre(s.text)}</div></div>')
                 continue
             changed = removed = set()
             if prev.record and s.record:
@@ -247,7 +251,6 @@ class _Page:
             text = diff.text if diff else "".join(difflib.unified_diff(
                 prev.text.splitlines(True), s.text.splitlines(True), "before", "after"))
             self.add(f"<details><summary>text diff</summary>{_diff_html(text)}</details>")
-            before[s.kind] = s
 
     def snapshots(self, graph: GraphDump, prefixes: dict[int, str]) -> None:
         """Every FX graph of the dump, collapsed: its drawing and statistics."""

@@ -122,6 +122,26 @@ def test_a_graph_too_large_to_draw_is_summarized(tmp_path, capsys):
     assert "index.html" in capsys.readouterr().out
 
 
+def test_scheduler_passes_graph_breaks_and_recompilations_are_shown(tmp_path):
+    from fvcompile.passes.base import PassResult, Site
+    from fvcompile.report import GraphReport, PassRun
+
+    report = OptimizeReport(passes=["toy"], graph_breaks={"call to print (a side effect)": 2})
+    skipped = Site("buf3", detail="a reduction", reason="not_pointwise")
+    run = PassRun("toy", "pre_fusion", "forward", 0.002, PassResult(rewritten=[Site("buf1")], skipped=[skipped]))
+    report.graphs.append(GraphReport("0/1", True, 62, recompile_reason="x.size()[0] == 8", pass_runs=[run]))
+    dumper = Dumper(tmp_path, "0/1", report)
+    dumper.write_text("forward_at_pre_fusion_hook.txt", "op0: SchedulerNode\nop1: SchedulerNode\n")
+    dumper.write_text("forward_toy_after.txt", "op1: SchedulerNode\nop0: SchedulerNode\n")
+    dumper.write_report()
+    assert main(["report", str(tmp_path)]) == 0
+    html = (tmp_path / "index.html").read_text()
+    assert "Pass <b>toy</b> on the forward scheduler nodes" in html and "op1: SchedulerNode\nop0" in html
+    timeline = re.search(r'<tr class="pass-run">.*?</tr>', html, re.S).group(0)
+    assert "2.0 ms" in timeline and "a reduction" in timeline and "not_pointwise" in timeline
+    assert "Recompiled: x.size()[0] == 8" in html and "x2: call to print (a side effect)" in html
+
+
 def test_a_dump_of_several_ranks_shows_each_rank(tmp_path, monkeypatch, capsys):
     import fvcompile.dump
 
