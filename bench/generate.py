@@ -15,14 +15,15 @@ Each lever adds one thing to the row above it:
 - CUDA graphs: the decode step as a CUDA graph (`mode="reduce-overhead"`), GPU only;
 - prompt lookup: drafts looked up in the context, checked k at a time (greedy output kept).
 Then sparse24 on a Squared-ReLU Llama of the model's shape (random weights), against the same
-model without it. Every row reports decode tokens per second (after the first token, all prompts
-together), time to first token (mean over prompts), peak memory, the compile time of its
-warm-up, and whether its tokens equal its group's first row's (eager; the Squared-ReLU model
-without sparse24). Peak memory is measured in a run of its own: what the lever allocates beyond
-the weights, its static KV cache included. Rounds are interleaved (every lever once per round)
-and the median round is reported; compiles happen in a warm-up before the first round (for the
-cached levers a whole untimed run), in a fresh Inductor cache unless --warm-cache (so its time
-is a cold compile's). The characterization profiles the decode step eager and compiled
+model without it, and saap on a long prompt (the compiled cached decoder without and with it).
+Every row reports decode tokens per second (after the first token, all prompts together), time
+to first token (mean over prompts), peak memory, the compile time of its warm-up, and whether
+its tokens equal its group's first row's (eager; the Squared-ReLU model without sparse24). Peak
+memory is measured in a run of its own: what the lever allocates beyond the weights, its static
+KV cache included. Rounds are interleaved (every lever once per round) and the median round is
+reported; compiles happen in a warm-up before the first round (for the cached levers a whole
+untimed run), in a fresh Inductor cache unless --warm-cache (so its time is a cold compile's).
+The characterization profiles the decode step eager and compiled
 (fvcompile/generation/profile.py) and plots it.
 """
 from __future__ import annotations
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of {','.join(LEVERS)} (default all)")
     p.add_argument("--no-profile", action="store_true", help="skip the decode-step characterization")
     p.add_argument("--no-sparse24", action="store_true", help="skip the Squared-ReLU model's rows")
+    p.add_argument("--no-saap", action="store_true", help="skip the long prompt's rows (saap)")
+    p.add_argument("--saap-prompt-tokens", type=int, default=4096, help="the long prompt's length, for saap")
+    p.add_argument("--saap-index", type=Path, help="load this SAAP index if it exists, else save the calibrated one")
     p.add_argument("--no-codegen", action="store_true",
                    help="compile the same graphs without Inductor's code generation (a quick check of the script)")
     p.add_argument("--warm-cache", action="store_true",
@@ -233,6 +237,30 @@ def sparse24_rows(model, batches, args, device, cache_len: int) -> list[dict]:
     return rows
 
 
+def saap_rows(model, tokenizer, args, device) -> list[dict]:
+    """saap on a long prompt (`--saap-prompt-tokens` of the standard library's sources, one row),
+    the compiled static-cache decoder without and with it; the index is calibrated on the two
+    rows of text before the prompt (or loaded from `--saap-index`)."""
+    from fvcompile.passes.saap import SAAP, SAAPIndex, calibrate
+    from fvcompile.text import token_batches
+
+    if tokenizer is None:
+        return [{"lever": "saap (long prompt)", "skipped": f"n/a: the long prompt is text; {args.model} has no tokenizer"}]
+    n = args.saap_prompt_tokens
+    if args.saap_index and args.saap_index.exists():
+        index = SAAPIndex.load(args.saap_index)
+    else:
+        index = calibrate(model, token_batches(tokenizer, seq_len=n, sequences=2), clusters=64, probes=4,
+                          model_name=args.model)
+        if args.saap_index:
+            index.save(args.saap_index)
+    prompt = token_batches(tokenizer, seq_len=n, sequences=1, skip=2)[0]
+    batches = [prompt_batch(prompt.repeat(args.batch_size, 1), tokenizer, device)]
+    cached = dict(cache_len=n + args.max_new_tokens + 1, codegen=not args.no_codegen)
+    return measure(model, batches, {f"long prompt ({n} tokens), static KV cache, compiled": generate_lever(**cached),
+                                    "+ saap": generate_lever(passes=[SAAP(index)], **cached)}, args, device)
+
+
 def characterization(model, batches, args) -> list:
     from fvcompile.generation.profile import profile_variants
 
@@ -272,6 +300,8 @@ def main(argv=None) -> int:
     rows = measure(model, batches, levers(model, device, args, cache_len), args, device)
     if not args.no_sparse24:
         rows += sparse24_rows(model, batches, args, device, cache_len)
+    if not args.no_saap:
+        rows += saap_rows(model, tokenizer, args, device)
     profiles = [] if args.no_profile else characterization(model, batches, args)
     record = {"script": "bench/generate.py", "model": args.model, "environment": env,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
