@@ -11,7 +11,9 @@ are (tests/conftest.py). The children start when the test session starts (tests/
 one Python thread, leaves idle, and the test waits for them where it runs.
 
 Compiled with this machine's Triton, not the GPU machine's (3.6): a version-specific failure can
-still pass here.
+still pass here. Not part of `make test` (marked `gpu_compile`: about 200 CPU-seconds, a third of
+CI's budget); `make gpu-compile` runs it with the GPU machine's Triton before a GPU session, and
+`pytest -m gpu_compile` with this one.
 """
 from __future__ import annotations
 
@@ -172,6 +174,7 @@ def start_in_background(config, items=(), nice: int = 10) -> None:
     config.add_cleanup(stop)
 
 
+@pytest.mark.gpu_compile
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's CUDA toolchain (ptxas) ships for Linux")
 def test_every_kernel_compiles_for_sm80_and_sm90(request):
     start_in_background(request.config, nice=0)  # unless the session started them already
