@@ -35,7 +35,7 @@ browser:
 install: $(STAMP) browser
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n auto --dist loadgroup -m "not gpu_compile" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto -m "not gpu_compile" --durations=15 $(PYTEST_ARGS)
 
 # Every Triton kernel compiled for sm80/sm90 with the GPU machine's Triton (make test uses the
 # newest): run before a GPU session. The second Triton goes into a folder of its own.

@@ -178,22 +178,29 @@ def test_bad_dumps_and_models_get_one_line_errors(tmp_path, capsys):
 
 # One real compile: llama-tiny-relu2 training with sparse24, through `fvcompile inspect --html`.
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inspected(tmp_path_factory):
     """(page folder, TORCH_TRACE folder) of one `fvcompile inspect llama-tiny-relu2 --passes sparse24
-    --html`; its tests share one xdist worker (`xdist_group`, make test's `--dist loadgroup`)."""
-    root = tmp_path_factory.mktemp("inspect")
-    html, trace = root / "html", root / "trace"
-    proc = subprocess.run([sys.executable, "-m", "fvcompile.cli", "inspect", "llama-tiny-relu2", "--passes", "sparse24",
-                           "--task", "train", "--html", str(html)],
-                          cwd=REPO, env=dict(os.environ, TORCH_TRACE=str(trace)), capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    --html`, run once for the whole test run: xdist's workers share it through a file lock."""
+    from filelock import FileLock
+
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    root = tmp_path_factory.getbasetemp().parent / f"inspect_{run_id}" if run_id else tmp_path_factory.mktemp("inspect")
+    root.mkdir(parents=True, exist_ok=True)
+    html, trace, done = root / "html", root / "trace", root / "done.json"
+    with FileLock(str(root / "lock")):
+        if not done.exists():
+            env = dict(os.environ, TORCH_TRACE=str(trace))
+            proc = subprocess.run([sys.executable, "-m", "fvcompile.cli", "inspect", "llama-tiny-relu2", "--passes",
+                                   "sparse24", "--task", "train", "--html", str(html)],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            done.write_text(json.dumps({"returncode": proc.returncode, "output": proc.stdout + proc.stderr}))
+    result = json.loads(done.read_text())
+    assert result["returncode"] == 0, result["output"][-3000:]
     return html, trace
 
 
 @pytest.mark.inductor
-@pytest.mark.xdist_group("inspect_html")
 def test_report_shows_every_pass_and_links_kernels_to_nodes(inspected):
     html_dir, _ = inspected
     page = (html_dir / "index.html").read_text()
@@ -215,7 +222,6 @@ def test_report_shows_every_pass_and_links_kernels_to_nodes(inspected):
 
 
 @pytest.mark.inductor
-@pytest.mark.xdist_group("inspect_html")
 def test_torch_trace_log_holds_fvcompile_artifacts(inspected):
     _, trace = inspected
     log = "".join(p.read_text() for p in trace.glob("*.log"))
@@ -233,7 +239,6 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.inductor
-@pytest.mark.xdist_group("inspect_html")
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary: `make install` installs Debian's chromium "
                                             "(apt-get install chromium) where apt-get exists")
 def test_report_loads_in_a_headless_browser(inspected, tmp_path):
