@@ -12,8 +12,10 @@ attention: keys assigned to their nearest centroid, each query probing its own c
 attention over only the key blocks that hold read keys, `saap_layout`), its plain-PyTorch
 reference (the test oracle) and the helpers that say which keys a query reads. On CPU the op
 runs `sparse_attention`: FlexAttention compiled by Inductor, whose C++ template visits only the
-listed key blocks, or for one query block (decode) its listed blocks gathered; the Triton kernels
-(`saap_triton`) read the same layout on GPU.
+listed key blocks, or for one query block its listed blocks gathered; a single query (decode)
+runs `decode_attention`, its read keys gathered without a layout. The Triton kernels
+(`saap_triton`) read the same layout on GPU. Over a static KV cache the op is
+`saap_cache_attention`, which keeps each slot's cluster beside the cache.
 
 Shapes (GQA: Hq a multiple of Hkv; query head h reads key head h // (Hq // Hkv)):
     q: (B, Hq, Lq, D), k and v: (B, Hkv, Lk, D), Lq <= Lk: the queries are the last Lq positions
@@ -32,7 +34,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fvcompile.kernels import saap_triton
-from fvcompile.kernels.saap_layout import SAAPBlocks, build_blocks, slot_mask_mod
+from fvcompile.kernels.saap_layout import SAAPBlocks, build_blocks, probe_table, slot_mask_mod
 
 
 def saap_read_mask(key_cluster: Tensor, probed: Tensor, *, sink: int, window: int) -> Tensor:
@@ -125,8 +127,7 @@ def saap_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor
                    block_probes: int, sink: int, window: int, scale: float, query_block: int) -> Tensor:
     """Causal attention of q over the keys each query reads (module docstring), each query probing
     its classifier's top `probes` clusters among its block's top `block_probes` (`probe_clusters`):
-    q, k, v as SDPA takes them (after RoPE); q_pre, k_pre
-    the same before RoPE; tables: the key of one layer's part of a SAAP index (`register_tables`).
+    q, k, v as SDPA takes them (after RoPE); q_pre, k_pre the same before RoPE; tables: the key of one layer's part of a SAAP index (`register_tables`).
     Reads only the key blocks listed for each block of `query_block` queries (`sparse_attention`)."""
     centroids, weight, bias = _tables(tables, q.device)
     return _attend_clusters(q, k, v, assign_keys(centroids, k_pre), q_pre, tables, probes=probes,
@@ -272,8 +273,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_cluster: Tensor, probe
     group = hq // kv_heads
     clusters = key_cluster.long().repeat_interleave(group, dim=1)  # (B, Hq, Lk)
     size = max(int(clusters.max()) if lk else 0, int(probed.max()) if probed.numel() else 0) + 1
-    table = torch.zeros(b, hq, size, dtype=torch.bool, device=q.device)  # the clusters each query probes
-    table.scatter_(-1, probed[:, :, 0].long(), True)
+    table = probe_table(probed, size)[:, :, 0]  # (B, Hq, C): the clusters each query probes
     key = torch.arange(lk, device=q.device)
     read = table.gather(-1, clusters) | (key < sink) | (lk - 1 - key < window)  # (B, Hq, Lk)
     count = read.sum(-1)

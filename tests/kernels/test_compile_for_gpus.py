@@ -11,8 +11,8 @@ are (tests/conftest.py). The children start when the test session starts (tests/
 one Python thread, leaves idle, and the test waits for them where it runs.
 
 Compiled with this machine's Triton, not the GPU machine's (3.6): a version-specific failure can
-still pass here. Not part of `make test` (marked `gpu_compile`: about 200 CPU-seconds, a third of
-CI's budget); `make gpu-compile` runs it with the GPU machine's Triton before a GPU session, and
+still pass here. Not part of `make test` (marked `gpu_compile`: more CPU time than CI's budget
+holds); `make gpu-compile` runs it with the GPU machine's Triton before a GPU session, and
 `pytest -m gpu_compile` with this one.
 """
 from __future__ import annotations

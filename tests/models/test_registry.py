@@ -19,8 +19,8 @@ SPECS = all_specs()
 TINY = [s for s in SPECS if s.tiny]
 FAMILIES = sorted({s.family for s in SPECS})
 # One tiny config per family for the real-Inductor parity run (a cold compile is slow). Not
-# htdemucs: its cold compile alone took two of make test's ten minutes on CI's machine; its graph
-# is covered without codegen (training through the pass pipeline, no graph break).
+# htdemucs: its cold compile is the longest of all, the one test make test's budget could not
+# hold; its graph is covered without codegen (training through the pass pipeline, no graph break).
 ONE_PER_FAMILY = [next(s for s in TINY if s.family == f) for f in FAMILIES if f != "htdemucs"]
 
 
